@@ -1,0 +1,485 @@
+//! Rendezvous and control: the QUIC server workers join, and the cluster of joined workers.
+//!
+//! Each worker opens one bidirectional stream and sends `WorkerMsg::Join` as its first frame.
+//! Every incoming connection is screened in its own task, so a slow or hostile peer never holds
+//! up the others; a valid join goes to `gather` over a channel, and its arrival order is its
+//! rank. Anything invalid gets a `Reject` frame and a closed connection, and is only logged.
+//! After `gather`, a background loop answers every newcomer with `NotExpectingWorkers`.
+//!
+//! Liveness is frames, not QUIC keep-alives: a joined worker that sends nothing for the
+//! heartbeat timeout is lost, even if its connection is technically open.
+
+use anyhow::{anyhow, bail, ensure, Context};
+use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio::time::{timeout, timeout_at, Instant};
+use tracing::{info, warn};
+use xkd_protocol::frame::{encode, read_frame, write_frame, FrameError, MAX_FRAME_BYTES};
+use xkd_protocol::transport::{server_endpoint, ServerIdentity, CLOSE_LOST, CLOSE_REJECTED};
+use xkd_protocol::{CoordinatorMsg, Join, Reject, WorkerMsg, PROTOCOL_VERSION};
+
+/// A join is a few hundred bytes; a small limit here keeps unauthenticated peers from making
+/// us buffer a full-size frame.
+pub const JOIN_FRAME_LIMIT: u32 = 64 << 10;
+/// Time a connecting peer gets for the handshake, its stream and its join frame together.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a refused peer gets to receive its `Reject` before the connection is closed.
+const REJECT_GRACE: Duration = Duration::from_secs(1);
+
+pub struct ControlServer {
+    endpoint: Endpoint,
+    identity: ServerIdentity,
+    token: Arc<str>,
+    local_addr: SocketAddr,
+    gathered: bool,
+}
+
+/// One worker that joined.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub rank: u32,
+    /// The worker's join message, with `token` blanked.
+    pub join: Join,
+    pub remote: SocketAddr,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Msg {
+        rank: u32,
+        msg: WorkerMsg,
+    },
+    /// Sent once per worker; nothing more comes from that rank.
+    Lost {
+        rank: u32,
+        reason: String,
+    },
+}
+
+/// The joined workers, in rank order.
+pub struct Cluster {
+    members: Vec<Joined>,
+    links: Vec<Arc<Link>>,
+    events: UnboundedReceiver<Event>,
+    readers: Vec<JoinHandle<()>>,
+    refuser: Option<JoinHandle<()>>,
+    send_timeout: Duration,
+    /// Keeps the endpoint driver alive as long as the cluster, whatever happens to the server.
+    _endpoint: Endpoint,
+}
+
+/// The sending half of a joined worker's control stream.
+struct Link {
+    conn: Connection,
+    send: Mutex<SendStream>,
+}
+
+/// A connection that has opened its control stream, before its verdict.
+struct Peer {
+    conn: Connection,
+    send: SendStream,
+    recv: RecvStream,
+    remote: SocketAddr,
+}
+
+/// A peer whose join passed every check, waiting for `gather` to give it a rank.
+struct Admitted {
+    peer: Peer,
+    join: Join,
+}
+
+impl ControlServer {
+    /// Binds QUIC on `listen` with a new self-signed certificate; `token` is the run's join
+    /// token.
+    pub async fn bind(listen: SocketAddr, token: String) -> anyhow::Result<ControlServer> {
+        let identity = ServerIdentity::generate()?;
+        let endpoint = server_endpoint(listen, &identity)?;
+        let local_addr = endpoint.local_addr().context("reading the bound address")?;
+        info!(%local_addr, "control server listening");
+        Ok(ControlServer {
+            endpoint,
+            identity,
+            token: token.into(),
+            local_addr,
+            gathered: false,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The certificate workers must trust (DER).
+    pub fn cert_der(&self) -> &[u8] {
+        &self.identity.cert_der
+    }
+
+    /// Accepts joins until `world` valid workers joined, ranked in join order, or fails when
+    /// `timeout` passes first, naming how many joined. Can succeed once per server.
+    pub async fn gather(
+        &mut self,
+        world: usize,
+        timeout: Duration,
+        heartbeat_timeout: Duration,
+    ) -> anyhow::Result<Cluster> {
+        ensure!(world > 0, "a run needs at least one worker");
+        ensure!(
+            !self.gathered,
+            "this server has already gathered its workers"
+        );
+        let deadline = Instant::now() + timeout;
+        let (admit_tx, mut admit_rx) = unbounded_channel();
+        let (events_tx, events_rx) = unbounded_channel();
+        let mut cluster = Cluster::new(self.endpoint.clone(), events_rx, heartbeat_timeout);
+        while cluster.members.len() < world {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    bail!(
+                        "timed out after {timeout:?} waiting for workers: {} of {world} joined",
+                        cluster.members.len()
+                    );
+                }
+                incoming = self.endpoint.accept() => {
+                    let incoming = incoming.ok_or_else(|| anyhow!("the QUIC endpoint closed"))?;
+                    tokio::spawn(screen(incoming, self.token.clone(), admit_tx.clone()));
+                }
+                Some(admitted) = admit_rx.recv() => {
+                    cluster.admit(admitted, heartbeat_timeout, events_tx.clone());
+                }
+            }
+        }
+        // Joins still being screened reach the refuser through the same channel.
+        drop(admit_tx);
+        cluster.refuser = Some(tokio::spawn(refuse_newcomers(
+            self.endpoint.clone(),
+            admit_rx,
+        )));
+        self.gathered = true;
+        Ok(cluster)
+    }
+}
+
+/// Handshake, control stream and join frame of one incoming connection, then its verdict.
+async fn screen(incoming: Incoming, token: Arc<str>, admit: UnboundedSender<Admitted>) {
+    let Some(mut peer) = open_peer(incoming).await else {
+        return;
+    };
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    let first = timeout_at(deadline, read_frame(&mut peer.recv, JOIN_FRAME_LIMIT)).await;
+    let verdict = match first {
+        Ok(frame) => check_join(frame, &token),
+        Err(_) => Err(Reject::Malformed {
+            detail: format!("no join frame within {JOIN_TIMEOUT:?}"),
+        }),
+    };
+    match verdict {
+        Ok(join) => {
+            if let Err(late) = admit.send(Admitted { peer, join }) {
+                // `gather` already finished (or gave up): the run has no room for this one.
+                refuse(late.0.peer, Reject::NotExpectingWorkers).await;
+            }
+        }
+        Err(reject) => refuse(peer, reject).await,
+    }
+}
+
+/// Completes the handshake and accepts the worker's control stream, within `JOIN_TIMEOUT`.
+async fn open_peer(incoming: Incoming) -> Option<Peer> {
+    let remote = incoming.remote_address();
+    let deadline = Instant::now() + JOIN_TIMEOUT;
+    let conn = match timeout_at(deadline, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            warn!(%remote, error = %e, "QUIC handshake failed");
+            return None;
+        }
+        Err(_) => {
+            warn!(%remote, "QUIC handshake timed out");
+            return None;
+        }
+    };
+    match timeout_at(deadline, conn.accept_bi()).await {
+        Ok(Ok((send, recv))) => Some(Peer {
+            conn,
+            send,
+            recv,
+            remote,
+        }),
+        _ => {
+            warn!(%remote, "peer opened no control stream");
+            conn.close(CLOSE_REJECTED, b"no control stream");
+            None
+        }
+    }
+}
+
+/// The join in `first`, if it is one this run accepts; otherwise why not.
+fn check_join(first: Result<WorkerMsg, FrameError>, token: &str) -> Result<Join, Reject> {
+    let join = match first.map_err(reject_for)? {
+        WorkerMsg::Join(join) => join,
+        _ => {
+            return Err(Reject::Malformed {
+                detail: "the first frame must be a Join".into(),
+            })
+        }
+    };
+    if join.protocol_version != PROTOCOL_VERSION {
+        return Err(Reject::VersionMismatch {
+            expected: PROTOCOL_VERSION,
+            got: join.protocol_version,
+        });
+    }
+    if !same_token(&join.token, token) {
+        return Err(Reject::BadToken);
+    }
+    Ok(Join {
+        token: String::new(),
+        ..join
+    })
+}
+
+fn reject_for(error: FrameError) -> Reject {
+    match error {
+        FrameError::Oversized { limit, got } => Reject::Oversized { limit, got },
+        FrameError::Version { expected, got } => Reject::VersionMismatch { expected, got },
+        FrameError::Malformed(detail) => Reject::Malformed { detail },
+        FrameError::Closed => Reject::Malformed {
+            detail: "the stream ended before a join".into(),
+        },
+        FrameError::Io(e) => Reject::Malformed {
+            detail: format!("reading the join: {e}"),
+        },
+    }
+}
+
+/// Compares in time independent of where the tokens differ, so response timing does not leak
+/// how much of a guessed token is right.
+fn same_token(a: &str, b: &str) -> bool {
+    let diff = a
+        .bytes()
+        .zip(b.bytes())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    a.len() == b.len() && diff == 0
+}
+
+/// Sends `reject`, gives the peer a moment to receive it, and closes the connection.
+async fn refuse(mut peer: Peer, reject: Reject) {
+    warn!(remote = %peer.remote, reason = %reject, "refused a worker");
+    // Whatever else the peer is sending (an oversized body, say) is not wanted.
+    let _ = peer.recv.stop(CLOSE_REJECTED);
+    let reply = CoordinatorMsg::Reject(reject);
+    let delivered = timeout(REJECT_GRACE, async {
+        write_frame(&mut peer.send, &reply).await.ok()?;
+        peer.send.finish().ok()?;
+        // Resolves once the peer acknowledged the frame: closing earlier could discard it.
+        peer.send.stopped().await.ok()
+    });
+    let _ = delivered.await;
+    peer.conn.close(CLOSE_REJECTED, b"join refused");
+}
+
+/// After `gather`: answers every newcomer, and every join that was still being screened,
+/// with `NotExpectingWorkers`.
+async fn refuse_newcomers(endpoint: Endpoint, mut late: UnboundedReceiver<Admitted>) {
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    tokio::spawn(refuse_incoming(incoming));
+                }
+                None => return,
+            },
+            Some(admitted) = late.recv() => {
+                tokio::spawn(refuse(admitted.peer, Reject::NotExpectingWorkers));
+            }
+        }
+    }
+}
+
+async fn refuse_incoming(incoming: Incoming) {
+    if let Some(peer) = open_peer(incoming).await {
+        refuse(peer, Reject::NotExpectingWorkers).await;
+    }
+}
+
+impl Cluster {
+    fn new(endpoint: Endpoint, events: UnboundedReceiver<Event>, send_timeout: Duration) -> Self {
+        Cluster {
+            members: Vec::new(),
+            links: Vec::new(),
+            events,
+            readers: Vec::new(),
+            refuser: None,
+            send_timeout,
+            _endpoint: endpoint,
+        }
+    }
+
+    /// Gives `admitted` the next rank and starts watching what it sends.
+    fn admit(
+        &mut self,
+        admitted: Admitted,
+        heartbeat_timeout: Duration,
+        events: UnboundedSender<Event>,
+    ) {
+        let Admitted { peer, join } = admitted;
+        let rank = self.members.len() as u32;
+        info!(rank, remote = %peer.remote, hostname = %join.hostname, pid = join.pid, "worker joined");
+        let watch = watch(
+            rank,
+            peer.recv,
+            peer.conn.clone(),
+            heartbeat_timeout,
+            events,
+        );
+        self.readers.push(tokio::spawn(watch));
+        self.links.push(Arc::new(Link {
+            conn: peer.conn,
+            send: Mutex::new(peer.send),
+        }));
+        self.members.push(Joined {
+            rank,
+            join,
+            remote: peer.remote,
+        });
+    }
+
+    pub fn members(&self) -> &[Joined] {
+        &self.members
+    }
+
+    /// Sends `msg` to `rank`; fails if the worker is gone or does not take the frame within
+    /// the heartbeat timeout.
+    pub async fn send(&self, rank: u32, msg: &CoordinatorMsg) -> anyhow::Result<()> {
+        let link = self.link(rank)?;
+        let frame = encode(msg)?;
+        link.write(&frame, self.send_timeout)
+            .await
+            .with_context(|| format!("sending to rank {rank}"))
+    }
+
+    /// Sends `msg` to every rank at once, so one stuck worker does not delay the others;
+    /// fails naming every rank that did not take it.
+    pub async fn broadcast(&self, msg: &CoordinatorMsg) -> anyhow::Result<()> {
+        let frame: Arc<[u8]> = encode(msg)?.into();
+        let writes: Vec<_> = self
+            .links
+            .iter()
+            .map(|link| {
+                let (link, frame, limit) = (link.clone(), frame.clone(), self.send_timeout);
+                tokio::spawn(async move { link.write(&frame, limit).await })
+            })
+            .collect();
+        let mut failed = Vec::new();
+        for (rank, write) in writes.into_iter().enumerate() {
+            match write.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed.push(format!("rank {rank}: {e:#}")),
+                Err(e) => failed.push(format!("rank {rank}: {e}")),
+            }
+        }
+        ensure!(failed.is_empty(), "broadcast failed: {}", failed.join("; "));
+        Ok(())
+    }
+
+    /// The next message or loss from any worker; `None` once every worker is lost.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    fn link(&self, rank: u32) -> anyhow::Result<&Arc<Link>> {
+        self.links
+            .get(rank as usize)
+            .ok_or_else(|| anyhow!("no rank {rank} in a world of {}", self.links.len()))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for reader in &self.readers {
+            reader.abort();
+        }
+        if let Some(refuser) = &self.refuser {
+            refuser.abort();
+        }
+    }
+}
+
+impl Link {
+    async fn write(&self, frame: &[u8], limit: Duration) -> anyhow::Result<()> {
+        if let Some(reason) = self.conn.close_reason() {
+            bail!("connection closed: {reason}");
+        }
+        let mut send = self.send.lock().await;
+        timeout(limit, send.write_all(frame))
+            .await
+            .map_err(|_| anyhow!("the worker took no frame for {limit:?}"))??;
+        Ok(())
+    }
+}
+
+/// Forwards what `rank` sends until it goes silent for `heartbeat_timeout`, breaks the
+/// protocol, or disconnects; then closes its connection and reports it lost, once.
+async fn watch(
+    rank: u32,
+    mut recv: RecvStream,
+    conn: Connection,
+    heartbeat_timeout: Duration,
+    events: UnboundedSender<Event>,
+) {
+    let reason = loop {
+        let frame = timeout(heartbeat_timeout, read_frame(&mut recv, MAX_FRAME_BYTES)).await;
+        let msg = match frame {
+            Err(_) => break format!("no frame for {heartbeat_timeout:?}"),
+            Ok(Err(FrameError::Closed)) => break "closed its control stream".to_string(),
+            Ok(Err(e)) => break e.to_string(),
+            Ok(Ok(WorkerMsg::Join(_))) => break "sent a second Join".to_string(),
+            Ok(Ok(msg)) => msg,
+        };
+        if events.send(Event::Msg { rank, msg }).is_err() {
+            return; // the cluster is gone; nobody is listening
+        }
+    };
+    warn!(rank, %reason, "worker lost");
+    conn.close(CLOSE_LOST, b"lost");
+    let _ = events.send(Event::Lost { rank, reason });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn join(token: &str, version: u16) -> Join {
+        Join {
+            protocol_version: version,
+            token: token.into(),
+            collective_addr: "127.0.0.1:1".into(),
+            hostname: "h".into(),
+            pid: 1,
+        }
+    }
+
+    #[test]
+    fn good_join_is_admitted_with_token_blanked() {
+        let got = check_join(Ok(WorkerMsg::Join(join("t0k", PROTOCOL_VERSION))), "t0k").unwrap();
+        assert_eq!(got.token, "");
+        assert_eq!(got.hostname, "h");
+    }
+
+    #[test]
+    fn bad_joins_are_named() {
+        let bad_token = check_join(Ok(WorkerMsg::Join(join("nope", PROTOCOL_VERSION))), "t0k");
+        assert_eq!(bad_token, Err(Reject::BadToken));
+        let prefix = check_join(Ok(WorkerMsg::Join(join("t0", PROTOCOL_VERSION))), "t0k");
+        assert_eq!(prefix, Err(Reject::BadToken));
+        let old = check_join(Ok(WorkerMsg::Join(join("t0k", 0))), "t0k");
+        assert!(matches!(old, Err(Reject::VersionMismatch { got: 0, .. })));
+        let not_join = check_join(Ok(WorkerMsg::Heartbeat { seq: 0 }), "t0k");
+        assert!(matches!(not_join, Err(Reject::Malformed { .. })));
+    }
+}

@@ -1,0 +1,529 @@
+//! The config schema: one typed struct per component, loaded from TOML, overridden key by key.
+//!
+//! The embedded default (`configs/default.toml`) is the whole schema with every value set; a user
+//! file or a `--set section.key=value` may only change keys that exist there. Unknown keys and
+//! values of the wrong type are errors that name the key, never silently ignored.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+/// The embedded default recipe: synthetic audio-visual data and tiny models, no GPU, no network.
+pub const DEFAULT_TOML: &str = include_str!("../../configs/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: String, message: String },
+    #[error("unknown config key `{key}`")]
+    UnknownKey { key: String },
+    #[error("override `{arg}` is not of the form section.key=value")]
+    BadOverride { arg: String },
+    #[error("bad value for `{key}`: {message}")]
+    BadValue { key: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub features: FeatureConfig,
+    pub audio_model: ModelConfig,
+    pub visual_model: ModelConfig,
+    pub pretrain: TrainConfig,
+    pub heuristic: HeuristicConfig,
+    pub distill: DistillConfig,
+    pub control: ControlConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Seed of everything random in training: initialisation, shuffles, question options.
+    pub seed: u64,
+    /// Run id; empty means one is generated from the time at start.
+    pub run_id: String,
+    /// Where datasets and pretrained stand-in models are cached between runs.
+    pub cache_dir: String,
+    /// `cpu` only in this build; `cuda` arrives with the GPU path.
+    pub device: String,
+    /// Compute threads per worker process; 0 = the machine's cores divided among local workers.
+    pub threads_per_worker: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `synthetic`: generate the embedded visible-sound set; `manifest`: read `dir`/manifest.jsonl.
+    pub source: String,
+    /// Dataset directory; empty means `<cache_dir>/data-<digest of this section>`.
+    pub dir: String,
+    pub seed: u64,
+    pub sample_rate: u32,
+    pub clip_seconds: f32,
+    pub frames: usize,
+    pub frame_size: usize,
+    /// Clips per class in each split.
+    pub pretrain_clips: usize,
+    /// Clips per class a modality's pretraining split keeps of the classes it barely saw.
+    pub pretrain_scarce_clips: usize,
+    pub probe_clips: usize,
+    pub distill_clips: usize,
+    pub eval_clips: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureConfig {
+    pub n_fft: usize,
+    pub hop: usize,
+    pub n_mels: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Width of the modality encoder.
+    pub encoder_hidden: usize,
+    pub encoder_layers: usize,
+    pub encoder_heads: usize,
+    /// Width of the decoder LM.
+    pub lm_hidden: usize,
+    pub lm_layers: usize,
+    pub lm_heads: usize,
+    pub lm_kv_heads: usize,
+    pub lm_intermediate: usize,
+    pub rope_theta: f32,
+    /// Modality tokens handed to the LM after pooling / merging.
+    pub modality_tokens: usize,
+    /// Patch side in pixels (visual only).
+    pub patch: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub steps: u64,
+    /// Clips per step over all workers; each worker takes batch / workers.
+    pub batch: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeuristicConfig {
+    /// A class is hard when its score exceeds this (ignored when `top_k` > 0).
+    pub threshold: f64,
+    /// Take the k highest-scoring classes instead of thresholding; 0 = use the threshold.
+    pub top_k: usize,
+    /// A hard class also needs the teacher to be at least this accurate on it.
+    pub teacher_floor: f64,
+    /// Fit the coefficients on the probe split instead of using the defaults below.
+    pub fit: bool,
+    /// Logistic coefficients: bias, then student accuracy, student p(true), student entropy
+    /// (normalised to [0, 1]), teacher accuracy, human prior.
+    pub coefficients: Vec<f64>,
+    /// Optional CSV `class,prior` with a per-class prior in [0, 1] that the student's modality
+    /// perceives the class (e.g. human ears' accuracy); empty = 0.5 for every class.
+    pub prior_csv: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// `visual_to_audio` (visual teacher, audio student) or `audio_to_visual`.
+    pub direction: Direction,
+    /// Weight of the teacher's KL term; 1 - alpha goes to cross-entropy on the labels.
+    pub alpha: f64,
+    pub temperature: f64,
+    /// Cross-entropy target: `label` (ground truth) or `teacher` (teacher argmax, label-free).
+    pub target: String,
+    /// `options` (KL over the ten answer letters) or `vocab` (over the whole vocabulary).
+    pub kl_over: String,
+    /// Share of each batch drawn from the other classes, anchored to the student's own
+    /// pre-distillation predictions so the student does not forget them.
+    pub replay_fraction: f64,
+    pub steps: u64,
+    /// Clips per step over all workers.
+    pub batch: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: u64,
+}
+
+impl DistillConfig {
+    pub fn train(&self) -> TrainConfig {
+        TrainConfig {
+            steps: self.steps,
+            batch: self.batch,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            warmup_steps: self.warmup_steps,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    VisualToAudio,
+    AudioToVisual,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::VisualToAudio => "visual_to_audio",
+            Direction::AudioToVisual => "audio_to_visual",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Address the coordinator listens on (QUIC).
+    pub listen: String,
+    /// Workers the coordinator waits for before starting.
+    pub workers: usize,
+    pub heartbeat_ms: u64,
+    /// A worker silent for this long is declared dead.
+    pub heartbeat_timeout_ms: u64,
+    /// How long the coordinator waits for all workers to join.
+    pub join_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Progress line (pretty) / step record (json) every N steps.
+    pub every: u64,
+}
+
+impl Config {
+    /// The embedded default.
+    pub fn embedded() -> Config {
+        Config::resolve(None, &[]).expect("embedded default config is valid")
+    }
+
+    /// Default, then the user's file over it, then each `section.key=value` override.
+    pub fn resolve(file: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
+        let mut table = parse_table(DEFAULT_TOML, "<embedded default>")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let user = parse_table(&text, &path.display().to_string())?;
+            merge(&mut table, user, "")?;
+        }
+        for arg in overrides {
+            apply_override(&mut table, arg)?;
+        }
+        from_table(table)
+    }
+
+    /// Parse a config that has already been resolved (as sent to workers).
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        from_table(parse_table(text, "<resolved>")?)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serialises to TOML")
+    }
+
+    /// sha256 over the resolved TOML: equal digests mean equal configs.
+    pub fn digest(&self) -> String {
+        hex(&Sha256::digest(self.to_toml().as_bytes()))
+    }
+
+    pub fn student_modality(&self) -> Modality {
+        match self.distill.direction {
+            Direction::VisualToAudio => Modality::Audio,
+            Direction::AudioToVisual => Modality::Visual,
+        }
+    }
+
+    pub fn teacher_modality(&self) -> Modality {
+        self.student_modality().other()
+    }
+
+    pub fn model(&self, modality: Modality) -> &ModelConfig {
+        match modality {
+            Modality::Audio => &self.audio_model,
+            Modality::Visual => &self.visual_model,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Modality {
+    Audio,
+    Visual,
+}
+
+impl Modality {
+    pub fn other(self) -> Modality {
+        match self {
+            Modality::Audio => Modality::Visual,
+            Modality::Visual => Modality::Audio,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Modality::Audio => "audio",
+            Modality::Visual => "visual",
+        }
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of any serialisable section, for cache keys.
+pub fn section_digest<T: Serialize>(section: &T) -> String {
+    let text = toml::to_string(section).expect("section serialises");
+    hex(&Sha256::digest(text.as_bytes()))[..16].to_string()
+}
+
+fn parse_table(text: &str, path: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+        path: path.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
+    let config: Config =
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::BadValue {
+                key: "<config>".into(),
+                message: e.to_string(),
+            })?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Lay `user` over `base`; every key of `user` must exist in `base`, with a value of its type.
+fn merge(base: &mut toml::Table, user: toml::Table, prefix: &str) -> Result<(), ConfigError> {
+    for (key, value) in user {
+        let path = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        let Some(slot) = base.get_mut(&key) else {
+            return Err(ConfigError::UnknownKey { key: path });
+        };
+        match (slot, value) {
+            (toml::Value::Table(b), toml::Value::Table(u)) => merge(b, u, &path)?,
+            (slot, value) => set_checked(slot, value, &path)?,
+        }
+    }
+    Ok(())
+}
+
+fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
+    let (key, raw) = arg.split_once('=').ok_or_else(|| ConfigError::BadOverride {
+        arg: arg.to_string(),
+    })?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(ConfigError::BadOverride {
+            arg: arg.to_string(),
+        });
+    }
+    let mut node = table;
+    let parts: Vec<&str> = key.split('.').collect();
+    let (last, sections) = parts.split_last().expect("split yields one part");
+    for section in sections {
+        node = match node.get_mut(*section) {
+            Some(toml::Value::Table(t)) => t,
+            _ => return Err(ConfigError::UnknownKey { key: key.into() }),
+        };
+    }
+    let Some(slot) = node.get_mut(*last) else {
+        return Err(ConfigError::UnknownKey { key: key.into() });
+    };
+    if slot.is_table() {
+        return Err(ConfigError::BadValue {
+            key: key.into(),
+            message: "is a section, not a value".into(),
+        });
+    }
+    let value = parse_value(raw.trim(), slot);
+    set_checked(slot, value, key)
+}
+
+/// A value as TOML if it parses, else as a bare string (`--set distill.direction=audio_to_visual`).
+fn parse_value(raw: &str, like: &toml::Value) -> toml::Value {
+    let parsed = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    match parsed {
+        Some(v) => v,
+        None if like.is_str() || !raw.is_empty() => toml::Value::String(raw.to_string()),
+        None => toml::Value::String(String::new()),
+    }
+}
+
+fn set_checked(slot: &mut toml::Value, value: toml::Value, key: &str) -> Result<(), ConfigError> {
+    let value = match (&*slot, value) {
+        (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
+        (_, v) => v,
+    };
+    if slot.type_str() != value.type_str() {
+        return Err(ConfigError::BadValue {
+            key: key.into(),
+            message: format!("expected {}, got {} `{value}`", slot.type_str(), value.type_str()),
+        });
+    }
+    *slot = value;
+    Ok(())
+}
+
+fn bad(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::BadValue {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.run.device != "cpu" {
+            return Err(bad(
+                "run.device",
+                format!(
+                    "`{}` is not available: this build supports `cpu` only",
+                    self.run.device
+                ),
+            ));
+        }
+        if !["synthetic", "manifest"].contains(&self.data.source.as_str()) {
+            return Err(bad("data.source", "expected `synthetic` or `manifest`"));
+        }
+        if self.data.source == "manifest" && self.data.dir.is_empty() {
+            return Err(bad("data.dir", "required when data.source = \"manifest\""));
+        }
+        if !(0.0..=1.0).contains(&self.distill.alpha) {
+            return Err(bad("distill.alpha", "must lie in [0, 1]"));
+        }
+        if self.distill.temperature <= 0.0 {
+            return Err(bad("distill.temperature", "must be positive"));
+        }
+        if !["label", "teacher"].contains(&self.distill.target.as_str()) {
+            return Err(bad("distill.target", "expected `label` or `teacher`"));
+        }
+        if !["options", "vocab"].contains(&self.distill.kl_over.as_str()) {
+            return Err(bad("distill.kl_over", "expected `options` or `vocab`"));
+        }
+        if !(0.0..1.0).contains(&self.distill.replay_fraction) {
+            return Err(bad("distill.replay_fraction", "must lie in [0, 1)"));
+        }
+        if self.heuristic.coefficients.len() != 6 {
+            return Err(bad(
+                "heuristic.coefficients",
+                format!(
+                    "expected 6 numbers (bias and five features), got {}",
+                    self.heuristic.coefficients.len()
+                ),
+            ));
+        }
+        if self.control.workers == 0 {
+            return Err(bad("control.workers", "must be at least 1"));
+        }
+        for (key, batch) in [
+            ("pretrain.batch", self.pretrain.batch),
+            ("distill.batch", self.distill.batch),
+        ] {
+            if batch == 0 || batch % self.control.workers != 0 {
+                return Err(bad(
+                    key,
+                    format!(
+                        "{batch} does not split evenly over {} workers",
+                        self.control.workers
+                    ),
+                ));
+            }
+        }
+        for (key, m) in [
+            ("audio_model", &self.audio_model),
+            ("visual_model", &self.visual_model),
+        ] {
+            if m.encoder_hidden % m.encoder_heads != 0 || m.lm_hidden % m.lm_heads != 0 {
+                return Err(bad(key, "hidden sizes must be multiples of the head counts"));
+            }
+            if m.lm_heads % m.lm_kv_heads != 0 {
+                return Err(bad(
+                    &format!("{key}.lm_kv_heads"),
+                    "must divide lm_heads",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_resolves_and_round_trips() {
+        let c = Config::embedded();
+        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn override_changes_one_key() {
+        let c = Config::resolve(None, &["distill.alpha=1.0".into()]).unwrap();
+        assert_eq!(c.distill.alpha, 1.0);
+        let c = Config::resolve(None, &["distill.direction=audio_to_visual".into()]).unwrap();
+        assert_eq!(c.distill.direction, Direction::AudioToVisual);
+        let c = Config::resolve(None, &["distill.alpha=1".into()]).unwrap();
+        assert_eq!(c.distill.alpha, 1.0);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::resolve(None, &["no.such.key=1".into()]).unwrap_err();
+        assert!(e.to_string().contains("no.such.key"), "{e}");
+        let e = Config::resolve(None, &["distill.nope=1".into()]).unwrap_err();
+        assert!(e.to_string().contains("distill.nope"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let e = Config::resolve(None, &["distill.alpha=lots".into()]).unwrap_err();
+        assert!(e.to_string().contains("distill.alpha"), "{e}");
+        let e = Config::resolve(None, &["distill.direction=sideways".into()]).unwrap_err();
+        assert!(e.to_string().contains("direction"), "{e}");
+        let e = Config::resolve(None, &["distill.alpha=2.0".into()]).unwrap_err();
+        assert!(e.to_string().contains("distill.alpha"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named() {
+        let dir = std::env::temp_dir().join(format!("xkd-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[distill]\nalpha = 0.25\n[pretrain]\nsteps_typo = 3\n").unwrap();
+        let e = Config::resolve(Some(&path), &[]).unwrap_err();
+        assert!(e.to_string().contains("pretrain.steps_typo"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

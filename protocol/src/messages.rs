@@ -1,0 +1,326 @@
+//! Messages between the coordinator and its workers. Only this module says what crosses the
+//! wire; `frame` says how. Every frame carries `PROTOCOL_VERSION`; a change to any type here
+//! that alters its bincode encoding must bump it.
+
+use crate::config::Modality;
+use serde::{Deserialize, Serialize};
+
+/// Bumped whenever the encoding of any message changes.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// What a worker sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerMsg {
+    Join(Join),
+    Heartbeat { seq: u64 },
+    Step(StepReport),
+    Done { task: u64, result: TaskResult },
+    Failed { task: u64, error: String },
+}
+
+/// What the coordinator sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CoordinatorMsg {
+    Assignment(Assignment),
+    Reject(Reject),
+    Task(Task),
+    Shutdown { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Join {
+    pub protocol_version: u16,
+    /// The run's join token (from `XKD_JOIN_TOKEN`); never logged.
+    pub token: String,
+    /// Address this worker's collective listens on, for its ring neighbours.
+    pub collective_addr: String,
+    pub hostname: String,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub run_id: String,
+    pub rank: u32,
+    pub world_size: u32,
+    /// Collective addresses of every rank, indexed by rank.
+    pub peers: Vec<String>,
+    /// The resolved config as TOML; workers parse it, never re-resolve it.
+    pub config_toml: String,
+    pub config_digest: String,
+    /// Directory for the run's outputs (models, per-rank logs).
+    pub out_dir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reject {
+    BadToken,
+    VersionMismatch { expected: u16, got: u16 },
+    Malformed { detail: String },
+    Oversized { limit: u32, got: u32 },
+    NotExpectingWorkers,
+}
+
+impl std::fmt::Display for Reject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reject::BadToken => write!(f, "join token does not match this run"),
+            Reject::VersionMismatch { expected, got } => {
+                write!(f, "protocol version {got} not supported (coordinator speaks {expected})")
+            }
+            Reject::Malformed { detail } => write!(f, "malformed frame: {detail}"),
+            Reject::Oversized { limit, got } => {
+                write!(f, "frame of {got} bytes exceeds the limit of {limit}")
+            }
+            Reject::NotExpectingWorkers => write!(f, "the run has all the workers it needs"),
+        }
+    }
+}
+
+/// A unit of work the coordinator orders; every rank of the world runs the same task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: u64,
+    pub kind: TaskKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TaskKind {
+    /// Generate (or check) the dataset. Only rank 0 writes; the others wait for the result.
+    PrepareData,
+    /// Data-parallel training of one model.
+    Train(TrainTask),
+    /// Predict every clip of the plan's list and report per-clip outcomes.
+    Evaluate(EvalTask),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainTask {
+    pub modality: Modality,
+    pub objective: Objective,
+    /// Model to start from; `None` = fresh initialisation from the run seed.
+    pub init: Option<String>,
+    /// Where rank 0 writes the trained parameters (safetensors).
+    pub save: String,
+    pub plan: ShardPlan,
+    /// Clips the replay share of each batch is drawn from (distillation only).
+    pub replay: Option<ShardPlan>,
+    pub steps: u64,
+    /// Clips per step per worker, main shard and replay shard.
+    pub batch: usize,
+    pub replay_batch: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup_steps: u64,
+    /// Seed of initialisation and of the question options.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Objective {
+    /// Cross-entropy on the true option letter.
+    Supervised,
+    /// Teacher -> student distillation, with the frozen teacher and (for replay rows) the
+    /// frozen pre-distillation student as anchors.
+    Distill {
+        teacher: String,
+        alpha: f64,
+        temperature: f64,
+        /// Cross-entropy target is the teacher's argmax instead of the label.
+        label_free: bool,
+        /// KL over the whole vocabulary at the answer position instead of the ten letters.
+        full_vocab: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalTask {
+    pub modality: Modality,
+    pub model: String,
+    pub plan: ShardPlan,
+    pub seed: u64,
+}
+
+/// Which clips a rank consumes: a global permutation of `clips` per epoch from (seed, epoch);
+/// global sample g >= cursor lands on rank (g - cursor) % world_size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardPlan {
+    pub clips: Vec<u32>,
+    pub seed: u64,
+    /// Global samples already consumed (the resume point).
+    pub cursor: u64,
+    /// `false` for evaluation: one pass in the listed order, no permutation.
+    pub shuffle: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    pub task: u64,
+    pub rank: u32,
+    pub step: u64,
+    pub loss: f64,
+    pub kl: f64,
+    pub ce: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub samples_per_s: f64,
+    pub ms_teacher: f64,
+    pub ms_student: f64,
+    pub ms_allreduce: f64,
+    pub ms_optimizer: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TaskResult {
+    Data(DataSummary),
+    Trained(TrainSummary),
+    Evaluated(Vec<ClipOutcome>),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataSummary {
+    pub dir: String,
+    pub classes: Vec<String>,
+    /// Clip ids and class indices of every split.
+    pub splits: Vec<SplitClips>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitClips {
+    /// `pretrain_audio`, `pretrain_visual`, `probe`, `distill`, `eval`.
+    pub name: String,
+    pub clips: Vec<u32>,
+    pub labels: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub wall_seconds: f64,
+    /// sha256 of the saved parameters.
+    pub digest: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClipOutcome {
+    pub clip: u32,
+    pub label: u32,
+    pub predicted: u32,
+    /// Probability of the true option (softmax over the ten letters).
+    pub p_true: f64,
+    /// Entropy over the ten letters, in nats.
+    pub entropy: f64,
+}
+
+impl ShardPlan {
+    pub fn len(&self) -> usize {
+        self.clips.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clips.is_empty()
+    }
+
+    /// The clip at global sample index `g` (epoch = g / len, shuffled per epoch).
+    pub fn clip_at(&self, g: u64) -> u32 {
+        let n = self.clips.len() as u64;
+        let (epoch, pos) = (g / n, (g % n) as usize);
+        if !self.shuffle {
+            return self.clips[pos];
+        }
+        self.clips[permutation(n as usize, self.seed, epoch)[pos]]
+    }
+
+    /// The `batch` clips rank `rank` of `world` takes at training step `step`.
+    pub fn batch(&self, rank: u32, world: u32, step: u64, batch: usize) -> Vec<u32> {
+        let per_step = world as u64 * batch as u64;
+        let base = self.cursor + step * per_step;
+        (0..batch as u64)
+            .map(|k| self.clip_at(base + rank as u64 + k * world as u64))
+            .collect()
+    }
+
+    /// One pass over the list, strided by rank (evaluation).
+    pub fn pass(&self, rank: u32, world: u32) -> Vec<u32> {
+        self.clips
+            .iter()
+            .skip(rank as usize)
+            .step_by(world as usize)
+            .copied()
+            .collect()
+    }
+}
+
+/// Fisher-Yates over 0..n driven by splitmix64 of (seed, epoch): a pure function, so every
+/// rank and every resumed run computes the same order without talking.
+pub fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut state = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (splitmix64(&mut state) % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> ShardPlan {
+        ShardPlan {
+            clips: (100..137).collect(),
+            seed: 5,
+            cursor: 0,
+            shuffle: true,
+        }
+    }
+
+    #[test]
+    fn permutation_is_a_permutation_and_changes_per_epoch() {
+        let a = permutation(50, 1, 0);
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..50).collect::<Vec<_>>());
+        assert_ne!(a, permutation(50, 1, 1));
+        assert_eq!(a, permutation(50, 1, 0));
+    }
+
+    #[test]
+    fn ranks_split_a_step_without_overlap() {
+        let p = plan();
+        for step in 0..3 {
+            let mut all: Vec<u32> = (0..2).flat_map(|r| p.batch(r, 2, step, 4)).collect();
+            let single = p.batch(0, 1, step, 8);
+            all.sort();
+            let mut single_sorted = single.clone();
+            single_sorted.sort();
+            assert_eq!(all, single_sorted, "2 ranks x 4 == 1 rank x 8 at step {step}");
+        }
+    }
+
+    #[test]
+    fn cursor_reshards_what_remains() {
+        let p = plan();
+        // 3 steps on 2 workers of 4 consume 24 global samples; 1 worker resuming there
+        // takes exactly the samples the 2-worker run would have taken next.
+        let resumed = ShardPlan {
+            cursor: 24,
+            ..p.clone()
+        };
+        let mut next2: Vec<u32> = (0..2).flat_map(|r| p.batch(r, 2, 3, 4)).collect();
+        let mut next1 = resumed.batch(0, 1, 0, 8);
+        next2.sort();
+        next1.sort();
+        assert_eq!(next1, next2);
+    }
+}

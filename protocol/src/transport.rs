@@ -1,0 +1,231 @@
+//! QUIC endpoint builders for the control plane.
+//!
+//! The coordinator makes a fresh self-signed certificate per run and hands its DER to workers
+//! out of band (the launcher passes it along with the join token); workers trust exactly that
+//! certificate and nothing from the system store. The rustls crypto provider (ring) is passed
+//! explicitly to every config, so nothing depends on a process-wide default provider being
+//! installed (rustls panics when none or several are).
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Application protocol negotiated in the TLS handshake.
+pub const ALPN: &[u8] = b"xkd/1";
+/// The name workers expect in the coordinator's certificate, whatever address they dial.
+pub const SERVER_NAME: &str = "xkd-coordinator";
+/// A silent connection is dropped after this long ...
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// ... which keep-alives prevent while both ends are alive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// QUIC application close codes: the reason a connection ended, readable by the other side.
+pub const CLOSE_NORMAL: VarInt = VarInt::from_u32(0);
+/// The coordinator refused the join (the Reject frame says why).
+pub const CLOSE_REJECTED: VarInt = VarInt::from_u32(1);
+/// The coordinator declared the worker lost (silence, malformed frame, protocol violation).
+pub const CLOSE_LOST: VarInt = VarInt::from_u32(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot generate the coordinator certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("QUIC configuration: {0}")]
+    Quic(String),
+    #[error("cannot bind UDP socket on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The coordinator's certificate and private key, both DER.
+#[derive(Clone)]
+pub struct ServerIdentity {
+    pub cert_der: Vec<u8>,
+    /// PKCS#8; kept private so it cannot end up in a log line by accident.
+    key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerIdentity")
+            .field("cert_der", &format_args!("{} bytes", self.cert_der.len()))
+            .field("key_der", &"<redacted>")
+            .finish()
+    }
+}
+
+impl ServerIdentity {
+    /// A fresh self-signed certificate naming `xkd-coordinator` and `localhost`.
+    pub fn generate() -> Result<ServerIdentity, TransportError> {
+        let names = vec![SERVER_NAME.to_string(), "localhost".to_string()];
+        let certified = rcgen::generate_simple_self_signed(names)?;
+        Ok(ServerIdentity {
+            cert_der: certified.cert.der().to_vec(),
+            key_der: certified.signing_key.serialize_der(),
+        })
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Idle timeout and keep-alive for both sides; `bidi` is how many bidirectional streams the
+/// peer may open (a worker opens one; the coordinator opens none).
+fn transport_config(bidi: u32) -> Result<Arc<TransportConfig>, TransportError> {
+    let idle = IdleTimeout::try_from(IDLE_TIMEOUT)
+        .map_err(|e| TransportError::Quic(format!("idle timeout: {e}")))?;
+    let mut t = TransportConfig::default();
+    t.max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .max_concurrent_bidi_streams(VarInt::from_u32(bidi))
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    Ok(Arc::new(t))
+}
+
+fn server_config(id: &ServerIdentity) -> Result<quinn::ServerConfig, TransportError> {
+    let cert = CertificateDer::from(id.cert_der.clone());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key_der.clone()));
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(transport_config(1)?);
+    Ok(config)
+}
+
+/// Trusts exactly `trusted_cert_der`: it is the only root, and it is self-signed, so only a
+/// server holding its private key passes.
+fn client_config(trusted_cert_der: &[u8]) -> Result<quinn::ClientConfig, TransportError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(trusted_cert_der.to_vec()))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(transport_config(0)?);
+    Ok(config)
+}
+
+/// A QUIC server on `addr` presenting `id`. Must run inside a tokio runtime.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    id: &ServerIdentity,
+) -> Result<quinn::Endpoint, TransportError> {
+    quinn::Endpoint::server(server_config(id)?, addr)
+        .map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// A QUIC client on an ephemeral IPv4 port that trusts only `trusted_cert_der`; connect with
+/// `endpoint.connect(addr, SERVER_NAME)`. Must run inside a tokio runtime.
+pub fn client_endpoint(trusted_cert_der: &[u8]) -> Result<quinn::Endpoint, TransportError> {
+    client_endpoint_on(
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        trusted_cert_der,
+    )
+}
+
+/// Like `client_endpoint`, bound on the unspecified address of `remote`'s family, so an IPv6
+/// coordinator is reachable too.
+pub fn client_endpoint_for(
+    remote: SocketAddr,
+    trusted_cert_der: &[u8],
+) -> Result<quinn::Endpoint, TransportError> {
+    let bind = match remote {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    client_endpoint_on(bind, trusted_cert_der)
+}
+
+fn client_endpoint_on(
+    bind: SocketAddr,
+    trusted_cert_der: &[u8],
+) -> Result<quinn::Endpoint, TransportError> {
+    let config = client_config(trusted_cert_der)?;
+    let mut endpoint = quinn::Endpoint::client(bind)
+        .map_err(|source| TransportError::Bind { addr: bind, source })?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn loopback() -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
+    }
+
+    /// Accepts one connection and one stream, echoes one byte.
+    async fn echo_once(server: quinn::Endpoint) {
+        let Some(incoming) = server.accept().await else {
+            return;
+        };
+        let Ok(conn) = incoming.await else { return };
+        if let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let mut b = [0u8; 1];
+            if recv.read_exact(&mut b).await.is_ok() {
+                let _ = send.write_all(&b).await;
+                let _ = send.finish();
+                let _ = send.stopped().await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn client_talks_to_the_trusted_server() {
+        let id = ServerIdentity::generate().unwrap();
+        let server = server_endpoint(loopback(), &id).unwrap();
+        let addr = server.local_addr().unwrap();
+        let echo = tokio::spawn(echo_once(server));
+        let client = client_endpoint(&id.cert_der).unwrap();
+        let conn = client.connect(addr, SERVER_NAME).unwrap().await.unwrap();
+        let alpn = conn.handshake_data().unwrap();
+        let alpn = alpn
+            .downcast::<quinn::crypto::rustls::HandshakeData>()
+            .unwrap();
+        assert_eq!(alpn.protocol.as_deref(), Some(ALPN));
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[7]).await.unwrap();
+        let mut b = [0u8; 1];
+        recv.read_exact(&mut b).await.unwrap();
+        assert_eq!(b, [7]);
+        echo.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn client_refuses_another_certificate() {
+        let id = ServerIdentity::generate().unwrap();
+        let impostor = ServerIdentity::generate().unwrap();
+        let server = server_endpoint(loopback(), &impostor).unwrap();
+        let addr = server.local_addr().unwrap();
+        let _accept = tokio::spawn(echo_once(server));
+        let client = client_endpoint(&id.cert_der).unwrap();
+        let got = client.connect(addr, SERVER_NAME).unwrap().await;
+        assert!(
+            got.is_err(),
+            "handshake with an untrusted certificate succeeded"
+        );
+    }
+
+    #[test]
+    fn debug_hides_the_key() {
+        let id = ServerIdentity::generate().unwrap();
+        assert!(format!("{id:?}").contains("<redacted>"));
+    }
+}

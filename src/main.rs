@@ -1,0 +1,227 @@
+//! `xkd`: parses the command line and hands over to the coordinator or the worker.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use xkd_coordinator::run::{self, LocalWorkers, Outcome, RunOptions};
+use xkd_protocol::config::{Config, ConfigError};
+
+#[derive(Parser)]
+#[command(name = "xkd", version, about = "Cross-modal knowledge distillation between multimodal models")]
+struct Cli {
+    /// Log output: `pretty` for people, `json` for machines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+impl LogFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Pretty => "pretty",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// TOML recipe laid over the embedded default.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override one key, e.g. `--set distill.alpha=1.0`; repeatable.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The whole job on this machine: coordinator plus local worker processes.
+    Run {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Worker processes to start.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Output directory (default runs/<run id>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Cluster mode: the coordinator alone; workers join with `xkd worker`.
+    Coordinator {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// QUIC address to listen on (overrides control.listen).
+        #[arg(long)]
+        listen: Option<String>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Cluster mode: one worker.
+    Worker {
+        /// The coordinator's QUIC address.
+        #[arg(long)]
+        coordinator: SocketAddr,
+        /// The coordinator's certificate (DER), written into its output directory at start.
+        #[arg(long, env = "XKD_COORDINATOR_CERT")]
+        cert: PathBuf,
+        /// Host to bind the gradient ring on (default: the address that reaches the coordinator).
+        #[arg(long)]
+        collective_host: Option<String>,
+    },
+    /// Inspect the resolved config.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Run the stages up to the heuristic and print the hard-class decision as JSON.
+    HardClasses {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print the resolved config as TOML.
+    Show {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn resolve(cfg: &ConfigArgs, workers: Option<usize>) -> Result<Config, ConfigError> {
+    let mut sets = cfg.sets.clone();
+    if let Some(n) = workers {
+        sets.insert(0, format!("control.workers={n}"));
+    }
+    Config::resolve(cfg.config.as_deref(), &sets)
+}
+
+fn dispatch(cli: Cli) -> Result<()> {
+    let log_format = cli.log_format.as_str().to_string();
+    match cli.command {
+        Command::Config {
+            action: ConfigAction::Show { cfg },
+        } => {
+            print!("{}", resolve(&cfg, None)?.to_toml());
+            Ok(())
+        }
+        Command::Run { cfg, workers, out } => {
+            let config = resolve(&cfg, Some(workers))?;
+            let local = local_workers(workers, log_format)?;
+            match runtime()?.block_on(run::run(RunOptions {
+                config,
+                out_dir: out,
+                local: Some(local),
+                only_hard_classes: false,
+            }))? {
+                Outcome::Finished(report) => {
+                    print!("{}", xkd_coordinator::report::markdown(&report));
+                    Ok(())
+                }
+                Outcome::HardClasses(_) => unreachable!("a full run does not stop at the heuristic"),
+            }
+        }
+        Command::HardClasses { cfg, workers, out } => {
+            let config = resolve(&cfg, Some(workers))?;
+            let local = local_workers(workers, log_format)?;
+            let outcome = runtime()?.block_on(run::run(RunOptions {
+                config,
+                out_dir: out,
+                local: Some(local),
+                only_hard_classes: true,
+            }))?;
+            if let Outcome::HardClasses(decision) = outcome {
+                println!("{}", serde_json::to_string_pretty(&decision)?);
+            }
+            Ok(())
+        }
+        Command::Coordinator { cfg, listen, out } => {
+            let mut config = resolve(&cfg, None)?;
+            if let Some(addr) = listen {
+                config.control.listen = addr;
+            }
+            runtime()?.block_on(run::run(RunOptions {
+                config,
+                out_dir: out,
+                local: None,
+                only_hard_classes: false,
+            }))?;
+            Ok(())
+        }
+        Command::Worker {
+            coordinator,
+            cert,
+            collective_host,
+        } => {
+            let cert_der = std::fs::read(&cert)
+                .with_context(|| format!("reading the coordinator certificate {}", cert.display()))?;
+            let token = std::env::var("XKD_JOIN_TOKEN")
+                .context("XKD_JOIN_TOKEN is not set: a worker needs the run's join token")?;
+            runtime()?.block_on(xkd_worker::session::run(xkd_worker::session::WorkerArgs {
+                coordinator,
+                cert_der,
+                token,
+                collective_host,
+            }))
+        }
+    }
+}
+
+fn local_workers(count: usize, log_format: String) -> Result<LocalWorkers> {
+    Ok(LocalWorkers {
+        exe: std::env::current_exe().context("locating the xkd executable")?,
+        count,
+        log_format,
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("XKD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Pretty => builder.compact().with_target(false).init(),
+    }
+}

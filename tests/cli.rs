@@ -1,0 +1,71 @@
+//! The command-line contract, as a user meets it: exit codes, messages, printed config.
+
+use std::process::Command;
+
+fn xkd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_xkd"))
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = xkd().args(args).output().expect("xkd starts");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn unknown_key_exits_2_and_names_it() {
+    let (code, _, err) = run(&["run", "--set", "no.such.key=1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no.such.key"), "{err}");
+}
+
+#[test]
+fn bad_value_exits_2_and_names_the_key() {
+    let (code, _, err) = run(&["config", "show", "--set", "distill.alpha=lots"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("distill.alpha"), "{err}");
+    let (code, _, err) = run(&["run", "--workers", "3"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("batch"), "{err}");
+}
+
+#[test]
+fn unreadable_config_file_exits_2_and_names_it() {
+    let (code, _, err) = run(&["run", "--config", "/nonexistent/recipe.toml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/nonexistent/recipe.toml"), "{err}");
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "[distill\nalpha = ").unwrap();
+    let (code, _, err) = run(&["config", "show", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("bad.toml"), "{err}");
+}
+
+#[test]
+fn config_show_prints_the_resolved_default() {
+    let (code, out, err) = run(&["config", "show"]);
+    assert_eq!(code, 0, "{err}");
+    let shown = xkd_protocol::Config::from_toml(&out).expect("printed config parses");
+    assert_eq!(shown, xkd_protocol::Config::embedded());
+    let (_, out, _) = run(&["config", "show", "--set", "distill.direction=audio_to_visual"]);
+    assert!(out.contains("direction = \"audio_to_visual\""), "{out}");
+}
+
+#[test]
+fn worker_without_token_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cert = tmp.path().join("cert.der");
+    std::fs::write(&cert, b"not a cert").unwrap();
+    let out = xkd()
+        .args(["worker", "--coordinator", "127.0.0.1:9", "--cert"])
+        .arg(&cert)
+        .env_remove("XKD_JOIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("XKD_JOIN_TOKEN"));
+}

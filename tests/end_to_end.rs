@@ -1,0 +1,112 @@
+//! The default job end to end, as a newcomer runs it: `xkd run` with real worker processes,
+//! real QUIC and a real TCP gradient ring on loopback, real files. Checks what the report says
+//! against what the synthetic set was built to contain.
+//!
+//! One test function on purpose: the runs share a cache of pretrained stand-ins, and running
+//! them one after another keeps a 2-core machine from pretraining the same model twice at once.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn xkd_run(out: &Path, cache: &Path, sets: &[&str]) -> Value {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xkd"));
+    cmd.args(["run", "--out"]).arg(out);
+    cmd.args(["--set", &format!("run.cache_dir=\"{}\"", cache.display())]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let status = cmd.status().expect("xkd starts");
+    assert!(status.success(), "xkd run {sets:?} failed: {status}");
+    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json written");
+    serde_json::from_str(&text).expect("report.json parses")
+}
+
+fn f(v: &Value, path: &[&str]) -> f64 {
+    let mut node = v;
+    for p in path {
+        node = &node[*p];
+    }
+    node.as_f64()
+        .unwrap_or_else(|| panic!("report.json lacks {path:?}"))
+}
+
+fn hard_classes(report: &Value) -> Vec<String> {
+    let mut v: Vec<String> = report["hard_classes"]
+        .as_array()
+        .expect("hard_classes is a list")
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Classes the generator made subtle for `modality` ("audio" / "visual"), from classes.json.
+fn built_hard(cache: &Path, modality: &str) -> Vec<String> {
+    let data_dir = std::fs::read_dir(cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("data-"))
+        .expect("dataset in the cache");
+    let mut v: Vec<String> = xkd_worker::data::construction(&data_dir)
+        .unwrap()
+        .into_iter()
+        .filter(|(_, audio, visual)| {
+            let cue = if modality == "audio" { audio } else { visual };
+            *cue == xkd_worker::data::Cue::Subtle
+        })
+        .map(|(name, _, _)| name)
+        .collect();
+    v.sort();
+    v
+}
+
+fn gain(report: &Value, part: &str) -> f64 {
+    f(report, &["student", "after", part]) - f(report, &["student", "before", part])
+}
+
+fn check_files(out: &Path) {
+    for name in ["report.json", "report.md", "metrics.jsonl", "hard_classes.json"] {
+        assert!(out.join(name).is_file(), "{name} missing in {}", out.display());
+    }
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(metrics.lines().next().expect("metrics")).unwrap();
+    for key in ["run_id", "stage", "rank", "step", "loss", "lr", "grad_norm", "samples_per_s"] {
+        assert!(first.get(key).is_some(), "metrics.jsonl lacks {key}");
+    }
+}
+
+#[test]
+fn default_job_closes_the_sensory_gap_on_hard_classes() {
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e");
+    let _ = std::fs::remove_dir_all(root.join("runs"));
+    let cache = root.join("cache");
+
+    // The default: visual teacher -> audio student, alpha 0.5.
+    let out = root.join("runs/default");
+    let report = xkd_run(&out, &cache, &[]);
+    check_files(&out);
+    assert_eq!(report["direction"], "visual_to_audio");
+    assert_eq!(report["workers"], 2);
+    assert_eq!(hard_classes(&report), built_hard(&cache, "audio"));
+    let (hard, other) = (gain(&report, "hard"), gain(&report, "other"));
+    assert!(hard >= 0.10, "hard-class gain {hard:.3} < 0.10");
+    assert!(other >= -0.02, "other-class change {other:.3} < -0.02");
+    let url = report["final_checkpoint"].as_str().expect("checkpoint URL");
+    assert!(Path::new(url.trim_start_matches("file://")).is_file(), "{url}");
+
+    // Teacher only: no labels in the loss, and still a clear gain on the hard classes.
+    let out = root.join("runs/alpha1");
+    let report = xkd_run(&out, &cache, &["distill.alpha=1.0"]);
+    let hard = gain(&report, "hard");
+    assert!(hard >= 0.05, "alpha=1 hard-class gain {hard:.3} < 0.05");
+
+    // The reverse direction: audio teacher -> visual student, on the classes seen poorly.
+    let out = root.join("runs/reverse");
+    let report = xkd_run(&out, &cache, &["distill.direction=audio_to_visual"]);
+    assert_eq!(report["direction"], "audio_to_visual");
+    assert_eq!(hard_classes(&report), built_hard(&cache, "visual"));
+    let hard = gain(&report, "hard");
+    assert!(hard >= 0.10, "reverse hard-class gain {hard:.3} < 0.10");
+}

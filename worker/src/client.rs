@@ -1,0 +1,274 @@
+//! The worker's end of the control plane: join the coordinator, then exchange frames on the one
+//! bidirectional stream the join opened.
+//!
+//! Outgoing messages go through an unbounded channel to a writer task, so any thread (a
+//! blocking training loop included) can report without touching the async stream.
+
+use anyhow::{anyhow, bail, Context};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::task::JoinHandle;
+use tracing::warn;
+use xkd_protocol::frame::{read_frame, write_frame, FrameError, MAX_FRAME_BYTES};
+use xkd_protocol::transport::{client_endpoint_for, CLOSE_NORMAL, SERVER_NAME};
+use xkd_protocol::{Assignment, CoordinatorMsg, Join, WorkerMsg};
+
+/// How long the coordinator gets to answer a join (it answers once the whole world joined).
+pub const JOIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The joined worker's control connection.
+pub struct ControlLink {
+    recv: RecvStream,
+    conn: Connection,
+    sender: LinkSender,
+    writer: JoinHandle<()>,
+    /// The endpoint drives the connection; it must live as long as the link.
+    _endpoint: Endpoint,
+}
+
+/// Queues messages for the coordinator; cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct LinkSender {
+    tx: UnboundedSender<WorkerMsg>,
+}
+
+/// Connects, sends `join`, and waits for the coordinator's answer: an `Assignment` is a
+/// successful join, a `Reject` an error naming why.
+pub async fn join(
+    coordinator: SocketAddr,
+    trusted_cert_der: &[u8],
+    join: Join,
+) -> anyhow::Result<(Assignment, ControlLink)> {
+    let endpoint = client_endpoint_for(coordinator, trusted_cert_der)?;
+    let conn = endpoint
+        .connect(coordinator, SERVER_NAME)?
+        .await
+        .with_context(|| format!("connecting to the coordinator at {coordinator}"))?;
+    let (mut send, mut recv) = conn.open_bi().await.context("opening the control stream")?;
+    write_frame(&mut send, &WorkerMsg::Join(join))
+        .await
+        .context("sending the join")?;
+    let answer = tokio::time::timeout(JOIN_ANSWER_TIMEOUT, read_frame(&mut recv, MAX_FRAME_BYTES))
+        .await
+        .map_err(|_| {
+            anyhow!("the coordinator did not answer the join within {JOIN_ANSWER_TIMEOUT:?}")
+        })?;
+    let assignment = match answer.context("reading the coordinator's answer")? {
+        CoordinatorMsg::Assignment(a) => a,
+        CoordinatorMsg::Reject(reject) => {
+            conn.close(CLOSE_NORMAL, b"rejected");
+            bail!("the coordinator rejected the join: {reject}");
+        }
+        other => bail!("expected an assignment, the coordinator sent {other:?}"),
+    };
+    Ok((assignment, ControlLink::new(endpoint, conn, send, recv)))
+}
+
+impl ControlLink {
+    fn new(endpoint: Endpoint, conn: Connection, send: SendStream, recv: RecvStream) -> Self {
+        let (tx, rx) = unbounded_channel();
+        ControlLink {
+            recv,
+            conn,
+            sender: LinkSender { tx },
+            writer: tokio::spawn(write_queued(send, rx)),
+            _endpoint: endpoint,
+        }
+    }
+
+    pub fn sender(&self) -> LinkSender {
+        self.sender.clone()
+    }
+
+    /// The next order; `None` when the coordinator ended the stream or closed the connection
+    /// normally. Losing the connection otherwise (declared lost, timeout) is an error.
+    pub async fn recv(&mut self) -> anyhow::Result<Option<CoordinatorMsg>> {
+        match read_frame(&mut self.recv, MAX_FRAME_BYTES).await {
+            Ok(msg) => Ok(Some(msg)),
+            Err(FrameError::Closed) => Ok(None),
+            Err(e) => self.ended(e),
+        }
+    }
+
+    /// Tells a normal close by the coordinator from a failure.
+    fn ended(&self, error: FrameError) -> anyhow::Result<Option<CoordinatorMsg>> {
+        match self.conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == CLOSE_NORMAL => {
+                Ok(None)
+            }
+            Some(reason) => Err(anyhow!("control connection ended: {reason}")),
+            None => Err(error).context("reading from the coordinator"),
+        }
+    }
+}
+
+impl Drop for ControlLink {
+    fn drop(&mut self) {
+        // Stops the writer, which makes every `LinkSender` (and heartbeat task) fail and end.
+        self.writer.abort();
+        self.conn.close(CLOSE_NORMAL, b"worker done");
+    }
+}
+
+/// Writes queued messages in order until the queue closes or the stream fails.
+async fn write_queued(mut send: SendStream, mut queue: UnboundedReceiver<WorkerMsg>) {
+    while let Some(msg) = queue.recv().await {
+        if let Err(e) = write_frame(&mut send, &msg).await {
+            warn!(error = %e, "control link write failed; dropping further messages");
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+impl LinkSender {
+    /// Queues `msg`; fails only once the link is closed.
+    pub fn send(&self, msg: WorkerMsg) -> anyhow::Result<()> {
+        self.tx
+            .send(msg)
+            .map_err(|_| anyhow!("the control link is closed"))
+    }
+}
+
+/// Sends `Heartbeat` every `every`, numbered from 0, until the link closes.
+pub fn spawn_heartbeat(sender: LinkSender, every: Duration) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        // After a stall, beat once rather than in a burst.
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for seq in 0u64.. {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = sender.tx.closed() => return,
+            }
+            if sender.send(WorkerMsg::Heartbeat { seq }).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn heartbeat_stops_when_the_link_closes() {
+        let (tx, mut rx) = unbounded_channel();
+        let beat = spawn_heartbeat(LinkSender { tx }, Duration::from_millis(5));
+        for seq in 0..3 {
+            match rx.recv().await {
+                Some(WorkerMsg::Heartbeat { seq: got }) => assert_eq!(got, seq),
+                other => panic!("expected heartbeat {seq}, got {other:?}"),
+            }
+        }
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(5), beat)
+            .await
+            .expect("the heartbeat task outlived its link")
+            .unwrap();
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    //! `join` and the link against a minimal coordinator built from the protocol crate.
+    use super::*;
+    use std::net::Ipv4Addr;
+    use xkd_protocol::transport::{server_endpoint, ServerIdentity};
+    use xkd_protocol::{Reject, PROTOCOL_VERSION};
+
+    fn join_msg() -> Join {
+        Join {
+            protocol_version: PROTOCOL_VERSION,
+            token: "t".into(),
+            collective_addr: "127.0.0.1:1".into(),
+            hostname: "h".into(),
+            pid: 1,
+        }
+    }
+
+    fn assignment() -> Assignment {
+        Assignment {
+            run_id: "r".into(),
+            rank: 0,
+            world_size: 1,
+            peers: vec!["127.0.0.1:1".into()],
+            config_toml: String::new(),
+            config_digest: String::new(),
+            out_dir: "/tmp".into(),
+        }
+    }
+
+    /// Accepts one worker, answers its join with `answer`, then echoes the first message it
+    /// sends back as a Shutdown reason and closes normally (or with `CLOSE_REJECTED`).
+    async fn coordinator(server: Endpoint, answer: CoordinatorMsg) {
+        let conn = server.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let first: WorkerMsg = read_frame(&mut recv, MAX_FRAME_BYTES).await.unwrap();
+        assert_eq!(first, WorkerMsg::Join(join_msg()));
+        let rejected = matches!(answer, CoordinatorMsg::Reject(_));
+        write_frame(&mut send, &answer).await.unwrap();
+        if rejected {
+            send.finish().unwrap();
+            conn.closed().await;
+            return;
+        }
+        let next: WorkerMsg = read_frame(&mut recv, MAX_FRAME_BYTES).await.unwrap();
+        let reason = format!("{next:?}");
+        write_frame(&mut send, &CoordinatorMsg::Shutdown { reason })
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        let _ = send.stopped().await;
+        conn.close(CLOSE_NORMAL, b"bye");
+    }
+
+    fn start(answer: CoordinatorMsg) -> (SocketAddr, Vec<u8>, JoinHandle<()>) {
+        let id = ServerIdentity::generate().unwrap();
+        let server = server_endpoint(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &id).unwrap();
+        let addr = server.local_addr().unwrap();
+        (
+            addr,
+            id.cert_der.clone(),
+            tokio::spawn(coordinator(server, answer)),
+        )
+    }
+
+    #[tokio::test]
+    async fn join_then_talk_then_normal_close() {
+        let test = async {
+            let (addr, cert, server) = start(CoordinatorMsg::Assignment(assignment()));
+            let (got, mut link) = join(addr, &cert, join_msg()).await.unwrap();
+            assert_eq!(got, assignment());
+            link.sender().send(WorkerMsg::Heartbeat { seq: 9 }).unwrap();
+            match link.recv().await.unwrap() {
+                Some(CoordinatorMsg::Shutdown { reason }) => assert!(reason.contains("seq: 9")),
+                other => panic!("expected the echo, got {other:?}"),
+            }
+            assert!(link.recv().await.unwrap().is_none());
+            server.await.unwrap();
+        };
+        tokio::time::timeout(Duration::from_secs(20), test)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn reject_is_an_error_naming_the_reason() {
+        let test = async {
+            let (addr, cert, server) = start(CoordinatorMsg::Reject(Reject::BadToken));
+            let error = join(addr, &cert, join_msg())
+                .await
+                .err()
+                .expect("join must fail");
+            assert!(format!("{error:#}").contains("join token"), "{error:#}");
+            server.await.unwrap();
+        };
+        tokio::time::timeout(Duration::from_secs(20), test)
+            .await
+            .unwrap();
+    }
+}

@@ -1,0 +1,13 @@
+//! One rank of a run: data loading, features, models, the training and evaluation steps, the
+//! gradient collective, and the control-plane client that takes orders from the coordinator.
+//!
+//! A worker never decides membership and never commits a checkpoint: it does the work it is
+//! ordered to do and reports what happened.
+
+pub mod client;
+pub mod collective;
+pub mod data;
+pub mod features;
+pub mod model;
+pub mod session;
+pub mod train;

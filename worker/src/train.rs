@@ -1,0 +1,546 @@
+//! The work a rank does: data-parallel training (supervised or distillation) and evaluation.
+//!
+//! Every rank runs the same step on its own slice of the global batch, then averages the flat
+//! gradient through the `Collective`, so all ranks apply identical updates and hold identical
+//! parameters. Parameters are flattened in name order, the same on every rank.
+
+use crate::collective::Collective;
+use crate::data::{self, Manifest};
+use crate::features::LogMel;
+use crate::model::{self, InputShape, Model, Vocab, OPTIONS};
+use anyhow::{bail, Context as _, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use xkd_protocol::config::{Config, Modality};
+use xkd_protocol::{ClipOutcome, EvalTask, Objective, ShardPlan, StepReport, TrainSummary, TrainTask};
+
+/// What one rank holds across tasks: config, dataset, feature caches and its collective.
+pub struct Rank {
+    pub config: Config,
+    pub rank: u32,
+    pub world: u32,
+    pub collective: Box<dyn Collective>,
+    pub manifest: Option<Manifest>,
+    cache: FeatureCache,
+    device: Device,
+}
+
+impl Rank {
+    pub fn new(config: Config, rank: u32, world: u32, collective: Box<dyn Collective>) -> Rank {
+        let f = &config.features;
+        let mel = LogMel::new(config.data.sample_rate, f.n_fft, f.hop, f.n_mels);
+        Rank {
+            config,
+            rank,
+            world,
+            collective,
+            manifest: None,
+            cache: FeatureCache::new(mel),
+            device: Device::Cpu,
+        }
+    }
+
+    pub fn manifest(&self) -> Result<&Manifest> {
+        self.manifest
+            .as_ref()
+            .context("the dataset is not loaded on this rank (PrepareData was not run)")
+    }
+
+    fn input_shape(&self) -> InputShape {
+        InputShape {
+            n_mels: self.config.features.n_mels,
+            frames: self.config.data.frames,
+            frame_size: self.config.data.frame_size,
+        }
+    }
+
+    fn vocab(&self) -> Result<Vocab> {
+        Ok(Vocab::new(self.manifest()?.classes.len()))
+    }
+
+    /// A fresh model of `modality` with its parameters; `init` loads them from a file, else
+    /// they are drawn from `seed`.
+    pub fn build_model(
+        &self,
+        modality: Modality,
+        init: Option<&str>,
+        seed: u64,
+    ) -> Result<(VarMap, Model)> {
+        let mut varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &self.device);
+        let model = Model::new(
+            modality,
+            self.config.model(modality),
+            self.input_shape(),
+            self.vocab()?,
+            vb,
+        )?;
+        match init {
+            Some(path) => varmap
+                .load(path)
+                .with_context(|| format!("loading {modality:?} model from {path}"))?,
+            None => model::init_params(&varmap, seed)?,
+        }
+        Ok((varmap, model))
+    }
+
+    /// Features, prompts and answers of a batch of clips.
+    fn batch(&mut self, modality: Modality, clips: &[u32], seed: u64) -> Result<Batch> {
+        let manifest = self.manifest.as_ref().context("dataset not loaded")?;
+        let vocab = Vocab::new(manifest.classes.len());
+        let mm_tokens = mm_tokens(&self.config, modality);
+        let mut features = Vec::new();
+        let mut prompts = Vec::new();
+        let mut answers = Vec::new();
+        let mut labels = Vec::new();
+        for &clip in clips {
+            let record = manifest
+                .clips
+                .get(clip as usize)
+                .filter(|r| r.id == clip)
+                .with_context(|| format!("clip {clip} is not in the manifest"))?;
+            features.extend_from_slice(self.cache.get(manifest, record, modality)?);
+            let q = model::question(seed, clip, record.label, manifest.classes.len());
+            prompts.extend(vocab.prompt(&q.options, mm_tokens));
+            answers.push(q.answer as u32);
+            labels.push((record.label, q.options));
+        }
+        let b = clips.len();
+        let shape: Vec<usize> = match modality {
+            Modality::Audio => {
+                let mel = &self.cache.mel;
+                let frames = mel.frames(self.cache.samples(&self.config));
+                vec![b, frames, mel.n_mels()]
+            }
+            Modality::Visual => {
+                let (t, s) = (self.config.data.frames, self.config.data.frame_size);
+                vec![b, t, 3, s, s]
+            }
+        };
+        let seq = prompts.len() / b.max(1);
+        Ok(Batch {
+            features: Tensor::from_vec(features, shape, &self.device)?,
+            prompts: Tensor::from_vec(prompts, (b, seq), &self.device)?,
+            answers: Tensor::from_vec(answers.clone(), b, &self.device)?,
+            answer_idx: answers,
+            labels,
+        })
+    }
+}
+
+/// Modality tokens a model of `modality` hands its LM under `config`.
+fn mm_tokens(config: &Config, modality: Modality) -> usize {
+    let m = config.model(modality);
+    match modality {
+        Modality::Audio => m.modality_tokens,
+        Modality::Visual => {
+            let grid = config.data.frame_size / m.patch.max(1);
+            (config.data.frames / model::TEMPORAL_PATCH) * grid * grid / 4
+        }
+    }
+}
+
+struct Batch {
+    features: Tensor,
+    prompts: Tensor,
+    /// Index of the true option, as a tensor and as numbers.
+    answers: Tensor,
+    answer_idx: Vec<u32>,
+    labels: Vec<(u32, [u32; OPTIONS])>,
+}
+
+/// Decoded features per clip and modality, loaded once per rank.
+struct FeatureCache {
+    mel: LogMel,
+    audio: HashMap<u32, Vec<f32>>,
+    visual: HashMap<u32, Vec<f32>>,
+}
+
+impl FeatureCache {
+    fn new(mel: LogMel) -> Self {
+        Self {
+            mel,
+            audio: HashMap::new(),
+            visual: HashMap::new(),
+        }
+    }
+
+    fn samples(&self, config: &Config) -> usize {
+        (config.data.sample_rate as f32 * config.data.clip_seconds).round() as usize
+    }
+
+    fn get(
+        &mut self,
+        manifest: &Manifest,
+        record: &data::ClipRecord,
+        modality: Modality,
+    ) -> Result<&[f32]> {
+        let dir = &manifest.dir;
+        let slot = match modality {
+            Modality::Audio => &mut self.audio,
+            Modality::Visual => &mut self.visual,
+        };
+        if !slot.contains_key(&record.id) {
+            let value = match modality {
+                Modality::Audio => {
+                    let wav = data::load_audio(&dir.join(&record.audio))?;
+                    self.mel.compute(&wav)
+                }
+                Modality::Visual => {
+                    let paths: Vec<PathBuf> = record.frames.iter().map(|f| dir.join(f)).collect();
+                    data::load_frames(&paths)?
+                }
+            };
+            slot.insert(record.id, value);
+        }
+        Ok(&slot[&record.id])
+    }
+}
+
+/// Trainable parameters in name order: the flattening order every rank shares.
+fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut vars: Vec<(String, Var)> = data
+        .iter()
+        .filter(|(k, _)| !model::is_frozen(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
+/// Average gradients over ranks in one flat buffer; returns the global gradient norm.
+fn all_reduce_grads(
+    collective: &mut dyn Collective,
+    vars: &[(String, Var)],
+    grads: &mut GradStore,
+) -> Result<f64> {
+    let mut flat = Vec::new();
+    for (_, var) in vars {
+        match grads.get(var.as_tensor()) {
+            Some(g) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
+            None => flat.extend(std::iter::repeat_n(0f32, var.elem_count())),
+        }
+    }
+    collective.all_reduce_mean(&mut flat)?;
+    let mut offset = 0;
+    for (_, var) in vars {
+        let n = var.elem_count();
+        let g = Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?;
+        grads.insert(var.as_tensor(), g);
+        offset += n;
+    }
+    Ok(flat.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt())
+}
+
+/// Linear warm-up, then cosine decay to a tenth of the peak.
+pub fn learning_rate(step: u64, steps: u64, warmup: u64, peak: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = steps.saturating_sub(warmup).max(1) as f64;
+    let progress = ((step - warmup) as f64 / span).min(1.0);
+    peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+}
+
+/// Letter logits `[B, 10]` out of full-vocabulary logits.
+fn letter_logits(logits: &Tensor, vocab: &Vocab) -> Result<Tensor> {
+    let idx = Tensor::new(vocab.letters().as_slice(), logits.device())?;
+    Ok(logits.index_select(&idx, 1)?)
+}
+
+/// Frozen models a distillation step reads: the teacher and the pre-distillation student.
+struct Anchors {
+    teacher: Model,
+    student_before: Model,
+}
+
+impl Rank {
+    /// Train one model data-parallel for `task.steps` steps; rank 0 saves it.
+    pub fn train(
+        &mut self,
+        task_id: u64,
+        task: &TrainTask,
+        mut report: impl FnMut(StepReport),
+    ) -> Result<TrainSummary> {
+        let start = Instant::now();
+        let (varmap, student) = self.build_model(task.modality, task.init.as_deref(), task.seed)?;
+        let anchors = self.anchors(task)?;
+        let vars = sorted_vars(&varmap);
+        let params = ParamsAdamW {
+            lr: task.lr,
+            weight_decay: task.weight_decay,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), params)?;
+        let mut last_loss = f64::NAN;
+        for step in 0..task.steps {
+            let lr = learning_rate(step, task.steps, task.warmup_steps, task.lr);
+            opt.set_learning_rate(lr);
+            let t0 = Instant::now();
+            let (loss, parts, ms_teacher) = self.loss(task, &student, anchors.as_ref(), step)?;
+            let mut grads = loss.backward()?;
+            let ms_student = t0.elapsed().as_secs_f64() * 1e3 - ms_teacher;
+            let t1 = Instant::now();
+            let grad_norm = all_reduce_grads(self.collective.as_mut(), &vars, &mut grads)?;
+            let ms_allreduce = t1.elapsed().as_secs_f64() * 1e3;
+            let t2 = Instant::now();
+            opt.step(&grads)?;
+            let ms_optimizer = t2.elapsed().as_secs_f64() * 1e3;
+            last_loss = loss.to_scalar::<f32>()? as f64;
+            if !last_loss.is_finite() {
+                bail!("loss is {last_loss} at step {step}: training diverged");
+            }
+            let every = self.config.log.every.max(1);
+            if (step + 1) % every == 0 || step + 1 == task.steps {
+                let elapsed = t0.elapsed().as_secs_f64();
+                report(StepReport {
+                    task: task_id,
+                    rank: self.rank,
+                    step: step + 1,
+                    loss: last_loss,
+                    kl: parts.0,
+                    ce: parts.1,
+                    lr,
+                    grad_norm,
+                    samples_per_s: (task.batch + task.replay_batch) as f64 * self.world as f64
+                        / elapsed,
+                    ms_teacher,
+                    ms_student,
+                    ms_allreduce,
+                    ms_optimizer,
+                });
+            }
+        }
+        let digest = digest_params(&vars)?;
+        if self.rank == 0 {
+            save_atomically(&varmap, Path::new(&task.save))?;
+        }
+        self.collective.barrier()?;
+        Ok(TrainSummary {
+            steps: task.steps,
+            final_loss: last_loss,
+            wall_seconds: start.elapsed().as_secs_f64(),
+            digest,
+        })
+    }
+
+    fn anchors(&self, task: &TrainTask) -> Result<Option<Anchors>> {
+        let Objective::Distill { teacher, .. } = &task.objective else {
+            return Ok(None);
+        };
+        let init = task
+            .init
+            .as_deref()
+            .context("distillation needs the pretrained student as `init`")?;
+        let (_, teacher) = self.build_model(task.modality.other(), Some(teacher), task.seed)?;
+        let (_, student_before) = self.build_model(task.modality, Some(init), task.seed)?;
+        Ok(Some(Anchors {
+            teacher,
+            student_before,
+        }))
+    }
+
+    /// The loss of this rank's slice of step `step`, its (kl, ce) parts, and the ms spent in
+    /// frozen forwards.
+    fn loss(
+        &mut self,
+        task: &TrainTask,
+        student: &Model,
+        anchors: Option<&Anchors>,
+        step: u64,
+    ) -> Result<(Tensor, (f64, f64), f64)> {
+        let clips = task.plan.batch(self.rank, self.world, step, task.batch);
+        let Some(anchors) = anchors else {
+            let b = self.batch(task.modality, &clips, task.seed)?;
+            let logits = student.forward(&b.features, &b.prompts)?;
+            let letters = Tensor::new(student.vocab.letters().as_slice(), &self.device)?;
+            let targets = letters.index_select(&b.answers, 0)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+            let v = loss.to_scalar::<f32>()? as f64;
+            return Ok((loss, (0.0, v), 0.0));
+        };
+        let Objective::Distill {
+            alpha,
+            temperature,
+            label_free,
+            full_vocab,
+            ..
+        } = task.objective
+        else {
+            unreachable!("anchors exist only for distillation")
+        };
+        let replay = match &task.replay {
+            Some(plan) if task.replay_batch > 0 => {
+                plan.batch(self.rank, self.world, step, task.replay_batch)
+            }
+            _ => Vec::new(),
+        };
+        let (n_main, n_replay) = (clips.len(), replay.len());
+        let all: Vec<u32> = clips.iter().chain(&replay).copied().collect();
+        let t0 = Instant::now();
+        let s_batch = self.batch(task.modality, &all, task.seed)?;
+        let t_batch = self.batch(task.modality.other(), &clips, task.seed)?;
+        let restrict = |logits: Tensor, vocab: &Vocab| -> Result<Tensor> {
+            if full_vocab {
+                Ok(logits)
+            } else {
+                letter_logits(&logits, vocab)
+            }
+        };
+        let vocab = &student.vocab;
+        let teacher_logits = restrict(
+            anchors.teacher.forward(&t_batch.features, &t_batch.prompts)?,
+            vocab,
+        )?;
+        let mut target_logits = vec![teacher_logits.clone()];
+        if n_replay > 0 {
+            let rf = s_batch.features.narrow(0, n_main, n_replay)?;
+            let rp = s_batch.prompts.narrow(0, n_main, n_replay)?;
+            target_logits.push(restrict(anchors.student_before.forward(&rf, &rp)?, vocab)?);
+        }
+        let target_logits = Tensor::cat(&target_logits, 0)?.detach();
+        let ms_teacher = t0.elapsed().as_secs_f64() * 1e3;
+        let student_logits = restrict(student.forward(&s_batch.features, &s_batch.prompts)?, vocab)?;
+        // CE target: the true letter, or the teacher's choice in label-free mode.
+        let answers: Vec<u32> = if label_free {
+            letter_logits_or_self(&teacher_logits, vocab, full_vocab)?
+                .argmax(D::Minus1)?
+                .to_vec1::<u32>()?
+        } else {
+            s_batch.answer_idx[..n_main].to_vec()
+        };
+        let mut targets: Vec<u32> = answers
+            .iter()
+            .map(|&a| if full_vocab { vocab.letter(a as usize) } else { a })
+            .collect();
+        targets.extend(std::iter::repeat_n(0, n_replay));
+        let mut kl_w = vec![alpha as f32; n_main];
+        kl_w.extend(std::iter::repeat_n(1f32, n_replay));
+        let mut ce_w = vec![(1.0 - alpha) as f32; n_main];
+        ce_w.extend(std::iter::repeat_n(0f32, n_replay));
+        let dev = &self.device;
+        let parts = xkd_kernels::distill_loss(
+            &student_logits,
+            &target_logits,
+            &Tensor::new(targets.as_slice(), dev)?,
+            &Tensor::new(kl_w.as_slice(), dev)?,
+            &Tensor::new(ce_w.as_slice(), dev)?,
+            temperature,
+        )?;
+        let kl = parts.kl.to_scalar::<f32>()? as f64;
+        let ce = parts.ce.to_scalar::<f32>()? as f64;
+        Ok((parts.total, (kl, ce), ms_teacher))
+    }
+
+    /// Predict this rank's share of the plan's clips.
+    pub fn evaluate(&mut self, task: &EvalTask) -> Result<Vec<ClipOutcome>> {
+        let (_, model) = self.build_model(task.modality, Some(&task.model), task.seed)?;
+        let mine = task.plan.pass(self.rank, self.world);
+        let mut out = Vec::with_capacity(mine.len());
+        for chunk in mine.chunks(64) {
+            let b = self.batch(task.modality, chunk, task.seed)?;
+            let letters = letter_logits(&model.forward(&b.features, &b.prompts)?, &model.vocab)?;
+            let probs = candle_nn::ops::softmax(&letters, D::Minus1)?.to_vec2::<f32>()?;
+            for (i, p) in probs.iter().enumerate() {
+                out.push(outcome(chunk[i], &b, i, p));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn letter_logits_or_self(logits: &Tensor, vocab: &Vocab, full: bool) -> Result<Tensor> {
+    if full {
+        letter_logits(logits, vocab)
+    } else {
+        Ok(logits.clone())
+    }
+}
+
+fn outcome(clip: u32, b: &Batch, i: usize, p: &[f32]) -> ClipOutcome {
+    let (label, options) = b.labels[i];
+    let best = p
+        .iter()
+        .enumerate()
+        .fold(0, |best, (k, &v)| if v > p[best] { k } else { best });
+    let entropy = -p
+        .iter()
+        .filter(|&&v| v > 0.0)
+        .map(|&v| v as f64 * (v as f64).ln())
+        .sum::<f64>();
+    ClipOutcome {
+        clip,
+        label,
+        predicted: options[best],
+        p_true: p[b.answer_idx[i] as usize] as f64,
+        entropy,
+    }
+}
+
+/// sha256 over parameters in name order (names, shapes, little-endian f32 bytes).
+pub fn digest_params(vars: &[(String, Var)]) -> Result<String> {
+    let mut h = Sha256::new();
+    for (name, var) in vars {
+        h.update(name.as_bytes());
+        for d in var.dims() {
+            h.update((*d as u64).to_le_bytes());
+        }
+        for x in var.flatten_all()?.to_vec1::<f32>()? {
+            h.update(x.to_le_bytes());
+        }
+    }
+    Ok(xkd_protocol::config::hex(&h.finalize()))
+}
+
+/// Write to a temporary sibling, then rename: a reader never sees half a file.
+fn save_atomically(varmap: &VarMap, path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    varmap
+        .save(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    Ok(())
+}
+
+/// Parameters of a saved model as name -> values, for tests and digests.
+pub fn load_params(path: &Path) -> Result<Vec<(String, Vec<f32>)>> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let mut out: Vec<(String, Vec<f32>)> = tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.flatten_all()?.to_vec1::<f32>()?)))
+        .collect::<Result<_>>()?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Whether `plan` fits the batch it is asked for.
+pub fn check_plan(plan: &ShardPlan, what: &str) -> Result<()> {
+    if plan.is_empty() {
+        bail!("{what}: the clip list is empty");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_a_tenth() {
+        assert!((learning_rate(0, 100, 10, 1.0) - 0.1).abs() < 1e-12);
+        assert!((learning_rate(9, 100, 10, 1.0) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(10, 100, 10, 1.0) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(100, 100, 10, 1.0) - 0.1).abs() < 1e-12);
+    }
+}

@@ -322,6 +322,7 @@ impl Driver {
         modality: Modality,
     ) -> Result<String> {
         let key = section_digest(&(
+            &data.dir,
             &config.data,
             &config.features,
             config.model(modality),
@@ -353,6 +354,8 @@ impl Driver {
             lr: p.lr,
             weight_decay: p.weight_decay,
             warmup_steps: p.warmup_steps,
+            caption_weight: p.caption_weight,
+            grad_clip: p.grad_clip,
             seed: config.run.seed,
         };
         let summary = self.train(task).await?;
@@ -455,6 +458,8 @@ impl Driver {
             lr: dc.lr,
             weight_decay: dc.weight_decay,
             warmup_steps: dc.warmup_steps,
+            caption_weight: 0.0,
+            grad_clip: dc.grad_clip,
             seed: config.run.seed,
         };
         if task.batch == 0 {

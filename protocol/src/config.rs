@@ -105,6 +105,8 @@ pub struct ModelConfig {
     pub modality_tokens: usize,
     /// Patch side in pixels (visual only).
     pub patch: usize,
+    /// LM head shares the token embedding matrix (as the small Qwen2 models do).
+    pub tie_embeddings: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,6 +118,11 @@ pub struct TrainConfig {
     pub lr: f64,
     pub weight_decay: f64,
     pub warmup_steps: u64,
+    /// Weight of the captioning loss (predict the class name right after the modality
+    /// tokens) beside the answer loss; pretraining only.
+    pub caption_weight: f64,
+    /// Clip the global gradient norm to this; 0 = no clipping.
+    pub grad_clip: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,6 +165,7 @@ pub struct DistillConfig {
     pub lr: f64,
     pub weight_decay: f64,
     pub warmup_steps: u64,
+    pub grad_clip: f64,
 }
 
 impl DistillConfig {
@@ -168,6 +176,8 @@ impl DistillConfig {
             lr: self.lr,
             weight_decay: self.weight_decay,
             warmup_steps: self.warmup_steps,
+            caption_weight: 0.0,
+            grad_clip: self.grad_clip,
         }
     }
 }
@@ -291,10 +301,11 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// sha256 of any serialisable section, for cache keys.
+/// Short sha256 of any serialisable value (a section, or a tuple of them), for cache keys.
 pub fn section_digest<T: Serialize>(section: &T) -> String {
-    let text = toml::to_string(section).expect("section serialises");
-    hex(&Sha256::digest(text.as_bytes()))[..16].to_string()
+    let bytes = bincode::serde::encode_to_vec(section, bincode::config::standard())
+        .expect("config values serialise");
+    hex(&Sha256::digest(&bytes))[..16].to_string()
 }
 
 fn parse_table(text: &str, path: &str) -> Result<toml::Table, ConfigError> {

@@ -112,6 +112,10 @@ pub struct TrainTask {
     pub lr: f64,
     pub weight_decay: f64,
     pub warmup_steps: u64,
+    /// Weight of the captioning loss beside the answer loss (supervised training only).
+    pub caption_weight: f64,
+    /// Clip the global gradient norm to this; 0 = off.
+    pub grad_clip: f64,
     /// Seed of initialisation and of the question options.
     pub seed: u64,
 }
@@ -234,10 +238,25 @@ impl ShardPlan {
 
     /// The `batch` clips rank `rank` of `world` takes at training step `step`.
     pub fn batch(&self, rank: u32, world: u32, step: u64, batch: usize) -> Vec<u32> {
+        self.samples(rank, world, step, batch)
+            .into_iter()
+            .map(|s| s.clip)
+            .collect()
+    }
+
+    /// Like `batch`, with the epoch each clip is drawn in (a clip's question changes per epoch).
+    pub fn samples(&self, rank: u32, world: u32, step: u64, batch: usize) -> Vec<Sample> {
         let per_step = world as u64 * batch as u64;
         let base = self.cursor + step * per_step;
+        let n = self.clips.len().max(1) as u64;
         (0..batch as u64)
-            .map(|k| self.clip_at(base + rank as u64 + k * world as u64))
+            .map(|k| {
+                let g = base + rank as u64 + k * world as u64;
+                Sample {
+                    clip: self.clip_at(g),
+                    epoch: g / n,
+                }
+            })
             .collect()
     }
 
@@ -250,6 +269,13 @@ impl ShardPlan {
             .copied()
             .collect()
     }
+}
+
+/// One draw of a clip: which clip, in which epoch of its plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    pub clip: u32,
+    pub epoch: u64,
 }
 
 /// Fisher-Yates over 0..n driven by splitmix64 of (seed, epoch): a pure function, so every

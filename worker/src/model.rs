@@ -38,6 +38,11 @@ impl Vocab {
         FIRST_CLASS as usize + self.n_classes
     }
 
+    /// Token id of a class name.
+    pub fn class_token(&self, class: u32) -> u32 {
+        FIRST_CLASS + class
+    }
+
     /// Token ids of the ten option letters, in order A..J.
     pub fn letters(&self) -> Vec<u32> {
         (0..OPTIONS as u32).map(|k| FIRST_LETTER + k).collect()
@@ -75,11 +80,15 @@ pub struct Question {
     pub answer: usize,
 }
 
-/// The options of clip `clip`: a pure function of (seed, clip, label), so teacher and student
-/// always see the same question, on every rank and in every run.
-pub fn question(seed: u64, clip: u32, label: u32, n_classes: usize) -> Question {
+/// The options of clip `clip` on its `visit`-th draw (its epoch; 0 in evaluation): a pure
+/// function of (seed, clip, visit, label), so teacher and student always see the same
+/// question, on every rank and in every run. A new option order per epoch keeps a model from
+/// memorising prompts instead of perceiving the clip.
+pub fn question(seed: u64, clip: u32, visit: u64, label: u32, n_classes: usize) -> Question {
     assert!(n_classes >= OPTIONS, "need at least {OPTIONS} classes");
-    let mut state = seed ^ (clip as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+    let mut state = seed
+        ^ (clip as u64).wrapping_mul(0xA24B_AED4_963E_E407)
+        ^ visit.wrapping_mul(0x9FB2_1C65_1E98_DF25);
     let mut pool: Vec<u32> = (0..n_classes as u32).filter(|&c| c != label).collect();
     let mut options = [0u32; OPTIONS];
     options[0] = label;
@@ -487,7 +496,8 @@ struct Lm {
     embed: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    head: Linear,
+    /// `None` when the LM head is tied to the token embeddings (small Qwen2 models do this).
+    head: Option<Linear>,
     rope: Rope,
 }
 
@@ -503,21 +513,32 @@ impl Lm {
                 .map(|i| DecoderLayer::new(cfg, vb.pp(format!("model.layers.{i}"))))
                 .collect::<Result<_>>()?,
             norm: RmsNorm::new(h, vb.pp("model.norm"))?,
-            head: linear_no_bias(h, vocab, vb.pp("lm_head"))?,
+            head: if cfg.tie_embeddings {
+                None
+            } else {
+                Some(linear_no_bias(h, vocab, vb.pp("lm_head"))?)
+            },
             rope: Rope::new(h / cfg.lm_heads, MAX_SEQ, cfg.rope_theta, vb.device())?,
         })
     }
 
-    /// Logits at the last position: [B, vocab].
-    fn forward_last(&self, x: Tensor) -> Result<Tensor> {
+    /// Logits at positions `at`: [B, at.len(), vocab].
+    fn forward_at(&self, x: Tensor, at: &[usize]) -> Result<Tensor> {
         let (_, s, _) = x.dims3()?;
         let mask = causal_mask(s, x.device())?;
         let mut x = x;
         for layer in &self.layers {
             x = layer.forward(&x, &self.rope, &mask)?;
         }
-        let last = x.narrow(1, s - 1, 1)?.squeeze(1)?;
-        self.head.forward(&self.norm.forward(&last)?)
+        let picked: Vec<Tensor> = at
+            .iter()
+            .map(|&p| x.narrow(1, p, 1))
+            .collect::<Result<_>>()?;
+        let h = self.norm.forward(&Tensor::cat(&picked, 1)?)?;
+        match &self.head {
+            Some(head) => head.forward(&h),
+            None => h.broadcast_matmul(&self.embed.t()?),
+        }
     }
 }
 
@@ -586,6 +607,27 @@ impl Model {
     /// `features`: [B, frames, mels] (audio) or [B, T, 3, S, S] (visual); `prompts`: [B, seq]
     /// token ids with `mm_tokens` placeholders. Returns logits at the answer position [B, vocab].
     pub fn forward(&self, features: &Tensor, prompts: &Tensor) -> Result<Tensor> {
+        let (_, seq) = prompts.dims2()?;
+        self.forward_at(features, prompts, &[seq - 1])?.squeeze(1)
+    }
+
+    /// Answer logits and caption logits, both [B, vocab]. The caption logits are the LM's
+    /// prediction right after `<mm_end>`: under the causal mask they depend on the prefix
+    /// `<bos> <mm_start> modality <mm_end>` only, so they are exactly what a captioning pass
+    /// over that prefix would give (the alignment objective of the real families' first
+    /// pretraining stage), at no extra forward.
+    pub fn forward_with_caption(
+        &self,
+        features: &Tensor,
+        prompts: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (_, seq) = prompts.dims2()?;
+        let caption_at = self.vocab.mm_offset() + self.mm_tokens;
+        let both = self.forward_at(features, prompts, &[seq - 1, caption_at])?;
+        Ok((both.narrow(1, 0, 1)?.squeeze(1)?, both.narrow(1, 1, 1)?.squeeze(1)?))
+    }
+
+    fn forward_at(&self, features: &Tensor, prompts: &Tensor, at: &[usize]) -> Result<Tensor> {
         let mm = match &self.tower {
             Tower::Audio(enc) => enc.forward(features)?,
             Tower::Visual(enc) => enc.forward(features)?,
@@ -607,7 +649,7 @@ impl Model {
             ],
             1,
         )?;
-        self.lm.forward_last(x)
+        self.lm.forward_at(x, at)
     }
 }
 
@@ -693,6 +735,7 @@ mod tests {
             rope_theta: 10000.0,
             modality_tokens: 4,
             patch: 4,
+            tie_embeddings: false,
         }
     }
 
@@ -718,7 +761,7 @@ mod tests {
         };
         let prompts: Vec<u32> = (0..b as u32)
             .flat_map(|i| {
-                let q = question(1, i, i % 12, 12);
+                let q = question(1, i, 0, i % 12, 12);
                 model.vocab.prompt(&q.options, model.mm_tokens)
             })
             .collect();
@@ -772,8 +815,9 @@ mod tests {
     #[test]
     fn questions_are_pure_and_contain_the_answer() {
         for clip in 0..50 {
-            let q = question(9, clip, clip % 24, 24);
-            assert_eq!(q, question(9, clip, clip % 24, 24));
+            let q = question(9, clip, 0, clip % 24, 24);
+            assert_eq!(q, question(9, clip, 0, clip % 24, 24));
+            assert_ne!(q.options, question(9, clip, 1, clip % 24, 24).options);
             assert_eq!(q.options[q.answer], clip % 24);
             let mut o = q.options.to_vec();
             o.sort();
@@ -781,7 +825,7 @@ mod tests {
             assert_eq!(o.len(), OPTIONS);
         }
         let answers: std::collections::HashSet<usize> =
-            (0..50).map(|c| question(9, c, 0, 24).answer).collect();
+            (0..50).map(|c| question(9, c, 0, 0, 24).answer).collect();
         assert!(answers.len() > 5, "answer position must vary");
     }
 

@@ -130,7 +130,7 @@ pub fn dataset_dir(cfg: &Config) -> PathBuf {
     if !cfg.data.dir.is_empty() {
         return PathBuf::from(&cfg.data.dir);
     }
-    let key = xkd_protocol::config::section_digest(&cfg.data);
+    let key = xkd_protocol::config::section_digest(&(&cfg.data, data::GENERATOR_VERSION));
     PathBuf::from(&cfg.run.cache_dir).join(format!("data-{key}"))
 }
 

@@ -17,7 +17,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use xkd_protocol::config::{Config, Modality};
-use xkd_protocol::{ClipOutcome, EvalTask, Objective, ShardPlan, StepReport, TrainSummary, TrainTask};
+use xkd_protocol::{
+    ClipOutcome, EvalTask, Objective, Sample, StepReport, TrainSummary, TrainTask,
+};
 
 /// What one rank holds across tasks: config, dataset, feature caches and its collective.
 pub struct Rank {
@@ -90,7 +92,7 @@ impl Rank {
     }
 
     /// Features, prompts and answers of a batch of clips.
-    fn batch(&mut self, modality: Modality, clips: &[u32], seed: u64) -> Result<Batch> {
+    fn batch(&mut self, modality: Modality, samples: &[Sample], seed: u64) -> Result<Batch> {
         let manifest = self.manifest.as_ref().context("dataset not loaded")?;
         let vocab = Vocab::new(manifest.classes.len());
         let mm_tokens = mm_tokens(&self.config, modality);
@@ -98,19 +100,19 @@ impl Rank {
         let mut prompts = Vec::new();
         let mut answers = Vec::new();
         let mut labels = Vec::new();
-        for &clip in clips {
+        for &Sample { clip, epoch } in samples {
             let record = manifest
                 .clips
                 .get(clip as usize)
                 .filter(|r| r.id == clip)
                 .with_context(|| format!("clip {clip} is not in the manifest"))?;
             features.extend_from_slice(self.cache.get(manifest, record, modality)?);
-            let q = model::question(seed, clip, record.label, manifest.classes.len());
+            let q = model::question(seed, clip, epoch, record.label, manifest.classes.len());
             prompts.extend(vocab.prompt(&q.options, mm_tokens));
             answers.push(q.answer as u32);
             labels.push((record.label, q.options));
         }
-        let b = clips.len();
+        let b = samples.len();
         let shape: Vec<usize> = match modality {
             Modality::Audio => {
                 let mel = &self.cache.mel;
@@ -214,11 +216,14 @@ fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     vars
 }
 
-/// Average gradients over ranks in one flat buffer; returns the global gradient norm.
+/// Average gradients over ranks in one flat buffer, then clip their global norm to `clip`
+/// (0 = no clipping); returns the norm before clipping. Every rank clips the same averaged
+/// bytes, so ranks stay identical.
 fn all_reduce_grads(
     collective: &mut dyn Collective,
     vars: &[(String, Var)],
     grads: &mut GradStore,
+    clip: f64,
 ) -> Result<f64> {
     let mut flat = Vec::new();
     for (_, var) in vars {
@@ -228,6 +233,11 @@ fn all_reduce_grads(
         }
     }
     collective.all_reduce_mean(&mut flat)?;
+    let norm = flat.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
+    if clip > 0.0 && norm > clip {
+        let scale = (clip / norm) as f32;
+        flat.iter_mut().for_each(|g| *g *= scale);
+    }
     let mut offset = 0;
     for (_, var) in vars {
         let n = var.elem_count();
@@ -235,7 +245,7 @@ fn all_reduce_grads(
         grads.insert(var.as_tensor(), g);
         offset += n;
     }
-    Ok(flat.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt())
+    Ok(norm)
 }
 
 /// Linear warm-up, then cosine decay to a tenth of the peak.
@@ -287,7 +297,7 @@ impl Rank {
             let mut grads = loss.backward()?;
             let ms_student = t0.elapsed().as_secs_f64() * 1e3 - ms_teacher;
             let t1 = Instant::now();
-            let grad_norm = all_reduce_grads(self.collective.as_mut(), &vars, &mut grads)?;
+            let grad_norm = all_reduce_grads(self.collective.as_mut(), &vars, &mut grads, task.grad_clip)?;
             let ms_allreduce = t1.elapsed().as_secs_f64() * 1e3;
             let t2 = Instant::now();
             opt.step(&grads)?;
@@ -355,13 +365,23 @@ impl Rank {
         anchors: Option<&Anchors>,
         step: u64,
     ) -> Result<(Tensor, (f64, f64), f64)> {
-        let clips = task.plan.batch(self.rank, self.world, step, task.batch);
+        let clips = task.plan.samples(self.rank, self.world, step, task.batch);
         let Some(anchors) = anchors else {
             let b = self.batch(task.modality, &clips, task.seed)?;
-            let logits = student.forward(&b.features, &b.prompts)?;
+            let (logits, caption) = student.forward_with_caption(&b.features, &b.prompts)?;
             let letters = Tensor::new(student.vocab.letters().as_slice(), &self.device)?;
             let targets = letters.index_select(&b.answers, 0)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+            let mut loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+            if task.caption_weight > 0.0 {
+                let names: Vec<u32> = b
+                    .labels
+                    .iter()
+                    .map(|(label, _)| student.vocab.class_token(*label))
+                    .collect();
+                let names = Tensor::new(names.as_slice(), &self.device)?;
+                let caption_loss = candle_nn::loss::cross_entropy(&caption, &names)?;
+                loss = (loss + (caption_loss * task.caption_weight)?)?;
+            }
             let v = loss.to_scalar::<f32>()? as f64;
             return Ok((loss, (0.0, v), 0.0));
         };
@@ -377,12 +397,12 @@ impl Rank {
         };
         let replay = match &task.replay {
             Some(plan) if task.replay_batch > 0 => {
-                plan.batch(self.rank, self.world, step, task.replay_batch)
+                plan.samples(self.rank, self.world, step, task.replay_batch)
             }
             _ => Vec::new(),
         };
         let (n_main, n_replay) = (clips.len(), replay.len());
-        let all: Vec<u32> = clips.iter().chain(&replay).copied().collect();
+        let all: Vec<Sample> = clips.iter().chain(&replay).copied().collect();
         let t0 = Instant::now();
         let s_batch = self.batch(task.modality, &all, task.seed)?;
         let t_batch = self.batch(task.modality.other(), &clips, task.seed)?;
@@ -441,14 +461,19 @@ impl Rank {
     /// Predict this rank's share of the plan's clips.
     pub fn evaluate(&mut self, task: &EvalTask) -> Result<Vec<ClipOutcome>> {
         let (_, model) = self.build_model(task.modality, Some(&task.model), task.seed)?;
-        let mine = task.plan.pass(self.rank, self.world);
+        let mine: Vec<Sample> = task
+            .plan
+            .pass(self.rank, self.world)
+            .into_iter()
+            .map(|clip| Sample { clip, epoch: 0 })
+            .collect();
         let mut out = Vec::with_capacity(mine.len());
         for chunk in mine.chunks(64) {
             let b = self.batch(task.modality, chunk, task.seed)?;
             let letters = letter_logits(&model.forward(&b.features, &b.prompts)?, &model.vocab)?;
             let probs = candle_nn::ops::softmax(&letters, D::Minus1)?.to_vec2::<f32>()?;
             for (i, p) in probs.iter().enumerate() {
-                out.push(outcome(chunk[i], &b, i, p));
+                out.push(outcome(chunk[i].clip, &b, i, p));
             }
         }
         Ok(out)
@@ -522,14 +547,6 @@ pub fn load_params(path: &Path) -> Result<Vec<(String, Vec<f32>)>> {
         .collect::<Result<_>>()?;
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
-}
-
-/// Whether `plan` fits the batch it is asked for.
-pub fn check_plan(plan: &ShardPlan, what: &str) -> Result<()> {
-    if plan.is_empty() {
-        bail!("{what}: the clip list is empty");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

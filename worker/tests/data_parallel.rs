@@ -53,6 +53,8 @@ fn task(config: &Config, modality: Modality, batch: usize, save: &Path) -> Train
         lr: 3e-3,
         weight_decay: 0.01,
         warmup_steps: 2,
+        caption_weight: 1.0,
+        grad_clip: 1.0,
         seed: 11,
     }
 }

@@ -9,7 +9,11 @@ use xkd_coordinator::run::{self, LocalWorkers, Outcome, RunOptions};
 use xkd_protocol::config::{Config, ConfigError};
 
 #[derive(Parser)]
-#[command(name = "xkd", version, about = "Cross-modal knowledge distillation between multimodal models")]
+#[command(
+    name = "xkd",
+    version,
+    about = "Cross-modal knowledge distillation between multimodal models"
+)]
 struct Cli {
     /// Log output: `pretty` for people, `json` for machines.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty)]
@@ -149,7 +153,9 @@ fn dispatch(cli: Cli) -> Result<()> {
                     print!("{}", xkd_coordinator::report::markdown(&report));
                     Ok(())
                 }
-                Outcome::HardClasses(_) => unreachable!("a full run does not stop at the heuristic"),
+                Outcome::HardClasses(_) => {
+                    unreachable!("a full run does not stop at the heuristic")
+                }
             }
         }
         Command::HardClasses { cfg, workers, out } => {
@@ -184,8 +190,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             cert,
             collective_host,
         } => {
-            let cert_der = std::fs::read(&cert)
-                .with_context(|| format!("reading the coordinator certificate {}", cert.display()))?;
+            let cert_der = std::fs::read(&cert).with_context(|| {
+                format!("reading the coordinator certificate {}", cert.display())
+            })?;
             let token = std::env::var("XKD_JOIN_TOKEN")
                 .context("XKD_JOIN_TOKEN is not set: a worker needs the run's join token")?;
             runtime()?.block_on(xkd_worker::session::run(xkd_worker::session::WorkerArgs {

@@ -51,7 +51,12 @@ fn config_show_prints_the_resolved_default() {
     assert_eq!(code, 0, "{err}");
     let shown = xkd_protocol::Config::from_toml(&out).expect("printed config parses");
     assert_eq!(shown, xkd_protocol::Config::embedded());
-    let (_, out, _) = run(&["config", "show", "--set", "distill.direction=audio_to_visual"]);
+    let (_, out, _) = run(&[
+        "config",
+        "show",
+        "--set",
+        "distill.direction=audio_to_visual",
+    ]);
     assert!(out.contains("direction = \"audio_to_visual\""), "{out}");
 }
 

@@ -38,7 +38,11 @@ pub struct Decision {
 
 impl Decision {
     pub fn hard_labels(&self) -> Vec<u32> {
-        self.classes.iter().filter(|r| r.hard).map(|r| r.label).collect()
+        self.classes
+            .iter()
+            .filter(|r| r.hard)
+            .map(|r| r.label)
+            .collect()
     }
 
     pub fn hard_names(&self) -> Vec<String> {
@@ -185,7 +189,7 @@ fn fit(
         .collect();
     let mut w = vec![0.0; FEATURES + 1];
     for _ in 0..2000 {
-        let mut grad = vec![0.0; FEATURES + 1];
+        let mut grad = [0.0; FEATURES + 1];
         for (x, y) in &data {
             let err = score(&w, x) - y;
             grad[0] += err;
@@ -207,8 +211,8 @@ fn read_priors(path: &str, classes: &[String]) -> Result<Vec<f64>> {
     if path.is_empty() {
         return Ok(priors);
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading heuristic.prior_csv {path}"))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading heuristic.prior_csv {path}"))?;
     let index: HashMap<&str, usize> = classes
         .iter()
         .enumerate()
@@ -223,7 +227,11 @@ fn read_priors(path: &str, classes: &[String]) -> Result<Vec<f64>> {
             if lineno == 0 {
                 continue; // header
             }
-            bail!("{path}:{}: prior `{}` is not a number", lineno + 1, value.trim());
+            bail!(
+                "{path}:{}: prior `{}` is not a number",
+                lineno + 1,
+                value.trim()
+            );
         };
         if let Some(&i) = index.get(name) {
             priors[i] = value.clamp(0.0, 1.0);
@@ -249,7 +257,11 @@ mod tests {
                 out.push(ClipOutcome {
                     clip: c as u32 * per_class + k,
                     label: c as u32,
-                    predicted: if right { c as u32 } else { (c as u32 + 1) % acc.len() as u32 },
+                    predicted: if right {
+                        c as u32
+                    } else {
+                        (c as u32 + 1) % acc.len() as u32
+                    },
                     p_true: if right { 0.8 } else { 0.1 },
                     entropy: if right { 0.6 } else { 2.0 },
                 });
@@ -269,7 +281,11 @@ mod tests {
         let d = decide(&cfg(), &names(5), &student, &teacher).unwrap();
         // class 2: student weak but the teacher is weak too -> not hard, and it says why.
         assert_eq!(d.hard_labels(), vec![0, 4]);
-        assert!(d.classes[2].reason.contains("floor"), "{}", d.classes[2].reason);
+        assert!(
+            d.classes[2].reason.contains("floor"),
+            "{}",
+            d.classes[2].reason
+        );
     }
 
     #[test]
@@ -286,7 +302,11 @@ mod tests {
         let acc = [0.1, 0.9, 0.2, 1.0, 0.0, 0.8];
         let student = outcomes(&acc, 20);
         let teacher = outcomes(&[1.0; 6], 20);
-        let c = HeuristicConfig { fit: true, top_k: 3, ..cfg() };
+        let c = HeuristicConfig {
+            fit: true,
+            top_k: 3,
+            ..cfg()
+        };
         let d = decide(&c, &names(6), &student, &teacher).unwrap();
         assert!(d.fitted);
         assert_eq!(d.hard_labels(), vec![0, 2, 4]);

@@ -168,7 +168,11 @@ pub fn markdown(r: &Report) -> String {
         pct(r.teacher.overall),
     );
     for (class, t) in &r.teacher.per_class {
-        let hard = if r.hard_classes.contains(class) { "yes" } else { "" };
+        let hard = if r.hard_classes.contains(class) {
+            "yes"
+        } else {
+            ""
+        };
         s += &format!(
             "| {class} | {hard} | {} | {} | {} | {:+.1} |\n",
             pct(*t),

@@ -58,16 +58,20 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("creating output directory {}", out_dir.display()))?;
     let token = join_token(opts.local.is_some())?;
-    let listen: SocketAddr = config
-        .control
-        .listen
-        .parse()
-        .with_context(|| format!("control.listen `{}` is not an address", config.control.listen))?;
+    let listen: SocketAddr = config.control.listen.parse().with_context(|| {
+        format!(
+            "control.listen `{}` is not an address",
+            config.control.listen
+        )
+    })?;
     let mut server = ControlServer::bind(listen, token.clone()).await?;
     let cert_path = out_dir.join("coordinator-cert.der");
     std::fs::write(&cert_path, server.cert_der())
         .with_context(|| format!("writing {}", cert_path.display()))?;
-    let world = opts.local.as_ref().map_or(config.control.workers, |l| l.count);
+    let world = opts
+        .local
+        .as_ref()
+        .map_or(config.control.workers, |l| l.count);
     tracing::info!(
         run_id,
         addr = %server.local_addr(),
@@ -89,7 +93,14 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
         .await?;
     let mut driver = Driver::new(cluster, &config, &run_id, &out_dir)?;
     driver.assign(&config, &out_dir).await?;
-    let result = stages(&mut driver, &config, &out_dir, opts.only_hard_classes, started).await;
+    let result = stages(
+        &mut driver,
+        &config,
+        &out_dir,
+        opts.only_hard_classes,
+        started,
+    )
+    .await;
     let reason = match &result {
         Ok(_) => "run finished".to_string(),
         Err(e) => format!("run failed: {e:#}"),
@@ -214,11 +225,11 @@ impl Driver {
     }
 
     async fn shutdown(&mut self, reason: &str) {
-        let msg = CoordinatorMsg::Shutdown {
-            reason: reason.to_string(),
-        };
-        if let Err(e) = self.cluster.broadcast(&msg).await {
-            tracing::warn!(error = format!("{e:#}"), "could not tell every worker to stop");
+        if let Err(e) = self.cluster.shutdown(reason).await {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "could not tell every worker to stop"
+            );
         }
     }
 
@@ -335,7 +346,11 @@ impl Driver {
             .join(format!("{}-{key}.safetensors", modality.as_str()));
         let shown = path.display().to_string();
         if path.exists() {
-            tracing::info!(model = shown, "reusing pretrained {} model", modality.as_str());
+            tracing::info!(
+                model = shown,
+                "reusing pretrained {} model",
+                modality.as_str()
+            );
             return Ok(shown);
         }
         self.stage = format!("pretrain_{}", modality.as_str());
@@ -408,7 +423,11 @@ impl Driver {
         }
         out.sort_by_key(|o| o.clip);
         if out.len() != clips.clips.len() {
-            bail!("evaluation covered {} of {} clips", out.len(), clips.clips.len());
+            bail!(
+                "evaluation covered {} of {} clips",
+                out.len(),
+                clips.clips.len()
+            );
         }
         Ok(out)
     }
@@ -447,6 +466,7 @@ impl Driver {
                 temperature: dc.temperature,
                 label_free: dc.target == "teacher",
                 full_vocab: dc.kl_over == "vocab",
+                caption_weight: dc.caption_weight,
             },
             init: Some(student.to_string()),
             save: save.display().to_string(),

@@ -12,13 +12,14 @@
 use anyhow::{anyhow, bail, ensure, Context};
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use xkd_protocol::frame::{encode, read_frame, write_frame, FrameError, MAX_FRAME_BYTES};
 use xkd_protocol::transport::{server_endpoint, ServerIdentity, CLOSE_LOST, CLOSE_REJECTED};
 use xkd_protocol::{CoordinatorMsg, Join, Reject, WorkerMsg, PROTOCOL_VERSION};
@@ -69,6 +70,8 @@ pub struct Cluster {
     readers: Vec<JoinHandle<()>>,
     refuser: Option<JoinHandle<()>>,
     send_timeout: Duration,
+    /// Set once the coordinator has told everyone to stop: a worker leaving is then expected.
+    stopping: Arc<AtomicBool>,
     /// Keeps the endpoint driver alive as long as the cluster, whatever happens to the server.
     _endpoint: Endpoint,
 }
@@ -316,6 +319,7 @@ impl Cluster {
             readers: Vec::new(),
             refuser: None,
             send_timeout,
+            stopping: Arc::new(AtomicBool::new(false)),
             _endpoint: endpoint,
         }
     }
@@ -336,6 +340,7 @@ impl Cluster {
             peer.conn.clone(),
             heartbeat_timeout,
             events,
+            self.stopping.clone(),
         );
         self.readers.push(tokio::spawn(watch));
         self.links.push(Arc::new(Link {
@@ -388,6 +393,15 @@ impl Cluster {
     }
 
     /// The next message or loss from any worker; `None` once every worker is lost.
+    /// Tell every worker to stop; their departures are expected from here on.
+    pub async fn shutdown(&self, reason: &str) -> anyhow::Result<()> {
+        self.stopping.store(true, Ordering::Relaxed);
+        let msg = CoordinatorMsg::Shutdown {
+            reason: reason.to_string(),
+        };
+        self.broadcast(&msg).await
+    }
+
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.recv().await
     }
@@ -431,6 +445,7 @@ async fn watch(
     conn: Connection,
     heartbeat_timeout: Duration,
     events: UnboundedSender<Event>,
+    stopping: Arc<AtomicBool>,
 ) {
     let reason = loop {
         let frame = timeout(heartbeat_timeout, read_frame(&mut recv, MAX_FRAME_BYTES)).await;
@@ -445,7 +460,11 @@ async fn watch(
             return; // the cluster is gone; nobody is listening
         }
     };
-    warn!(rank, %reason, "worker lost");
+    if stopping.load(Ordering::Relaxed) {
+        debug!(rank, %reason, "worker left after shutdown");
+    } else {
+        warn!(rank, %reason, "worker lost");
+    }
     conn.close(CLOSE_LOST, b"lost");
     let _ = events.send(Event::Lost { rank, reason });
 }

@@ -93,8 +93,16 @@ mod tests {
         let targets = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
         let ones = Tensor::new(&[1f32, 1.], &Device::Cpu).unwrap();
         let parts = distill_loss(&s, &te, &targets, &ones, &ones, 2.0).unwrap();
-        assert!((scalar(&parts.kl) - 1.836_557).abs() < 1e-5, "{}", scalar(&parts.kl));
-        assert!((scalar(&parts.ce) - 2.216_175_4).abs() < 1e-5, "{}", scalar(&parts.ce));
+        assert!(
+            (scalar(&parts.kl) - 1.836_557).abs() < 1e-5,
+            "{}",
+            scalar(&parts.kl)
+        );
+        assert!(
+            (scalar(&parts.ce) - 2.216_175_4).abs() < 1e-5,
+            "{}",
+            scalar(&parts.ce)
+        );
     }
 
     #[test]

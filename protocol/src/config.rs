@@ -159,6 +159,9 @@ pub struct DistillConfig {
     /// Share of each batch drawn from the other classes, anchored to the student's own
     /// pre-distillation predictions so the student does not forget them.
     pub replay_fraction: f64,
+    /// Weight of the caption KL: the teacher's next-token distribution right after its
+    /// modality tokens (which names the class it perceives) against the student's.
+    pub caption_weight: f64,
     pub steps: u64,
     /// Clips per step over all workers.
     pub batch: usize,
@@ -316,13 +319,12 @@ fn parse_table(text: &str, path: &str) -> Result<toml::Table, ConfigError> {
 }
 
 fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
-    let config: Config =
-        toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::BadValue {
-                key: "<config>".into(),
-                message: e.to_string(),
-            })?;
+    let config: Config = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::BadValue {
+            key: "<config>".into(),
+            message: e.to_string(),
+        })?;
     config.validate()?;
     Ok(config)
 }
@@ -347,9 +349,11 @@ fn merge(base: &mut toml::Table, user: toml::Table, prefix: &str) -> Result<(), 
 }
 
 fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
-    let (key, raw) = arg.split_once('=').ok_or_else(|| ConfigError::BadOverride {
-        arg: arg.to_string(),
-    })?;
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| ConfigError::BadOverride {
+            arg: arg.to_string(),
+        })?;
     let key = key.trim();
     if key.is_empty() {
         return Err(ConfigError::BadOverride {
@@ -399,7 +403,11 @@ fn set_checked(slot: &mut toml::Value, value: toml::Value, key: &str) -> Result<
     if slot.type_str() != value.type_str() {
         return Err(ConfigError::BadValue {
             key: key.into(),
-            message: format!("expected {}, got {} `{value}`", slot.type_str(), value.type_str()),
+            message: format!(
+                "expected {}, got {} `{value}`",
+                slot.type_str(),
+                value.type_str()
+            ),
         });
     }
     *slot = value;
@@ -476,13 +484,13 @@ impl Config {
             ("visual_model", &self.visual_model),
         ] {
             if m.encoder_hidden % m.encoder_heads != 0 || m.lm_hidden % m.lm_heads != 0 {
-                return Err(bad(key, "hidden sizes must be multiples of the head counts"));
+                return Err(bad(
+                    key,
+                    "hidden sizes must be multiples of the head counts",
+                ));
             }
             if m.lm_heads % m.lm_kv_heads != 0 {
-                return Err(bad(
-                    &format!("{key}.lm_kv_heads"),
-                    "must divide lm_heads",
-                ));
+                return Err(bad(&format!("{key}.lm_kv_heads"), "must divide lm_heads"));
             }
         }
         Ok(())
@@ -532,7 +540,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("xkd-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
-        std::fs::write(&path, "[distill]\nalpha = 0.25\n[pretrain]\nsteps_typo = 3\n").unwrap();
+        std::fs::write(
+            &path,
+            "[distill]\nalpha = 0.25\n[pretrain]\nsteps_typo = 3\n",
+        )
+        .unwrap();
         let e = Config::resolve(Some(&path), &[]).unwrap_err();
         assert!(e.to_string().contains("pretrain.steps_typo"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -66,7 +66,10 @@ impl std::fmt::Display for Reject {
         match self {
             Reject::BadToken => write!(f, "join token does not match this run"),
             Reject::VersionMismatch { expected, got } => {
-                write!(f, "protocol version {got} not supported (coordinator speaks {expected})")
+                write!(
+                    f,
+                    "protocol version {got} not supported (coordinator speaks {expected})"
+                )
             }
             Reject::Malformed { detail } => write!(f, "malformed frame: {detail}"),
             Reject::Oversized { limit, got } => {
@@ -134,6 +137,9 @@ pub enum Objective {
         label_free: bool,
         /// KL over the whole vocabulary at the answer position instead of the ten letters.
         full_vocab: bool,
+        /// Weight of the KL between teacher and student captions (the next-token
+        /// distribution right after each one's modality tokens).
+        caption_weight: f64,
     },
 }
 
@@ -330,7 +336,10 @@ mod tests {
             all.sort();
             let mut single_sorted = single.clone();
             single_sorted.sort();
-            assert_eq!(all, single_sorted, "2 ranks x 4 == 1 rank x 8 at step {step}");
+            assert_eq!(
+                all, single_sorted,
+                "2 ranks x 4 == 1 rank x 8 at step {step}"
+            );
         }
     }
 

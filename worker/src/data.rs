@@ -36,7 +36,7 @@ pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// Bumped whenever generation changes what a given `[data]` section produces, so caches keyed
 /// by it never serve clips from an older generator.
-pub const GENERATOR_VERSION: u32 = 2;
+pub const GENERATOR_VERSION: u32 = 3;
 
 /// How strongly a class shows in one modality.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -607,7 +607,7 @@ const PARTIAL_HIGH_HZ: f64 = 6000.0;
 /// Clear signatures tower over everything; Subtle ones sit at the level of the background
 /// sound events, so only their consistency across many clips gives them away.
 const CLEAR_BAND_SNR_DB: (f64, f64) = (10.0, 16.0);
-const SUBTLE_BAND_SNR_DB: (f64, f64) = (5.0, 9.0);
+const SUBTLE_BAND_SNR_DB: (f64, f64) = (7.0, 11.0);
 /// Background sound events in every clip: partials at random frequencies and times.
 const INTERFERERS: usize = 3;
 const INTERFERER_BAND_SNR_DB: (f64, f64) = (-4.0, 2.0);
@@ -935,12 +935,12 @@ const COLOURS: [[f32; 3]; 6] = [
 
 /// Object radius as a share of the frame side.
 const CLEAR_RADIUS: f32 = 0.20;
-const SUBTLE_RADIUS: f32 = 0.16;
+const SUBTLE_RADIUS: f32 = 0.17;
 /// Share of the object's colour difference from the background that survives.
-const SUBTLE_CONTRAST: f32 = 0.5;
+const SUBTLE_CONTRAST: f32 = 0.6;
 /// Per-pixel noise standard deviation, in [0, 1] intensity.
 const CLEAR_PIXEL_NOISE: f32 = 0.03;
-const SUBTLE_PIXEL_NOISE: f32 = 0.07;
+const SUBTLE_PIXEL_NOISE: f32 = 0.06;
 /// Movement per frame as a share of the frame side.
 const SPEED: f32 = 0.08;
 

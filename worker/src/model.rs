@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
-use xkd_protocol::config::{ModelConfig, Modality};
+use xkd_protocol::config::{Modality, ModelConfig};
 
 /// The shared vocabulary of both stand-ins: a few prompt words, the ten option letters and one
 /// token per class name.
@@ -100,7 +100,10 @@ pub fn question(seed: u64, clip: u32, visit: u64, label: u32, n_classes: usize) 
         let j = (xkd_protocol::splitmix64(&mut state) % (i as u64 + 1)) as usize;
         options.swap(i, j);
     }
-    let answer = options.iter().position(|&c| c == label).expect("label is an option");
+    let answer = options
+        .iter()
+        .position(|&c| c == label)
+        .expect("label is an option");
     Question { options, answer }
 }
 
@@ -126,7 +129,9 @@ impl Module for LayerNorm {
         let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+        normed
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
     }
 }
 
@@ -298,7 +303,9 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = (x + self.attn.forward(&self.ln1.forward(x)?, None, None)?)?;
-        let m = self.fc2.forward(&self.fc1.forward(&self.ln2.forward(&h)?)?.gelu()?)?;
+        let m = self
+            .fc2
+            .forward(&self.fc1.forward(&self.ln2.forward(&h)?)?.gelu()?)?;
         h + m
     }
 }
@@ -443,7 +450,9 @@ impl VisualEncoder {
         // [B, tt, 2t, C, m, 2, p, m, 2, p]
         let x = x.reshape(&[b, tt, TEMPORAL_PATCH, c, m, 2, p, m, 2, p][..])?;
         // -> [B, tt, m(row), m(col), 2(row), 2(col), C, 2t, p, p]
-        let x = x.permute(vec![0, 1, 4, 7, 5, 8, 3, 2, 6, 9])?.contiguous()?;
+        let x = x
+            .permute(vec![0, 1, 4, 7, 5, 8, 3, 2, 6, 9])?
+            .contiguous()?;
         x.reshape((b, tt * g * g, c * TEMPORAL_PATCH * p * p))
     }
 
@@ -483,7 +492,9 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
-        let h = (x + self.attn.forward(&self.input_norm.forward(x)?, Some(rope), Some(mask))?)?;
+        let h = (x + self
+            .attn
+            .forward(&self.input_norm.forward(x)?, Some(rope), Some(mask))?)?;
         let n = self.post_norm.forward(&h)?;
         let swiglu = (self.gate.forward(&n)?.silu()? * self.up.forward(&n)?)?;
         h + self.down.forward(&swiglu)?
@@ -608,7 +619,9 @@ impl Model {
     /// token ids with `mm_tokens` placeholders. Returns logits at the answer position [B, vocab].
     pub fn forward(&self, features: &Tensor, prompts: &Tensor) -> Result<Tensor> {
         let (_, seq) = prompts.dims2()?;
-        self.forward_at(features, prompts, &[seq - 1])?.squeeze(1)
+        self.forward_at(features, prompts, &[seq - 1])?
+            .squeeze(1)?
+            .contiguous()
     }
 
     /// Answer logits and caption logits, both [B, vocab]. The caption logits are the LM's
@@ -624,7 +637,8 @@ impl Model {
         let (_, seq) = prompts.dims2()?;
         let caption_at = self.vocab.mm_offset() + self.mm_tokens;
         let both = self.forward_at(features, prompts, &[seq - 1, caption_at])?;
-        Ok((both.narrow(1, 0, 1)?.squeeze(1)?, both.narrow(1, 1, 1)?.squeeze(1)?))
+        let pick = |i: usize| both.narrow(1, i, 1)?.squeeze(1)?.contiguous();
+        Ok((pick(0)?, pick(1)?))
     }
 
     fn forward_at(&self, features: &Tensor, prompts: &Tensor, at: &[usize]) -> Result<Tensor> {
@@ -655,8 +669,8 @@ impl Model {
 
 fn check_visual(cfg: &ModelConfig, input: InputShape) -> Result<()> {
     let ok = cfg.patch > 0
-        && input.frame_size % (2 * cfg.patch) == 0
-        && input.frames % TEMPORAL_PATCH == 0;
+        && input.frame_size.is_multiple_of(2 * cfg.patch)
+        && input.frames.is_multiple_of(TEMPORAL_PATCH);
     if !ok {
         candle_core::bail!(
             "visual model needs frame_size ({}) a multiple of 2 x patch ({}) and an even frame count ({})",
@@ -789,7 +803,13 @@ mod tests {
                 let g = grads
                     .get(var.as_tensor())
                     .unwrap_or_else(|| panic!("{modality:?}: no gradient for {name}"));
-                let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                let norm = g
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(norm > 0.0, "{modality:?}: zero gradient for {name}");
             }
         }
@@ -831,7 +851,10 @@ mod tests {
 
     #[test]
     fn causal_mask_hides_the_future() {
-        let m = causal_mask(3, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let m = causal_mask(3, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(m[0][1], -1e9);
         assert_eq!(m[1][0], 0.0);
         assert_eq!(m[2][2], 0.0);

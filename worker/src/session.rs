@@ -51,16 +51,17 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
     );
     let peers = assignment.peers.clone();
     let timeout = Duration::from_millis(config.control.heartbeat_timeout_ms.max(10_000));
-    let ring = tokio::task::spawn_blocking(move || {
-        listener.connect(rank as usize, &peers, timeout)
-    })
-    .await??;
+    let ring =
+        tokio::task::spawn_blocking(move || listener.connect(rank as usize, &peers, timeout))
+            .await??;
     let mut state = Some(Rank::new(config, rank, world, Box::new(ring)));
     let sender = link.sender();
     while let Some(msg) = link.recv().await? {
         match msg {
             CoordinatorMsg::Task(task) => {
-                let mut rank_state = state.take().expect("rank state is returned after each task");
+                let mut rank_state = state
+                    .take()
+                    .expect("rank state is returned after each task");
                 let tx = sender.clone();
                 let (back, outcome) = tokio::task::spawn_blocking(move || {
                     let outcome = execute(&mut rank_state, &task, &tx);
@@ -136,8 +137,8 @@ pub fn dataset_dir(cfg: &Config) -> PathBuf {
 
 fn summarise(manifest: &data::Manifest) -> DataSummary {
     let mut splits: Vec<SplitClips> = Vec::new();
-    let mut push = |name: String, id: u32, label: u32| {
-        match splits.iter_mut().find(|s| s.name == name) {
+    let mut push =
+        |name: String, id: u32, label: u32| match splits.iter_mut().find(|s| s.name == name) {
             Some(s) => {
                 s.clips.push(id);
                 s.labels.push(label);
@@ -147,8 +148,7 @@ fn summarise(manifest: &data::Manifest) -> DataSummary {
                 clips: vec![id],
                 labels: vec![label],
             }),
-        }
-    };
+        };
     for clip in &manifest.clips {
         if clip.split == "pretrain" {
             for m in &clip.pretrain_for {
@@ -167,7 +167,11 @@ fn summarise(manifest: &data::Manifest) -> DataSummary {
 
 /// The local address this host would use to reach `addr` (no packet is sent).
 fn route_to(addr: SocketAddr) -> Result<String> {
-    let bind = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let bind = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
     let socket = UdpSocket::bind(bind)?;
     socket
         .connect(addr)

@@ -13,13 +13,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use sha2::{Digest, Sha256};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use xkd_protocol::config::{Config, Modality};
-use xkd_protocol::{
-    ClipOutcome, EvalTask, Objective, Sample, StepReport, TrainSummary, TrainTask,
-};
+use xkd_protocol::{ClipOutcome, EvalTask, Objective, Sample, StepReport, TrainSummary, TrainTask};
 
 /// What one rank holds across tasks: config, dataset, feature caches and its collective.
 pub struct Rank {
@@ -187,18 +186,16 @@ impl FeatureCache {
             Modality::Audio => &mut self.audio,
             Modality::Visual => &mut self.visual,
         };
-        if !slot.contains_key(&record.id) {
-            let value = match modality {
-                Modality::Audio => {
-                    let wav = data::load_audio(&dir.join(&record.audio))?;
-                    self.mel.compute(&wav)
-                }
+        if let Entry::Vacant(entry) = slot.entry(record.id) {
+            entry.insert(match modality {
+                Modality::Audio => self
+                    .mel
+                    .compute(&data::load_audio(&dir.join(&record.audio))?),
                 Modality::Visual => {
                     let paths: Vec<PathBuf> = record.frames.iter().map(|f| dir.join(f)).collect();
                     data::load_frames(&paths)?
                 }
-            };
-            slot.insert(record.id, value);
+            });
         }
         Ok(&slot[&record.id])
     }
@@ -297,7 +294,8 @@ impl Rank {
             let mut grads = loss.backward()?;
             let ms_student = t0.elapsed().as_secs_f64() * 1e3 - ms_teacher;
             let t1 = Instant::now();
-            let grad_norm = all_reduce_grads(self.collective.as_mut(), &vars, &mut grads, task.grad_clip)?;
+            let grad_norm =
+                all_reduce_grads(self.collective.as_mut(), &vars, &mut grads, task.grad_clip)?;
             let ms_allreduce = t1.elapsed().as_secs_f64() * 1e3;
             let t2 = Instant::now();
             opt.step(&grads)?;
@@ -390,6 +388,7 @@ impl Rank {
             temperature,
             label_free,
             full_vocab,
+            caption_weight,
             ..
         } = task.objective
         else {
@@ -406,30 +405,36 @@ impl Rank {
         let t0 = Instant::now();
         let s_batch = self.batch(task.modality, &all, task.seed)?;
         let t_batch = self.batch(task.modality.other(), &clips, task.seed)?;
-        let restrict = |logits: Tensor, vocab: &Vocab| -> Result<Tensor> {
+        let restrict = |logits: Tensor| -> Result<Tensor> {
             if full_vocab {
                 Ok(logits)
             } else {
-                letter_logits(&logits, vocab)
+                letter_logits(&logits, &student.vocab)
             }
         };
-        let vocab = &student.vocab;
-        let teacher_logits = restrict(
-            anchors.teacher.forward(&t_batch.features, &t_batch.prompts)?,
-            vocab,
-        )?;
-        let mut target_logits = vec![teacher_logits.clone()];
+        // Targets: the teacher on the hard-class rows, the frozen pre-distillation student on
+        // the replay rows; answer logits and caption logits of each.
+        let (t_answer, t_caption) = anchors
+            .teacher
+            .forward_with_caption(&t_batch.features, &t_batch.prompts)?;
+        let t_answer = restrict(t_answer)?;
+        let (mut answer_targets, mut caption_targets) = (vec![t_answer.clone()], vec![t_caption]);
         if n_replay > 0 {
             let rf = s_batch.features.narrow(0, n_main, n_replay)?;
             let rp = s_batch.prompts.narrow(0, n_main, n_replay)?;
-            target_logits.push(restrict(anchors.student_before.forward(&rf, &rp)?, vocab)?);
+            let (a_answer, a_caption) = anchors.student_before.forward_with_caption(&rf, &rp)?;
+            answer_targets.push(restrict(a_answer)?);
+            caption_targets.push(a_caption);
         }
-        let target_logits = Tensor::cat(&target_logits, 0)?.detach();
+        let answer_targets = Tensor::cat(&answer_targets, 0)?.detach();
+        let caption_targets = Tensor::cat(&caption_targets, 0)?.detach();
         let ms_teacher = t0.elapsed().as_secs_f64() * 1e3;
-        let student_logits = restrict(student.forward(&s_batch.features, &s_batch.prompts)?, vocab)?;
+        let (s_answer, s_caption) =
+            student.forward_with_caption(&s_batch.features, &s_batch.prompts)?;
+        let s_answer = restrict(s_answer)?;
         // CE target: the true letter, or the teacher's choice in label-free mode.
         let answers: Vec<u32> = if label_free {
-            letter_logits_or_self(&teacher_logits, vocab, full_vocab)?
+            letter_logits_or_self(&t_answer, &student.vocab, full_vocab)?
                 .argmax(D::Minus1)?
                 .to_vec1::<u32>()?
         } else {
@@ -437,25 +442,44 @@ impl Rank {
         };
         let mut targets: Vec<u32> = answers
             .iter()
-            .map(|&a| if full_vocab { vocab.letter(a as usize) } else { a })
+            .map(|&a| {
+                if full_vocab {
+                    student.vocab.letter(a as usize)
+                } else {
+                    a
+                }
+            })
             .collect();
         targets.extend(std::iter::repeat_n(0, n_replay));
-        let mut kl_w = vec![alpha as f32; n_main];
-        kl_w.extend(std::iter::repeat_n(1f32, n_replay));
-        let mut ce_w = vec![(1.0 - alpha) as f32; n_main];
-        ce_w.extend(std::iter::repeat_n(0f32, n_replay));
-        let dev = &self.device;
-        let parts = xkd_kernels::distill_loss(
-            &student_logits,
-            &target_logits,
-            &Tensor::new(targets.as_slice(), dev)?,
-            &Tensor::new(kl_w.as_slice(), dev)?,
-            &Tensor::new(ce_w.as_slice(), dev)?,
+        let rows = |main: f64, replay: f64| -> Result<Tensor> {
+            let mut w = vec![main as f32; n_main];
+            w.extend(std::iter::repeat_n(replay as f32, n_replay));
+            Ok(Tensor::new(w.as_slice(), &self.device)?)
+        };
+        let targets = Tensor::new(targets.as_slice(), &self.device)?;
+        let answer = xkd_kernels::distill_loss(
+            &s_answer,
+            &answer_targets,
+            &targets,
+            &rows(alpha, 1.0)?,
+            &rows(1.0 - alpha, 0.0)?,
             temperature,
         )?;
-        let kl = parts.kl.to_scalar::<f32>()? as f64;
-        let ce = parts.ce.to_scalar::<f32>()? as f64;
-        Ok((parts.total, (kl, ce), ms_teacher))
+        // The teacher's caption (its next-token distribution right after its own modality
+        // tokens) is distilled too: it tells the student's encoder which class it heard
+        // directly, not only through the answer letter.
+        let caption = xkd_kernels::distill_loss(
+            &s_caption,
+            &caption_targets,
+            &targets.zeros_like()?,
+            &rows(caption_weight, caption_weight)?,
+            &rows(0.0, 0.0)?,
+            temperature,
+        )?;
+        let total = (&answer.total + &caption.total)?;
+        let kl = (answer.kl.to_scalar::<f32>()? + caption.kl.to_scalar::<f32>()?) as f64;
+        let ce = answer.ce.to_scalar::<f32>()? as f64;
+        Ok((total, (kl, ce), ms_teacher))
     }
 
     /// Predict this rank's share of the plan's clips.

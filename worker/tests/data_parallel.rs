@@ -114,8 +114,13 @@ fn two_workers_of_b_match_one_worker_of_2b() {
         let fresh = tmp.path().join("fresh.safetensors");
         let mut t = task(&config, modality, 8, &fresh);
         t.steps = 0;
-        rank(&config, 0, 1, Box::new(Solo)).train(1, &t, |_| {}).unwrap();
-        assert!(max_abs_diff(&one, &fresh).0 > 1e-4, "{modality:?}: training changed nothing");
+        rank(&config, 0, 1, Box::new(Solo))
+            .train(1, &t, |_| {})
+            .unwrap();
+        assert!(
+            max_abs_diff(&one, &fresh).0 > 1e-4,
+            "{modality:?}: training changed nothing"
+        );
     }
 }
 
@@ -133,6 +138,8 @@ fn same_seed_gives_byte_identical_parameters() {
     other.run.seed += 1;
     let mut t = task(&other, Modality::Audio, 8, &c);
     t.seed += 1;
-    rank(&other, 0, 1, Box::new(Solo)).train(1, &t, |_| {}).unwrap();
+    rank(&other, 0, 1, Box::new(Solo))
+        .train(1, &t, |_| {})
+        .unwrap();
     assert_ne!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap());
 }

@@ -6,6 +6,9 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+pub mod fused;
+pub use fused::{fused_distill_loss, FusedLoss};
+
 /// Loss and its parts (each already weighted and averaged over rows).
 #[derive(Debug, Clone)]
 pub struct LossParts {

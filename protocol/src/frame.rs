@@ -228,6 +228,8 @@ mod tests {
                 lr: 1e-3,
                 weight_decay: 0.01,
                 warmup_steps: 2,
+                caption_weight: 1.0,
+                grad_clip: 1.0,
                 seed: 5,
             }),
         }
@@ -308,6 +310,7 @@ mod tests {
                 temperature: 2.0,
                 label_free: true,
                 full_vocab: false,
+                caption_weight: 1.0,
             })),
             CoordinatorMsg::Task(Task {
                 id: 9,

@@ -2,8 +2,9 @@
 //! be (wav + png + a JSONL manifest), and the loaders that read any such directory back.
 //!
 //! Each class has a cue strength per modality. A Clear class carries its signature well above
-//! the noise; a Subtle class carries the same kind of signature buried in noise (audio) or at
-//! low contrast and small size (frames), so a model needs many examples to pick it up. The
+//! the noise; a Subtle class carries the same kind of signature a few dB closer to the noise and
+//! its interferers (audio) or at lower contrast and smaller size (frames): still learnable, which
+//! distillation needs, but only from more examples than the student's pretraining gave. The
 //! pretraining exposure of each modality follows its cues: a modality's pretraining split keeps
 //! every pretrain clip of its Clear classes but only a few of its Subtle ones. That is what the
 //! manifest's `pretrain_for` records; nothing downstream reads the cue table itself.
@@ -1726,17 +1727,16 @@ mod tests {
             clear_acc > 0.95,
             "clear audio classes must be easy ({clear_acc})"
         );
+        // Subtle signatures sit a few dB lower, so each clip matches its template less well;
+        // they stay recognisable (the student must be able to learn them from the teacher),
+        // and what makes them hard for the student is mostly scarce pretraining exposure.
         assert!(
-            clear_corr > subtle_corr + 0.2,
+            clear_corr > subtle_corr + 0.04,
             "subtle must be weaker ({clear_corr} vs {subtle_corr})"
         );
         assert!(
-            subtle_acc > 3.0 / 24.0,
+            subtle_acc > 0.5,
             "subtle classes must still carry signal ({subtle_acc})"
-        );
-        assert!(
-            subtle_acc < 0.9,
-            "subtle classes must not be trivial ({subtle_acc})"
         );
     }
 
@@ -1810,7 +1810,10 @@ mod tests {
             clear_acc > 0.6,
             "clear visual classes must be easy ({clear_acc})"
         );
-        assert!(clear_acc > subtle_acc + 0.2, "subtle must be weaker");
+        assert!(
+            clear_acc > subtle_acc + 0.08,
+            "subtle must be weaker ({clear_acc} vs {subtle_acc})"
+        );
         assert!(
             subtle_acc > 2.0 / 24.0,
             "subtle classes must still carry signal ({subtle_acc})"

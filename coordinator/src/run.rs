@@ -91,7 +91,7 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
             Duration::from_millis(config.control.heartbeat_timeout_ms),
         )
         .await?;
-    let mut driver = Driver::new(cluster, &config, &run_id, &out_dir)?;
+    let mut driver = Driver::new(cluster, &run_id, &out_dir)?;
     driver.assign(&config, &out_dir).await?;
     let result = stages(
         &mut driver,
@@ -186,11 +186,10 @@ struct Driver {
 }
 
 impl Driver {
-    fn new(cluster: Cluster, config: &Config, run_id: &str, out_dir: &Path) -> Result<Driver> {
+    fn new(cluster: Cluster, run_id: &str, out_dir: &Path) -> Result<Driver> {
         let path = out_dir.join("metrics.jsonl");
         let metrics =
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        let _ = config;
         Ok(Driver {
             world: cluster.members().len(),
             cluster,

@@ -2,7 +2,7 @@
 //! the peers it names, then run each task it orders and report back.
 
 use crate::client::{self, LinkSender};
-use crate::collective::{Collective, RingListener};
+use crate::collective::RingListener;
 use crate::data;
 use crate::train::Rank;
 use anyhow::{bail, Context, Result};
@@ -183,9 +183,4 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
-}
-
-/// Keep the trait in scope for callers that build a `Rank` by hand (tests).
-pub fn solo() -> Box<dyn Collective> {
-    Box::new(crate::collective::Solo)
 }

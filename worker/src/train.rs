@@ -434,7 +434,7 @@ impl Rank {
         let s_answer = restrict(s_answer)?;
         // CE target: the true letter, or the teacher's choice in label-free mode.
         let answers: Vec<u32> = if label_free {
-            letter_logits_or_self(&t_answer, &student.vocab, full_vocab)?
+            letters_of(&t_answer, &student.vocab, full_vocab)?
                 .argmax(D::Minus1)?
                 .to_vec1::<u32>()?
         } else {
@@ -504,7 +504,8 @@ impl Rank {
     }
 }
 
-fn letter_logits_or_self(logits: &Tensor, vocab: &Vocab, full: bool) -> Result<Tensor> {
+/// The ten letter logits of `logits`, which hold the whole vocabulary when `full`.
+fn letters_of(logits: &Tensor, vocab: &Vocab, full: bool) -> Result<Tensor> {
     if full {
         letter_logits(logits, vocab)
     } else {

@@ -53,9 +53,10 @@ enum Command {
     Run {
         #[command(flatten)]
         cfg: ConfigArgs,
-        /// Worker processes to start.
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
+        /// Worker processes to start (default: control.workers of the config, 2 in the
+        /// embedded default).
+        #[arg(long)]
+        workers: Option<usize>,
         /// Output directory (default runs/<run id>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -91,8 +92,8 @@ enum Command {
     HardClasses {
         #[command(flatten)]
         cfg: ConfigArgs,
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
+        #[arg(long)]
+        workers: Option<usize>,
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -123,6 +124,7 @@ fn main() -> ExitCode {
     }
 }
 
+/// The config of `cfg`, with `--workers` (when given) as `control.workers`.
 fn resolve(cfg: &ConfigArgs, workers: Option<usize>) -> Result<Config, ConfigError> {
     let mut sets = cfg.sets.clone();
     if let Some(n) = workers {
@@ -141,8 +143,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run { cfg, workers, out } => {
-            let config = resolve(&cfg, Some(workers))?;
-            let local = local_workers(workers, log_format)?;
+            let config = resolve(&cfg, workers)?;
+            let local = local_workers(config.control.workers, log_format)?;
             match runtime()?.block_on(run::run(RunOptions {
                 config,
                 out_dir: out,
@@ -159,8 +161,8 @@ fn dispatch(cli: Cli) -> Result<()> {
             }
         }
         Command::HardClasses { cfg, workers, out } => {
-            let config = resolve(&cfg, Some(workers))?;
-            let local = local_workers(workers, log_format)?;
+            let config = resolve(&cfg, workers)?;
+            let local = local_workers(config.control.workers, log_format)?;
             let outcome = runtime()?.block_on(run::run(RunOptions {
                 config,
                 out_dir: out,

@@ -377,3 +377,73 @@ fn rejects_what_it_cannot_define() {
     };
     assert!(fused_distill_loss(&s, &s2, &bad).is_err());
 }
+
+/// The training loop's answer loss: the hard-class rows (alpha, targets) and the replay rows
+/// (pure KL) as two fused calls whose row weights are n_part / n_all, equal in value and
+/// gradient to one composed call with per-row KL and CE weights over all rows.
+#[test]
+fn split_calls_with_share_weights_equal_one_call_over_all_rows() {
+    let dev = Device::Cpu;
+    let (n_main, n_replay, v, t, alpha) = (5, 3, 10, 2.0, 0.5);
+    let n = n_main + n_replay;
+    let s = Var::from_tensor(&rand_t(7, n, v, 4.0)).unwrap();
+    let te = rand_t(8, n, v, 6.0);
+    let targets = Tensor::new(gen_targets(9, n, v).as_slice(), &dev).unwrap();
+    let per_row = |main: f32, replay: f32| {
+        let w: Vec<f32> = (0..n)
+            .map(|r| if r < n_main { main } else { replay })
+            .collect();
+        Tensor::new(w.as_slice(), &dev).unwrap()
+    };
+    let alpha32 = alpha as f32;
+    let want = distill_loss(
+        s.as_tensor(),
+        &te,
+        &targets,
+        &per_row(alpha32, 1.0),
+        &per_row(1.0 - alpha32, 0.0),
+        t,
+    )
+    .unwrap();
+    let share = |k: usize| Tensor::new(vec![k as f32 / n as f32; k], &dev).unwrap();
+    let main = fused_distill_loss(
+        &s.as_tensor().narrow(0, 0, n_main).unwrap(),
+        &te.narrow(0, 0, n_main).unwrap(),
+        &FusedLoss {
+            temperature: t,
+            alpha,
+            shared_vocab: None,
+            targets: Some(targets.narrow(0, 0, n_main).unwrap()),
+            weights: Some(share(n_main)),
+        },
+    )
+    .unwrap();
+    let replay = fused_distill_loss(
+        &s.as_tensor().narrow(0, n_main, n_replay).unwrap(),
+        &te.narrow(0, n_main, n_replay).unwrap(),
+        &FusedLoss {
+            temperature: t,
+            alpha: 1.0,
+            shared_vocab: None,
+            targets: None,
+            weights: Some(share(n_replay)),
+        },
+    )
+    .unwrap();
+    let got = (&main.total + &replay.total).unwrap();
+    let (a, b) = (
+        got.to_scalar::<f32>().unwrap(),
+        want.total.to_scalar::<f32>().unwrap(),
+    );
+    assert!(
+        close(a as f64, b as f64, 1e-5, 1e-6),
+        "split {a} one call {b}"
+    );
+    let gg = got.backward().unwrap();
+    let gw = want.total.backward().unwrap();
+    let diff = max_abs_diff(
+        gg.get(s.as_tensor()).unwrap(),
+        gw.get(s.as_tensor()).unwrap(),
+    );
+    assert!(diff <= 1e-6, "gradients differ by {diff}");
+}

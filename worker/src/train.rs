@@ -17,6 +17,7 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use xkd_kernels::{FusedLoss, LossParts};
 use xkd_protocol::config::{Config, Modality};
 use xkd_protocol::{ClipOutcome, EvalTask, Objective, Sample, StepReport, TrainSummary, TrainTask};
 
@@ -440,7 +441,7 @@ impl Rank {
         } else {
             s_batch.answer_idx[..n_main].to_vec()
         };
-        let mut targets: Vec<u32> = answers
+        let targets: Vec<u32> = answers
             .iter()
             .map(|&a| {
                 if full_vocab {
@@ -450,31 +451,56 @@ impl Rank {
                 }
             })
             .collect();
-        targets.extend(std::iter::repeat_n(0, n_replay));
-        let rows = |main: f64, replay: f64| -> Result<Tensor> {
-            let mut w = vec![main as f32; n_main];
-            w.extend(std::iter::repeat_n(replay as f32, n_replay));
-            Ok(Tensor::new(w.as_slice(), &self.device)?)
-        };
+        // The fused loss takes one alpha per call, so the answer loss is two calls: the
+        // hard-class rows (alpha, with targets) and the replay rows (pure KL towards the frozen
+        // student). Row weights of n_part / n_all make both divide by the whole batch, as one
+        // call over all rows would.
+        let n_all = (n_main + n_replay) as f32;
+        let weights = |n: usize, w: f32| Tensor::new(vec![w; n], &self.device);
         let targets = Tensor::new(targets.as_slice(), &self.device)?;
-        let answer = xkd_kernels::distill_loss(
-            &s_answer,
-            &answer_targets,
-            &targets,
-            &rows(alpha, 1.0)?,
-            &rows(1.0 - alpha, 0.0)?,
-            temperature,
+        let part = |x: &Tensor, start: usize, len: usize| x.narrow(0, start, len);
+        let mut answer = xkd_kernels::fused_distill_loss(
+            &part(&s_answer, 0, n_main)?,
+            &part(&answer_targets, 0, n_main)?,
+            &FusedLoss {
+                temperature,
+                alpha,
+                shared_vocab: None,
+                targets: Some(part(&targets, 0, n_main)?),
+                weights: Some(weights(n_main, n_main as f32 / n_all)?),
+            },
         )?;
+        if n_replay > 0 {
+            let replay = xkd_kernels::fused_distill_loss(
+                &part(&s_answer, n_main, n_replay)?,
+                &part(&answer_targets, n_main, n_replay)?,
+                &FusedLoss {
+                    temperature,
+                    alpha: 1.0,
+                    shared_vocab: None,
+                    targets: None,
+                    weights: Some(weights(n_replay, n_replay as f32 / n_all)?),
+                },
+            )?;
+            answer = LossParts {
+                total: (&answer.total + &replay.total)?,
+                kl: (&answer.kl + &replay.kl)?,
+                ce: answer.ce,
+            };
+        }
         // The teacher's caption (its next-token distribution right after its own modality
         // tokens) is distilled too: it tells the student's encoder which class it heard
         // directly, not only through the answer letter.
-        let caption = xkd_kernels::distill_loss(
+        let caption = xkd_kernels::fused_distill_loss(
             &s_caption,
             &caption_targets,
-            &targets.zeros_like()?,
-            &rows(caption_weight, caption_weight)?,
-            &rows(0.0, 0.0)?,
-            temperature,
+            &FusedLoss {
+                temperature,
+                alpha: 1.0,
+                shared_vocab: None,
+                targets: None,
+                weights: Some(weights(n_main + n_replay, caption_weight as f32)?),
+            },
         )?;
         let total = (&answer.total + &caption.total)?;
         let kl = (answer.kl.to_scalar::<f32>()? + caption.kl.to_scalar::<f32>()?) as f64;

@@ -95,7 +95,8 @@ impl Default for FusedLoss {
 
 /// The fused distillation loss; see the module documentation for the exact definition.
 ///
-/// `student` is `[N, Vs]`, `teacher` `[N, Vt]` (f32, bf16 or f16, on the CPU for now). Returns
+/// `student` is `[N, Vs]`, `teacher` `[N, Vt]`, both on the CPU (f32, bf16 or f16) or, with the
+/// `cuda` feature, both on one CUDA device (f32 or bf16; sm_90 or newer). Returns
 /// `total` (a scalar f32 tensor that backpropagates into `student` only) and its two parts `kl`
 /// (`alpha * T^2 * ...`) and `ce` (`(1 - alpha) * ...`), both weighted and divided by N like
 /// `total`, as detached scalars for logging: `total == kl + ce`.
@@ -138,14 +139,30 @@ pub fn fused_distill_loss(
             vt - shared
         );
     }
+    if !student.device().same_device(teacher.device()) {
+        candle_core::bail!(
+            "fused_distill_loss: student on {:?}, teacher on {:?}",
+            student.device().location(),
+            teacher.device().location()
+        );
+    }
     for x in [student, teacher] {
-        if !x.device().is_cpu() {
-            candle_core::bail!("fused_distill_loss: only the CPU implementation exists so far");
-        }
-        if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        let ok = match x.device() {
+            Device::Cpu => matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16),
+            Device::Cuda(_) if cfg!(feature = "cuda") => {
+                matches!(x.dtype(), DType::F32 | DType::BF16)
+            }
+            other => candle_core::bail!(
+                "fused_distill_loss: no implementation on {:?} (build with --features cuda for \
+                 CUDA)",
+                other.location()
+            ),
+        };
+        if !ok {
             candle_core::bail!(
-                "fused_distill_loss: unsupported logits dtype {:?}",
-                x.dtype()
+                "fused_distill_loss: unsupported logits dtype {:?} on {:?}",
+                x.dtype(),
+                x.device().location()
             );
         }
     }
@@ -205,15 +222,16 @@ pub fn fused_distill_loss(
     let student = student.contiguous()?;
     let teacher = teacher.detach().contiguous()?;
     let total = student.apply_op2(&teacher, op)?;
-    let (kl, ce) = {
-        let saved = saved.lock().expect("poisoned");
-        (saved.kl, saved.ce)
+    let saved = saved.lock().expect("poisoned");
+    let (kl, ce) = match &saved.parts {
+        // The CUDA op leaves (kl, ce) on the device: no synchronisation here.
+        Some(parts) => (parts.get(0)?, parts.get(1)?),
+        None => (
+            Tensor::new(saved.kl as f32, &Device::Cpu)?,
+            Tensor::new(saved.ce as f32, &Device::Cpu)?,
+        ),
     };
-    Ok(LossParts {
-        total,
-        kl: Tensor::new(kl as f32, &Device::Cpu)?,
-        ce: Tensor::new(ce as f32, &Device::Cpu)?,
-    })
+    Ok(LossParts { total, kl, ce })
 }
 
 /// Everything the op needs besides the two logits tensors, already validated.
@@ -233,10 +251,12 @@ struct Plan {
 /// What the forward leaves for backward and for the caller.
 #[derive(Default)]
 struct Saved {
-    /// d total / d student, f32 `[N, Vs]`.
+    /// d total / d student, `[N, Vs]` (f32 on the CPU, the student's dtype on CUDA).
     grad: Option<Tensor>,
     kl: f64,
     ce: f64,
+    /// `(kl, ce)` as an f32 tensor `[2]` on the device (CUDA only).
+    parts: Option<Tensor>,
 }
 
 struct DistillOp {
@@ -275,8 +295,52 @@ impl CustomOp2 for DistillOp {
             None => None,
         };
         let mut saved = self.saved.lock().expect("poisoned");
-        *saved = Saved { grad, kl, ce };
+        *saved = Saved {
+            grad,
+            kl,
+            ce,
+            parts: None,
+        };
         Ok((CpuStorage::F32(vec![(kl + ce) as f32]), Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::CudaStorageSlice as C;
+        let p = &self.plan;
+        let (grad, loss, parts) = match (&s1.slice, &s2.slice) {
+            (C::F32(s), C::F32(t)) => self.cuda_run(&s1.device, s, l1, t, l2)?,
+            (C::F32(s), C::BF16(t)) => self.cuda_run(&s1.device, s, l1, t, l2)?,
+            (C::BF16(s), C::F32(t)) => self.cuda_run(&s1.device, s, l1, t, l2)?,
+            (C::BF16(s), C::BF16(t)) => self.cuda_run(&s1.device, s, l1, t, l2)?,
+            _ => candle_core::bail!("fused loss: CUDA logits must be f32 or bf16"),
+        };
+        let mut saved = self.saved.lock().expect("poisoned");
+        *saved = Saved {
+            grad: grad.map(|g| {
+                Tensor::from_storage(
+                    candle_core::Storage::Cuda(g),
+                    (p.n, p.vs),
+                    candle_core::op::BackpropOp::none(),
+                    false,
+                )
+            }),
+            kl: 0.0,
+            ce: 0.0,
+            parts: Some(Tensor::from_storage(
+                candle_core::Storage::Cuda(parts),
+                2,
+                candle_core::op::BackpropOp::none(),
+                false,
+            )),
+        };
+        Ok((loss, Shape::from(())))
     }
 
     fn bwd(
@@ -299,6 +363,86 @@ impl CustomOp2 for DistillOp {
             grad.affine(scale, 0.0)?
         };
         Ok((Some(grad.to_dtype(student.dtype())?), None))
+    }
+}
+
+#[cfg(feature = "cuda")]
+type CudaOut = (
+    Option<candle_core::CudaStorage>,
+    candle_core::CudaStorage,
+    candle_core::CudaStorage,
+);
+
+#[cfg(feature = "cuda")]
+impl DistillOp {
+    /// Uploads the row weights and targets, runs the CUDA twin, and wraps its outputs.
+    fn cuda_run<S, T>(
+        &self,
+        dev: &candle_core::CudaDevice,
+        s: &candle_core::cuda_backend::cudarc::driver::CudaSlice<S>,
+        ls: &Layout,
+        t: &candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+        lt: &Layout,
+    ) -> Result<CudaOut>
+    where
+        S: crate::cuda::GpuElem + candle_core::cuda_backend::CudaDType,
+        T: crate::cuda::GpuElem,
+    {
+        use candle_core::cuda_backend::CudaDType;
+        let p = &self.plan;
+        let range = |l: &Layout| match l.contiguous_offsets() {
+            Some(r) => Ok(r),
+            None => candle_core::bail!("fused loss: logits must be contiguous"),
+        };
+        let (a, b) = range(ls)?;
+        let (c, d) = range(lt)?;
+        let weights = match &p.weights {
+            Some(w) => Some(dev.clone_htod(w.as_slice())?),
+            None => None,
+        };
+        let targets = match &p.targets {
+            Some(t) => {
+                let t: Vec<i32> = t.iter().map(|&x| x as i32).collect();
+                Some(dev.clone_htod(t.as_slice())?)
+            }
+            None => None,
+        };
+        let mut grad = if p.want_grad {
+            // SAFETY: the kernel writes every element (masked rows with zeros).
+            Some(unsafe { dev.alloc::<S>(p.n * p.vs)? })
+        } else {
+            None
+        };
+        let mut rows = unsafe { dev.alloc::<f32>(2 * p.n)? };
+        let mut loss = unsafe { dev.alloc::<f32>(1)? };
+        let mut parts = unsafe { dev.alloc::<f32>(2)? };
+        crate::cuda::distill(
+            dev,
+            crate::cuda::Shape {
+                n: p.n,
+                vs: p.vs,
+                vt: p.vt,
+                shared: p.shared,
+                temperature: p.temperature,
+                alpha: p.alpha,
+            },
+            &s.slice(a..b),
+            &t.slice(c..d),
+            weights.as_ref(),
+            targets.as_ref(),
+            crate::cuda::Outputs {
+                grad: grad.as_mut(),
+                rows: &mut rows,
+                loss: &mut loss,
+                parts: &mut parts,
+            },
+            None,
+        )?;
+        Ok((
+            grad.map(|g| S::wrap_cuda_slice(g, dev.clone())),
+            f32::wrap_cuda_slice(loss, dev.clone()),
+            f32::wrap_cuda_slice(parts, dev.clone()),
+        ))
     }
 }
 

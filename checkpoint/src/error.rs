@@ -60,6 +60,13 @@ pub enum Error {
     /// `student.safetensors` (or the bytes given) is not a safetensors file.
     #[error("{what} is not a valid safetensors file: {reason}")]
     BadSafetensors { what: String, reason: String },
+    /// A local file given to `put_file` could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// `prune` was asked to keep nothing, which would leave no checkpoint to resume from.
     #[error("prune must keep at least one committed checkpoint (keep = 0 given)")]
     KeepNothing,

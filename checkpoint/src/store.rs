@@ -11,6 +11,7 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
+use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -237,6 +238,71 @@ impl Store {
         }
         tracing::debug!(object = %self.show(&path), size = entry.size, "object written");
         Ok(entry)
+    }
+
+    /// Uploads the local file `file` as object `name` of `run_id`/`step` and returns its
+    /// manifest entry, hashing as it reads: a large file is streamed in parts and never held
+    /// whole (at most `part_size × upload_concurrency` bytes in memory).
+    pub async fn put_file(
+        &self,
+        run_id: &str,
+        step: u64,
+        name: &str,
+        file: &std::path::Path,
+    ) -> Result<ObjectEntry> {
+        use tokio::io::AsyncReadExt;
+        let io = |source| Error::Io {
+            path: file.display().to_string(),
+            source,
+        };
+        let mut f = tokio::fs::File::open(file).await.map_err(io)?;
+        let len = f.metadata().await.map_err(io)?.len();
+        if len < self.options.multipart_threshold as u64 {
+            let mut bytes = Vec::with_capacity(len as usize);
+            f.read_to_end(&mut bytes).await.map_err(io)?;
+            return self.put_object(run_id, step, name, bytes.into()).await;
+        }
+        check_run_id(run_id)?;
+        check_step(step)?;
+        check_object_name(name)?;
+        let path = self.object_path(run_id, step, name);
+        let err = |e| self.err("uploading (multipart)", &path, e);
+        let upload = self.inner.put_multipart(&path).await.map_err(err)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.options.part_size);
+        let (mut hasher, mut size) = (Sha256::new(), 0u64);
+        loop {
+            let mut part = Vec::with_capacity(self.options.part_size.max(1));
+            let n = (&mut f)
+                .take(self.options.part_size.max(1) as u64)
+                .read_to_end(&mut part)
+                .await;
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(io(e));
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            hasher.update(&part);
+            size += n as u64;
+            if let Err(e) = writer
+                .wait_for_capacity(self.options.upload_concurrency.max(1))
+                .await
+            {
+                let _ = writer.abort().await;
+                return Err(err(e));
+            }
+            writer.put(Bytes::from(part));
+        }
+        writer.finish().await.map_err(err)?;
+        Ok(ObjectEntry {
+            name: name.to_string(),
+            size,
+            sha256: crate::manifest::hex(&hasher.finalize()),
+        })
     }
 
     async fn put_multipart(&self, path: &Path, bytes: Bytes) -> Result<()> {
@@ -539,12 +605,12 @@ async fn hash(name: &str, bytes: Bytes) -> Result<ObjectEntry> {
     if bytes.len() < 1 << 20 {
         return Ok(ObjectEntry::of(name, &bytes));
     }
-    let name = name.to_string();
-    tokio::task::spawn_blocking(move || ObjectEntry::of(&name, &bytes))
+    let (owned, shown) = (name.to_string(), name.to_string());
+    tokio::task::spawn_blocking(move || ObjectEntry::of(&owned, &bytes))
         .await
         .map_err(|e| Error::Store {
             op: "hashing",
-            path: String::new(),
+            path: shown,
             source: object_store::Error::JoinError { source: e },
         })
 }

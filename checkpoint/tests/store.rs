@@ -34,6 +34,7 @@ on_every_backend!(
     prune_keeps_the_newest_and_cleans_leftovers,
     digest_depends_on_parameters_only,
     large_objects_go_up_in_parts,
+    files_stream_up_with_their_hash,
 );
 
 const RUN: &str = "run-7";
@@ -311,4 +312,39 @@ async fn large_objects_go_up_in_parts(fx: Fixture) {
             .len(),
         big.len()
     );
+}
+
+async fn files_stream_up_with_their_hash(fx: Fixture) {
+    let store = fx.reopen(StoreOptions {
+        multipart_threshold: 6 << 20,
+        part_size: 5 << 20,
+        ..common::options(Default::default())
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (small, big) = (
+        dir.path().join("state.json"),
+        dir.path().join("optimizer.bin"),
+    );
+    std::fs::write(&small, b"{\"step\": 3}").unwrap();
+    let data: Vec<u8> = (0..11u32 << 20)
+        .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
+        .collect();
+    std::fs::write(&big, &data).unwrap();
+    let mut entries = Vec::new();
+    for (name, file) in [("state.json", &small), ("optimizer.bin", &big)] {
+        let e = store.put_file(RUN, 3, name, file).await.unwrap();
+        assert_eq!(
+            e.sha256,
+            xkd_checkpoint::sha256_hex(&std::fs::read(file).unwrap())
+        );
+        entries.push(e);
+    }
+    assert_eq!(entries[1].size, data.len() as u64);
+    store.commit(RUN, 3, &entries).await.unwrap();
+    assert!(store.verify(RUN, 3).await.unwrap().is_ok());
+    let e = store
+        .put_file(RUN, 3, "x", &dir.path().join("absent"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("absent"), "{e}");
 }

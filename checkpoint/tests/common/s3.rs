@@ -25,19 +25,19 @@ pub struct S3Server {
 /// Where s3s-fs is: `$XKD_S3S_FS`, else `<workspace>/.tools/bin/s3s-fs`. Panics with the
 /// install command when neither exists: these tests must not pass by skipping.
 pub fn s3s_fs_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("XKD_S3S_FS") {
-        let p = PathBuf::from(p);
-        assert!(p.is_file(), "XKD_S3S_FS={} is not a file", p.display());
-        return p;
-    }
-    let workspace = workspace_root();
-    let p = workspace.join(".tools/bin/s3s-fs");
+    let tools = workspace_root().join(".tools");
+    let p = match std::env::var_os("XKD_S3S_FS") {
+        Some(p) => PathBuf::from(p),
+        None => tools.join("bin/s3s-fs"),
+    };
     assert!(
         p.is_file(),
-        "the S3 tests need s3s-fs, a real S3-compatible server; install it with\n  \
+        "the S3 tests need s3s-fs, a real S3-compatible server, and {} is not a file; \
+         install it with\n  \
          cargo install s3s-fs@0.14.1 --features binary --locked --root {}\n\
          or point XKD_S3S_FS at an s3s-fs binary",
-        workspace.join(".tools").display()
+        p.display(),
+        tools.display()
     );
     p
 }

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use xkd_coordinator::run::{self, LocalWorkers, Outcome, RunOptions};
 use xkd_protocol::config::{Config, ConfigError};
 
+mod inspect;
+
 #[derive(Parser)]
 #[command(
     name = "xkd",
@@ -97,6 +99,42 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Inspect a checkpoint store (read-only).
+    Checkpoint {
+        #[command(subcommand)]
+        action: CheckpointAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CheckpointAction {
+    /// A run's committed checkpoints, newest first: step, size, age.
+    Ls {
+        /// `<store>/<run_id>`, e.g. `s3://bucket/prefix/run-1` or `runs/ckpts/run-1`.
+        url: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every object against its manifest; exit 1 and name each bad object on mismatch.
+    Verify {
+        /// A checkpoint (`<store>/<run_id>/ckpt/<step>`) or a run (then its newest checkpoint).
+        url: String,
+        /// With a run URL: every committed checkpoint, not only the newest.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One sha256 over the trainable parameters (student.safetensors), for comparing runs.
+    Digest {
+        /// A checkpoint (`<store>/<run_id>/ckpt/<step>`) or a run (then its newest checkpoint).
+        url: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -113,7 +151,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+        Err(e) if is_usage_error(&e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
@@ -122,6 +160,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Config errors and bad store URLs are usage errors: exit status 2.
+fn is_usage_error(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ConfigError>().is_some()
+        || e.downcast_ref::<xkd_checkpoint::Error>()
+            .is_some_and(xkd_checkpoint::Error::is_usage)
 }
 
 /// The config of `cfg`, with `--workers` (when given) as `control.workers`.
@@ -187,6 +232,15 @@ fn dispatch(cli: Cli) -> Result<()> {
             }))?;
             Ok(())
         }
+        Command::Checkpoint { action } => runtime()?.block_on(async {
+            match action {
+                CheckpointAction::Ls { url, json } => inspect::ls(&url, json).await,
+                CheckpointAction::Verify { url, all, json } => {
+                    inspect::verify(&url, all, json).await
+                }
+                CheckpointAction::Digest { url, json } => inspect::digest(&url, json).await,
+            }
+        }),
         Command::Worker {
             coordinator,
             cert,

@@ -1,0 +1,675 @@
+//! `Store`: a checkpoint store behind one URL. It writes objects, commits a checkpoint by putting
+//! its manifest last and create-only, lists and reads committed checkpoints, and prunes old
+//! ones. It knows bytes, names and hashes; what the bytes mean is the caller's business (except
+//! for the parameter digest, which reads `student.safetensors`' tensor table).
+
+use crate::error::BadManifest;
+use crate::location::{parse_step_dir, Location, Scheme};
+use crate::manifest::{check_object_name, check_run_id, check_step, Manifest, ObjectEntry};
+use crate::{Error, Result, CKPT_DIR, MANIFEST};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload, WriteMultipart};
+use sha2::{Digest as _, Sha256};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where a store's endpoint, region and credentials come from.
+#[derive(Clone, Default)]
+pub enum Env {
+    /// The process environment (`AWS_*`, `GOOGLE_*` and `SERVICE_ACCOUNT`, `AZURE_*` and
+    /// `IDENTITY_ENDPOINT`, as object_store reads them). What production uses.
+    #[default]
+    Process,
+    /// The given variables instead of the process environment, so tests running in parallel
+    /// can each point at their own server without mutating global state.
+    Explicit(Vec<(String, String)>),
+}
+
+impl std::fmt::Debug for Env {
+    /// Names only: values may be secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Env::Process => f.write_str("Process"),
+            Env::Explicit(vars) => f
+                .debug_tuple("Explicit")
+                .field(&vars.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+                .finish(),
+        }
+    }
+}
+
+impl Env {
+    /// The variables whose names start with `prefix`, or equal one of `extra`.
+    fn vars(&self, prefix: &str, extra: &[&str]) -> Vec<(String, String)> {
+        let wanted = |k: &str| k.starts_with(prefix) || extra.contains(&k);
+        match self {
+            Env::Process => std::env::vars().filter(|(k, _)| wanted(k)).collect(),
+            Env::Explicit(vars) => vars.iter().filter(|(k, _)| wanted(k)).cloned().collect(),
+        }
+    }
+}
+
+/// Back-off and timeouts for HTTP stores (S3, GCS, Azure). A refused connection or a 5xx is
+/// retried with exponential back-off and jitter until `max_retries` or `retry_timeout`; the
+/// defaults ride out an outage of about a minute. Local stores do not retry: their errors are
+/// not transient.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    /// First back-off.
+    pub init_backoff: Duration,
+    /// Longest single back-off.
+    pub max_backoff: Duration,
+    /// Growth factor of the back-off.
+    pub base: f64,
+    /// Retries of one request at most.
+    pub max_retries: usize,
+    /// No retry starts later than this after the first attempt.
+    pub retry_timeout: Duration,
+    /// Limit on one whole request (a hung server costs this much per attempt).
+    pub request_timeout: Duration,
+    /// Limit on establishing a connection.
+    pub connect_timeout: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+            max_retries: 60,
+            retry_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Retry {
+    fn config(&self) -> object_store::RetryConfig {
+        object_store::RetryConfig {
+            backoff: object_store::BackoffConfig {
+                init_backoff: self.init_backoff,
+                max_backoff: self.max_backoff,
+                base: self.base,
+            },
+            max_retries: self.max_retries,
+            retry_timeout: self.retry_timeout,
+        }
+    }
+
+    fn client(&self) -> object_store::ClientOptions {
+        object_store::ClientOptions::new()
+            .with_timeout(self.request_timeout)
+            .with_connect_timeout(self.connect_timeout)
+    }
+}
+
+/// How a store is opened and how it uploads.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Where endpoint, region and credentials come from.
+    pub env: Env,
+    /// Objects of at least this many bytes go up as multipart uploads.
+    pub multipart_threshold: usize,
+    /// Part size of multipart uploads (S3 wants at least 5 MiB, except for the last part).
+    pub part_size: usize,
+    /// Parts in flight at once.
+    pub upload_concurrency: usize,
+    /// Back-off and timeouts for HTTP stores.
+    pub retry: Retry,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            env: Env::Process,
+            multipart_threshold: 8 << 20,
+            part_size: 8 << 20,
+            upload_concurrency: 4,
+            retry: Retry::default(),
+        }
+    }
+}
+
+/// One checkpoint store: `<store>/<run_id>/ckpt/<step, 10 digits>/<object>`.
+/// Cheap to clone; clones share the client.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    root: Location,
+    prefix: Path,
+    options: StoreOptions,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &self.url())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A committed checkpoint as `list` finds it: its step and its manifest, or why the manifest
+/// cannot be trusted.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// The training step.
+    pub step: u64,
+    /// Where the checkpoint lives, as a URL `verify`/`digest` accept.
+    pub url: String,
+    /// The manifest, or why it was refused.
+    pub manifest: Result<Manifest, BadManifest>,
+}
+
+/// What `prune` deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Steps of committed checkpoints removed (manifest first, then objects).
+    pub removed: Vec<u64>,
+    /// Steps of uncommitted leftovers (no manifest, older than the newest commit) removed.
+    pub cleaned: Vec<u64>,
+}
+
+impl Store {
+    /// Opens the store at `url` with credentials and endpoint from the process environment.
+    /// `url` is `file:///abs/path`, a plain local path, `s3://bucket[/prefix]`,
+    /// `gs://bucket[/prefix]` or `az://container[/prefix]`. Nothing is read or written yet.
+    pub fn open(url: &str) -> Result<Store> {
+        Store::open_with(url, StoreOptions::default())
+    }
+
+    /// Opens the store at `url` with explicit options (variables, multipart and retry
+    /// settings).
+    pub fn open_with(url: &str, options: StoreOptions) -> Result<Store> {
+        Store::at(Location::parse(url)?, options)
+    }
+
+    pub(crate) fn at(root: Location, options: StoreOptions) -> Result<Store> {
+        let inner = build(&root, &options)?;
+        let prefix = Path::from_iter(root.segments.iter().map(String::as_str));
+        Ok(Store {
+            inner,
+            root,
+            prefix,
+            options,
+        })
+    }
+
+    /// The store's URL, without credentials.
+    pub fn url(&self) -> String {
+        self.root.display()
+    }
+
+    /// The URL of one checkpoint, as `xkd checkpoint verify` accepts it.
+    pub fn checkpoint_url(&self, run_id: &str, step: u64) -> String {
+        self.root
+            .child(run_id)
+            .child(CKPT_DIR)
+            .child(&step_dir(step))
+            .display()
+    }
+
+    /// Uploads one object of the checkpoint `run_id`/`step` (multipart at or above the
+    /// threshold) and returns its manifest entry. Overwrites an uncommitted object of the same
+    /// name, so a failed save can simply be repeated.
+    pub async fn put_object(
+        &self,
+        run_id: &str,
+        step: u64,
+        name: &str,
+        bytes: Bytes,
+    ) -> Result<ObjectEntry> {
+        check_run_id(run_id)?;
+        check_step(step)?;
+        check_object_name(name)?;
+        let path = self.object_path(run_id, step, name);
+        let entry = hash(name, bytes.clone()).await?;
+        if bytes.len() >= self.options.multipart_threshold {
+            self.put_multipart(&path, bytes).await?;
+        } else {
+            self.inner
+                .put(&path, PutPayload::from(bytes))
+                .await
+                .map_err(|e| self.err("writing", &path, e))?;
+        }
+        tracing::debug!(object = %self.show(&path), size = entry.size, "object written");
+        Ok(entry)
+    }
+
+    /// Uploads the local file `file` as object `name` of `run_id`/`step` and returns its
+    /// manifest entry, hashing as it reads: a large file is streamed in parts and never held
+    /// whole (at most `part_size × upload_concurrency` bytes in memory).
+    pub async fn put_file(
+        &self,
+        run_id: &str,
+        step: u64,
+        name: &str,
+        file: &std::path::Path,
+    ) -> Result<ObjectEntry> {
+        use tokio::io::AsyncReadExt;
+        let io = |source| Error::Io {
+            path: file.display().to_string(),
+            source,
+        };
+        let mut f = tokio::fs::File::open(file).await.map_err(io)?;
+        let len = f.metadata().await.map_err(io)?.len();
+        if len < self.options.multipart_threshold as u64 {
+            let mut bytes = Vec::with_capacity(len as usize);
+            f.read_to_end(&mut bytes).await.map_err(io)?;
+            return self.put_object(run_id, step, name, bytes.into()).await;
+        }
+        check_run_id(run_id)?;
+        check_step(step)?;
+        check_object_name(name)?;
+        let path = self.object_path(run_id, step, name);
+        let err = |e| self.err("uploading (multipart)", &path, e);
+        let upload = self.inner.put_multipart(&path).await.map_err(err)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.options.part_size);
+        let (mut hasher, mut size) = (Sha256::new(), 0u64);
+        loop {
+            let mut part = Vec::with_capacity(self.options.part_size.max(1));
+            let n = (&mut f)
+                .take(self.options.part_size.max(1) as u64)
+                .read_to_end(&mut part)
+                .await;
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(io(e));
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            hasher.update(&part);
+            size += n as u64;
+            if let Err(e) = writer
+                .wait_for_capacity(self.options.upload_concurrency.max(1))
+                .await
+            {
+                let _ = writer.abort().await;
+                return Err(err(e));
+            }
+            writer.put(Bytes::from(part));
+        }
+        writer.finish().await.map_err(err)?;
+        Ok(ObjectEntry {
+            name: name.to_string(),
+            size,
+            sha256: crate::manifest::hex(&hasher.finalize()),
+        })
+    }
+
+    async fn put_multipart(&self, path: &Path, bytes: Bytes) -> Result<()> {
+        let err = |e| self.err("uploading (multipart)", path, e);
+        let upload = self.inner.put_multipart(path).await.map_err(err)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.options.part_size);
+        let part = self.options.part_size.max(1);
+        let mut offset = 0;
+        while offset < bytes.len() {
+            let end = (offset + part).min(bytes.len());
+            if let Err(e) = writer
+                .wait_for_capacity(self.options.upload_concurrency.max(1))
+                .await
+            {
+                let _ = writer.abort().await;
+                return Err(err(e));
+            }
+            writer.put(bytes.slice(offset..end));
+            offset = end;
+        }
+        writer.finish().await.map_err(err)?;
+        Ok(())
+    }
+
+    /// Commits the checkpoint `run_id`/`step`: checks every listed object is in the store with
+    /// its size, then writes `MANIFEST.json` with a create-only put. Only when that put
+    /// succeeds does the checkpoint exist. A manifest already in place is never overwritten:
+    /// if it lists the same objects (a retried commit whose first answer was lost) it is
+    /// returned, otherwise the commit fails with [`Error::AlreadyCommitted`].
+    pub async fn commit(
+        &self,
+        run_id: &str,
+        step: u64,
+        objects: &[ObjectEntry],
+    ) -> Result<Manifest> {
+        let manifest = Manifest::new(run_id, step, objects)?;
+        let dir = self.checkpoint_url(run_id, step);
+        for o in &manifest.objects {
+            let path = self.object_path(run_id, step, &o.name);
+            let found = match self.inner.head(&path).await {
+                Ok(meta) => meta.size,
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(mismatch(&dir, &o.name, "not in the store".into()))
+                }
+                Err(e) => return Err(self.err("checking", &path, e)),
+            };
+            if found != o.size {
+                let reason = format!("{found} bytes in the store, {} listed", o.size);
+                return Err(mismatch(&dir, &o.name, reason));
+            }
+        }
+        let path = self.object_path(run_id, step, MANIFEST);
+        let put = self
+            .inner
+            .put_opts(&path, manifest.to_bytes().into(), PutMode::Create.into())
+            .await;
+        match put {
+            Ok(_) => {
+                tracing::info!(checkpoint = %dir, objects = manifest.objects.len(), "committed");
+                Ok(manifest)
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let existing = self.manifest(run_id, step).await?;
+                if existing.objects == manifest.objects {
+                    Ok(existing)
+                } else {
+                    Err(Error::AlreadyCommitted { path: dir })
+                }
+            }
+            Err(e) => Err(self.err("committing", &path, e)),
+        }
+    }
+
+    /// The manifest of `run_id`/`step`: [`Error::NotCommitted`] when there is none,
+    /// [`Error::BadManifest`] when it cannot be trusted.
+    pub async fn manifest(&self, run_id: &str, step: u64) -> Result<Manifest> {
+        check_run_id(run_id)?;
+        check_step(step)?;
+        let path = self.object_path(run_id, step, MANIFEST);
+        let bytes = match self.get(&path).await {
+            Ok(bytes) => bytes,
+            Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => {
+                return Err(Error::NotCommitted {
+                    path: self.checkpoint_url(run_id, step),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Manifest::parse(&bytes, &self.show(&path), run_id, step)?)
+    }
+
+    /// The committed checkpoints of `run_id` (those with a manifest), newest step first.
+    /// A manifest that cannot be trusted is listed with the reason, not dropped.
+    pub async fn list(&self, run_id: &str) -> Result<Vec<Listed>> {
+        let scan = self.scan(run_id).await?;
+        let mut out = Vec::new();
+        for (&step, dir) in scan.iter().rev() {
+            if !dir.committed {
+                continue;
+            }
+            let manifest = match self.manifest(run_id, step).await {
+                Ok(m) => Ok(m),
+                Err(Error::BadManifest(bad)) => Err(bad),
+                Err(Error::NotCommitted { .. }) => continue, // pruned since the scan
+                Err(e) => return Err(e),
+            };
+            out.push(Listed {
+                step,
+                url: self.checkpoint_url(run_id, step),
+                manifest,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The bytes of one object, as stored (unchecked; see [`Store::read_verified`]).
+    pub async fn get_object(&self, run_id: &str, step: u64, name: &str) -> Result<Bytes> {
+        check_run_id(run_id)?;
+        check_step(step)?;
+        check_object_name(name)?;
+        self.get(&self.object_path(run_id, step, name)).await
+    }
+
+    /// The bytes of object `name` of the checkpoint `manifest` describes, checked against the
+    /// manifest's size and sha256: what a resume should read.
+    pub async fn read_verified(&self, manifest: &Manifest, name: &str) -> Result<Bytes> {
+        let (run_id, step) = (&manifest.run_id, manifest.step);
+        let path = self.object_path(run_id, step, name);
+        let entry = manifest.object(name).ok_or_else(|| Error::NotInManifest {
+            path: self.checkpoint_url(run_id, step),
+            name: name.to_string(),
+        })?;
+        let bytes = self.get_object(run_id, step, name).await?;
+        let found = hash(name, bytes.clone()).await?;
+        if let Some(problem) = crate::verify::compare(entry, found.size, &found.sha256) {
+            return Err(Error::Corrupt {
+                path: self.show(&path),
+                problem: problem.to_string(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Deletes all but the newest `keep` committed checkpoints of `run_id`, and uncommitted
+    /// leftovers older than the newest commit. Each checkpoint loses its manifest first, so
+    /// at every moment a manifest in the store still lists only objects that are there.
+    /// Uncommitted directories newer than the newest commit are left alone: a save may be
+    /// writing them.
+    pub async fn prune(&self, run_id: &str, keep: usize) -> Result<Pruned> {
+        if keep == 0 {
+            return Err(Error::KeepNothing);
+        }
+        let scan = self.scan(run_id).await?;
+        let committed: Vec<u64> = scan
+            .iter()
+            .rev()
+            .filter(|(_, d)| d.committed)
+            .map(|(s, _)| *s)
+            .collect();
+        let Some(&newest) = committed.first() else {
+            return Ok(Pruned::default());
+        };
+        let mut pruned = Pruned::default();
+        for (&step, dir) in &scan {
+            if dir.committed && !committed[..keep.min(committed.len())].contains(&step) {
+                self.delete_dir(run_id, step, dir).await?;
+                pruned.removed.push(step);
+            } else if !dir.committed && step < newest {
+                self.delete_dir(run_id, step, dir).await?;
+                pruned.cleaned.push(step);
+            }
+        }
+        if !pruned.removed.is_empty() || !pruned.cleaned.is_empty() {
+            tracing::info!(run_id, removed = ?pruned.removed, cleaned = ?pruned.cleaned, "pruned");
+        }
+        Ok(pruned)
+    }
+
+    async fn delete_dir(&self, run_id: &str, step: u64, dir: &StepDir) -> Result<()> {
+        if dir.committed {
+            self.delete(&self.object_path(run_id, step, MANIFEST))
+                .await?;
+        }
+        for path in &dir.objects {
+            self.delete(path).await?;
+        }
+        if self.root.scheme == Scheme::Local {
+            // Object stores have no directories; on a local disk the empty one is left behind.
+            let dir = format!("/{}", self.step_path(run_id, step));
+            let _ = std::fs::remove_dir(dir);
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, path: &Path) -> Result<()> {
+        match self.inner.delete(path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err("deleting", path, e)),
+        }
+    }
+
+    /// Every step directory of `run_id` with its objects (manifest apart), oldest first.
+    async fn scan(&self, run_id: &str) -> Result<BTreeMap<u64, StepDir>> {
+        check_run_id(run_id)?;
+        let root = self.prefix.clone().join(run_id).join(CKPT_DIR);
+        let metas: Vec<_> = self
+            .inner
+            .list(Some(&root))
+            .try_collect()
+            .await
+            .map_err(|e| self.err("listing", &root, e))?;
+        let mut dirs: BTreeMap<u64, StepDir> = BTreeMap::new();
+        for meta in metas {
+            let Some(mut parts) = meta.location.prefix_match(&root) else {
+                continue;
+            };
+            let Some(step) = parts.next().and_then(|p| parse_step_dir(p.as_ref())) else {
+                continue;
+            };
+            let rest: Vec<_> = parts.collect();
+            let dir = dirs.entry(step).or_default();
+            if rest.len() == 1 && rest[0].as_ref() == MANIFEST {
+                dir.committed = true;
+            } else {
+                dir.objects.push(meta.location);
+            }
+        }
+        Ok(dirs)
+    }
+
+    pub(crate) async fn get(&self, path: &Path) -> Result<Bytes> {
+        let err = |e| self.err("reading", path, e);
+        self.inner
+            .get(path)
+            .await
+            .map_err(err)?
+            .bytes()
+            .await
+            .map_err(err)
+    }
+
+    pub(crate) fn inner(&self) -> &dyn ObjectStore {
+        self.inner.as_ref()
+    }
+
+    fn step_path(&self, run_id: &str, step: u64) -> Path {
+        self.prefix
+            .clone()
+            .join(run_id)
+            .join(CKPT_DIR)
+            .join(step_dir(step))
+    }
+
+    pub(crate) fn object_path(&self, run_id: &str, step: u64, name: &str) -> Path {
+        self.step_path(run_id, step).join(name)
+    }
+
+    /// A path as a URL for messages.
+    pub(crate) fn show(&self, path: &Path) -> String {
+        match self.root.scheme {
+            Scheme::Local => format!("/{path}"),
+            _ => format!("{}/{path}", self.root.base),
+        }
+    }
+
+    pub(crate) fn err(&self, op: &'static str, path: &Path, source: object_store::Error) -> Error {
+        Error::Store {
+            op,
+            path: self.show(path),
+            source,
+        }
+    }
+}
+
+/// One step directory found by a scan.
+#[derive(Debug, Default)]
+struct StepDir {
+    committed: bool,
+    objects: Vec<Path>,
+}
+
+/// `0000000400` for step 400.
+pub(crate) fn step_dir(step: u64) -> String {
+    format!("{step:010}")
+}
+
+fn mismatch(dir: &str, name: &str, reason: String) -> Error {
+    Error::CommitMismatch {
+        path: dir.to_string(),
+        name: name.to_string(),
+        reason,
+    }
+}
+
+/// Size and sha256 of `bytes`, hashed off the async threads when large.
+async fn hash(name: &str, bytes: Bytes) -> Result<ObjectEntry> {
+    if bytes.len() < 1 << 20 {
+        return Ok(ObjectEntry::of(name, &bytes));
+    }
+    let (owned, shown) = (name.to_string(), name.to_string());
+    tokio::task::spawn_blocking(move || ObjectEntry::of(&owned, &bytes))
+        .await
+        .map_err(|e| Error::Store {
+            op: "hashing",
+            path: shown,
+            source: object_store::Error::JoinError { source: e },
+        })
+}
+
+/// The object_store client for `loc`. Settings are laid down in this order, later ones
+/// winning: our timeouts and retry, then the environment (or the explicit variables), then
+/// what the URL itself names (bucket, container).
+fn build(loc: &Location, options: &StoreOptions) -> Result<Arc<dyn ObjectStore>> {
+    use object_store::{aws, azure, gcp};
+    let (retry, client) = (options.retry.config(), options.retry.client());
+    let env = &options.env;
+    let built: object_store::Result<Arc<dyn ObjectStore>> = match loc.scheme {
+        Scheme::Local => Ok(Arc::new(object_store::local::LocalFileSystem::new())),
+        Scheme::S3 => {
+            let mut b = aws::AmazonS3Builder::new()
+                .with_client_options(client)
+                .with_retry(retry);
+            for (k, v) in env.vars("AWS_", &[]) {
+                if let Ok(key) = k.to_ascii_lowercase().parse::<aws::AmazonS3ConfigKey>() {
+                    b = b.with_config(key, v);
+                }
+            }
+            b.with_url(&loc.base).build().map(|s| Arc::new(s) as _)
+        }
+        Scheme::Gcs => {
+            let mut b = gcp::GoogleCloudStorageBuilder::new()
+                .with_client_options(client)
+                .with_retry(retry);
+            for (k, v) in env.vars("GOOGLE_", &["SERVICE_ACCOUNT"]) {
+                let k = if k == "SERVICE_ACCOUNT" {
+                    "service_account_path".into()
+                } else {
+                    k.to_ascii_lowercase()
+                };
+                if let Ok(key) = k.parse::<gcp::GoogleConfigKey>() {
+                    b = b.with_config(key, v);
+                }
+            }
+            b.with_url(&loc.base).build().map(|s| Arc::new(s) as _)
+        }
+        Scheme::Azure => {
+            let mut b = azure::MicrosoftAzureBuilder::new()
+                .with_client_options(client)
+                .with_retry(retry);
+            for (k, v) in env.vars("AZURE_", &["IDENTITY_ENDPOINT"]) {
+                let k = if k == "IDENTITY_ENDPOINT" {
+                    "msi_endpoint".into()
+                } else {
+                    k.to_ascii_lowercase()
+                };
+                if let Ok(key) = k.parse::<azure::AzureConfigKey>() {
+                    b = b.with_config(key, v);
+                }
+            }
+            b.with_url(&loc.base).build().map(|s| Arc::new(s) as _)
+        }
+    };
+    built.map_err(|source| Error::Open {
+        url: loc.display(),
+        source,
+    })
+}

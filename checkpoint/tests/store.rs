@@ -1,0 +1,350 @@
+//! The store's contract, run against a local directory and against a real S3-compatible server
+//! (s3s-fs on 127.0.0.1): commit, list, verify, prune, digest, and the create-only manifest.
+
+mod common;
+
+use bytes::Bytes;
+use common::Fixture;
+use std::collections::HashMap;
+use xkd_checkpoint::{Error, ObjectEntry, ObjectStatus, StoreOptions, MANIFEST, STUDENT};
+
+/// Runs each scenario once per backend: `<scenario>::file` and `<scenario>::s3`.
+macro_rules! on_every_backend {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test]
+            async fn file() {
+                super::$scenario(super::Fixture::file()).await
+            }
+            #[tokio::test]
+            async fn s3() {
+                super::$scenario(super::Fixture::s3()).await
+            }
+        }
+    )*};
+}
+
+on_every_backend!(
+    commit_then_list_verify_and_read,
+    manifest_is_create_only,
+    commit_refuses_objects_not_in_the_store,
+    uncommitted_checkpoints_do_not_exist,
+    corrupt_byte_is_named_and_skipped_on_resume,
+    missing_and_truncated_objects_are_reported,
+    prune_keeps_the_newest_and_cleans_leftovers,
+    digest_depends_on_parameters_only,
+    large_objects_go_up_in_parts,
+    files_stream_up_with_their_hash,
+);
+
+const RUN: &str = "run-7";
+
+async fn commit_then_list_verify_and_read(fx: Fixture) {
+    let first = fx.save(RUN, 100, 1).await;
+    fx.save(RUN, 200, 2).await;
+    let listed = fx.store.list(RUN).await.unwrap();
+    let steps: Vec<u64> = listed.iter().map(|l| l.step).collect();
+    assert_eq!(steps, [200, 100], "newest first");
+    let m = listed[1].manifest.as_ref().unwrap();
+    assert_eq!((m.run_id.as_str(), m.step, m.format_version), (RUN, 100, 1));
+    let names: Vec<&str> = m.objects.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["optimizer.safetensors", "state.json", "student.safetensors"]
+    );
+    assert_eq!(m.total_size(), first.iter().map(|e| e.size).sum::<u64>());
+    assert!(m.age().as_secs() < 60);
+    assert!(
+        listed[0].url.ends_with("/run-7/ckpt/0000000200"),
+        "{}",
+        listed[0].url
+    );
+
+    let v = fx.store.verify(RUN, 100).await.unwrap();
+    assert!(v.is_ok(), "{}", v.problems());
+    assert_eq!(v.objects.len(), 3);
+    let student = fx.store.get_object(RUN, 100, STUDENT).await.unwrap();
+    assert_eq!(student, Bytes::from(common::params(1, None)));
+    assert_eq!(fx.store.read_verified(m, STUDENT).await.unwrap(), student);
+    let e = fx.store.read_verified(m, "nope.bin").await.unwrap_err();
+    assert!(matches!(e, Error::NotInManifest { .. }), "{e}");
+    assert!(fx.store.list("other-run").await.unwrap().is_empty());
+}
+
+async fn manifest_is_create_only(fx: Fixture) {
+    let entries = fx.save(RUN, 300, 1).await;
+    let before = fx.store.get_object(RUN, 300, "state.json").await.unwrap();
+    let original = fx.store.manifest(RUN, 300).await.unwrap();
+
+    // Same objects again (a retried commit whose answer was lost): the original stands.
+    let again = fx.store.commit(RUN, 300, &entries).await.unwrap();
+    assert_eq!(again, original);
+
+    // Different objects: refused, and the manifest is untouched.
+    let other = fx
+        .store
+        .put_object(RUN, 300, "extra.bin", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    let mut more = entries.clone();
+    more.push(other);
+    let e = fx.store.commit(RUN, 300, &more).await.unwrap_err();
+    assert!(matches!(e, Error::AlreadyCommitted { .. }), "{e}");
+    assert!(e.to_string().contains("0000000300"), "{e}");
+    assert_eq!(fx.store.manifest(RUN, 300).await.unwrap(), original);
+    assert_eq!(
+        fx.store.get_object(RUN, 300, "state.json").await.unwrap(),
+        before
+    );
+
+    // MANIFEST.json cannot be written as an object either.
+    let e = fx
+        .store
+        .put_object(RUN, 300, MANIFEST, Bytes::from_static(b"{}"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::BadObjectName { .. }), "{e}");
+}
+
+async fn commit_refuses_objects_not_in_the_store(fx: Fixture) {
+    let ok = fx
+        .store
+        .put_object(RUN, 5, "a.bin", Bytes::from_static(b"abc"))
+        .await
+        .unwrap();
+    let ghost = ObjectEntry::of("ghost.bin", b"never written");
+    let e = fx
+        .store
+        .commit(RUN, 5, &[ok.clone(), ghost])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("ghost.bin"), "{e}");
+    let wrong_size = ObjectEntry { size: 4, ..ok };
+    let e = fx.store.commit(RUN, 5, &[wrong_size]).await.unwrap_err();
+    assert!(e.to_string().contains("a.bin"), "{e}");
+    assert!(
+        fx.store.list(RUN).await.unwrap().is_empty(),
+        "nothing committed"
+    );
+}
+
+async fn uncommitted_checkpoints_do_not_exist(fx: Fixture) {
+    for (name, bytes) in common::checkpoint_objects(3, 10) {
+        fx.store.put_object(RUN, 10, name, bytes).await.unwrap();
+    }
+    assert!(fx.store.list(RUN).await.unwrap().is_empty());
+    let resume = fx.store.newest_verified(RUN).await.unwrap();
+    assert!(resume.checkpoint.is_none() && resume.skipped.is_empty());
+    let e = fx.store.verify(RUN, 10).await.unwrap_err();
+    assert!(matches!(e, Error::NotCommitted { .. }), "{e}");
+    assert!(e.to_string().contains("0000000010"), "{e}");
+}
+
+async fn corrupt_byte_is_named_and_skipped_on_resume(fx: Fixture) {
+    fx.save(RUN, 400, 1).await;
+    fx.save(RUN, 500, 2).await;
+    fx.corrupt(RUN, 500, STUDENT);
+
+    let v = fx.store.verify(RUN, 500).await.unwrap();
+    assert!(!v.is_ok());
+    let bad: Vec<&str> = v.bad().map(|o| o.name.as_str()).collect();
+    assert_eq!(bad, [STUDENT]);
+    assert!(matches!(
+        v.bad().next().unwrap().status,
+        ObjectStatus::Sha256Mismatch { .. }
+    ));
+    assert!(
+        v.problems()
+            .contains("student.safetensors: sha256 mismatch"),
+        "{}",
+        v.problems()
+    );
+
+    let resume = fx.store.newest_verified(RUN).await.unwrap();
+    assert_eq!(resume.checkpoint.as_ref().map(|m| m.step), Some(400));
+    assert_eq!(resume.skipped.len(), 1);
+    assert_eq!(resume.skipped[0].step, 500);
+    assert!(
+        resume.skipped[0].reason.contains(STUDENT),
+        "{:?}",
+        resume.skipped
+    );
+
+    let e = fx.store.digest(RUN, 500).await.unwrap_err();
+    assert!(
+        matches!(e, Error::Corrupt { .. }) && e.to_string().contains(STUDENT),
+        "{e}"
+    );
+    let m = fx.store.manifest(RUN, 500).await.unwrap();
+    assert!(fx.store.read_verified(&m, STUDENT).await.is_err());
+}
+
+async fn missing_and_truncated_objects_are_reported(fx: Fixture) {
+    fx.save(RUN, 1, 1).await;
+    fx.save(RUN, 2, 2).await;
+    fx.remove(RUN, 2, "state.json");
+    fx.truncate(RUN, 2, "optimizer.safetensors");
+    let v = fx.store.verify(RUN, 2).await.unwrap();
+    let bad: Vec<(&str, &ObjectStatus)> = v.bad().map(|o| (o.name.as_str(), &o.status)).collect();
+    assert_eq!(bad.len(), 2, "{}", v.problems());
+    assert_eq!(bad[1], ("state.json", &ObjectStatus::Missing));
+    assert_eq!(bad[0].0, "optimizer.safetensors");
+    assert!(
+        matches!(bad[0].1, ObjectStatus::SizeMismatch { .. }),
+        "{}",
+        v.problems()
+    );
+
+    // A manifest that is itself damaged is reported, and resume falls back past it.
+    fx.corrupt(RUN, 1, MANIFEST);
+    let listed = fx.store.list(RUN).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed[1].manifest.is_err());
+    let resume = fx.store.newest_verified(RUN).await.unwrap();
+    assert!(resume.checkpoint.is_none());
+    assert_eq!(resume.skipped.len(), 2, "{:?}", resume.skipped);
+    assert!(
+        resume.skipped[1].reason.contains("manifest"),
+        "{:?}",
+        resume.skipped
+    );
+}
+
+async fn prune_keeps_the_newest_and_cleans_leftovers(fx: Fixture) {
+    for step in [100, 200, 300, 400, 500] {
+        fx.save(RUN, step, step as u8).await;
+    }
+    // An abandoned save older than the newest commit, and one in flight after it.
+    fx.store
+        .put_object(RUN, 250, "student.safetensors", Bytes::from_static(b"old"))
+        .await
+        .unwrap();
+    fx.store
+        .put_object(RUN, 600, "student.safetensors", Bytes::from_static(b"new"))
+        .await
+        .unwrap();
+
+    let e = fx.store.prune(RUN, 0).await.unwrap_err();
+    assert!(e.is_usage(), "{e}");
+    let pruned = fx.store.prune(RUN, 2).await.unwrap();
+    assert_eq!(pruned.removed, [100, 200, 300]);
+    assert_eq!(pruned.cleaned, [250]);
+    let steps: Vec<u64> = fx
+        .store
+        .list(RUN)
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.step)
+        .collect();
+    assert_eq!(steps, [500, 400]);
+    for step in [400, 500] {
+        assert!(fx.store.verify(RUN, step).await.unwrap().is_ok());
+    }
+    assert!(
+        fx.store.get_object(RUN, 100, STUDENT).await.is_err(),
+        "objects deleted too"
+    );
+    assert!(fx.store.get_object(RUN, 250, STUDENT).await.is_err());
+    assert_eq!(
+        fx.store.get_object(RUN, 600, STUDENT).await.unwrap(),
+        Bytes::from_static(b"new")
+    );
+    assert_eq!(
+        fx.store.prune(RUN, 2).await.unwrap(),
+        Default::default(),
+        "idempotent"
+    );
+}
+
+async fn digest_depends_on_parameters_only(fx: Fixture) {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let with_meta = common::params(9, Some(meta));
+    assert_ne!(with_meta, common::params(9, None), "the files differ");
+    let e1 = fx
+        .store
+        .put_object("a", 1, STUDENT, Bytes::from(common::params(9, None)))
+        .await
+        .unwrap();
+    let e2 = fx
+        .store
+        .put_object("b", 7, STUDENT, Bytes::from(with_meta))
+        .await
+        .unwrap();
+    let e3 = fx
+        .store
+        .put_object("c", 1, STUDENT, Bytes::from(common::params(8, None)))
+        .await
+        .unwrap();
+    fx.store.commit("a", 1, &[e1]).await.unwrap();
+    fx.store.commit("b", 7, &[e2]).await.unwrap();
+    fx.store.commit("c", 1, &[e3]).await.unwrap();
+    let a = fx.store.digest("a", 1).await.unwrap();
+    let b = fx.store.digest("b", 7).await.unwrap();
+    let c = fx.store.digest("c", 1).await.unwrap();
+    assert_eq!(a, b);
+    assert_ne!(a.sha256, c.sha256);
+    assert_eq!((a.tensors, a.bytes), (2, 4 * (24 + 8)));
+}
+
+async fn large_objects_go_up_in_parts(fx: Fixture) {
+    // S3 parts are at least 5 MiB (s3s-fs enforces it), so 12 MiB makes three parts.
+    let store = fx.reopen(StoreOptions {
+        multipart_threshold: 6 << 20,
+        part_size: 5 << 20,
+        ..common::options(Default::default())
+    });
+    let big: Vec<u8> = (0..12u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let entry = store
+        .put_object(RUN, 9, "optimizer.safetensors", Bytes::from(big.clone()))
+        .await
+        .unwrap();
+    assert_eq!(entry.sha256, xkd_checkpoint::sha256_hex(&big));
+    store.commit(RUN, 9, &[entry]).await.unwrap();
+    assert!(store.verify(RUN, 9).await.unwrap().is_ok());
+    assert_eq!(
+        store
+            .get_object(RUN, 9, "optimizer.safetensors")
+            .await
+            .unwrap()
+            .len(),
+        big.len()
+    );
+}
+
+async fn files_stream_up_with_their_hash(fx: Fixture) {
+    let store = fx.reopen(StoreOptions {
+        multipart_threshold: 6 << 20,
+        part_size: 5 << 20,
+        ..common::options(Default::default())
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (small, big) = (
+        dir.path().join("state.json"),
+        dir.path().join("optimizer.bin"),
+    );
+    std::fs::write(&small, b"{\"step\": 3}").unwrap();
+    let data: Vec<u8> = (0..11u32 << 20)
+        .map(|i| (i.wrapping_mul(40503) >> 7) as u8)
+        .collect();
+    std::fs::write(&big, &data).unwrap();
+    let mut entries = Vec::new();
+    for (name, file) in [("state.json", &small), ("optimizer.bin", &big)] {
+        let e = store.put_file(RUN, 3, name, file).await.unwrap();
+        assert_eq!(
+            e.sha256,
+            xkd_checkpoint::sha256_hex(&std::fs::read(file).unwrap())
+        );
+        entries.push(e);
+    }
+    assert_eq!(entries[1].size, data.len() as u64);
+    store.commit(RUN, 3, &entries).await.unwrap();
+    assert!(store.verify(RUN, 3).await.unwrap().is_ok());
+    let e = store
+        .put_file(RUN, 3, "x", &dir.path().join("absent"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("absent"), "{e}");
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README.md; .ci/run calls exactly this). Installs what it needs itself:
-# the pip CUDA 13.0 compiler (into .cuda/, once). Needs no GPU.
+# the pip CUDA 13.0 compiler (into .cuda/, once) and the S3-compatible server s3s-fs 0.14.1 that
+# the checkpoint tests start on 127.0.0.1 (into .tools/, once). Needs no GPU and no cloud.
 #  1. every CUDA kernel compiled to PTX for sm_90 and assembled, 0 spill bytes (kernels/ptx-check.sh)
 #  2. the `cuda` feature's Rust code type-checks against candle's CUDA backend
 #  3. the whole workspace's tests, release build
@@ -10,5 +11,9 @@ echo "== 1/3 CUDA kernels: PTX for sm_90, ptxas, spills"
 kernels/ptx-check.sh
 echo "== 2/3 cargo check --features cuda (xkd-kernels)"
 (. kernels/cuda-env.sh && cargo check --release -p xkd-kernels --features cuda --all-targets)
+if [ ! -x .tools/bin/s3s-fs ] && [ -z "${XKD_S3S_FS:-}" ]; then
+    echo "== installing s3s-fs 0.14.1 into .tools/ (the S3-compatible server of the checkpoint tests)"
+    cargo install s3s-fs@0.14.1 --features binary --locked --root .tools
+fi
 echo "== 3/3 cargo test --release --workspace"
 cargo test --release --workspace

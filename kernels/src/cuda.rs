@@ -97,7 +97,7 @@ pub struct Outputs<'a, S> {
 
 /// Computes the loss (and gradient) of `student` `[N, Vs]` against `teacher` `[N, Vt]`.
 /// `weights` `[N]` (None: all 1) and `targets` `[N]` (-1 or None: no cross-entropy target) are
-/// on the device. `force` picks the kernel; `None` lets the shapes decide.
+/// on the device. `force` picks the kernel; `None` takes the row kernel (see the module docs).
 #[allow(clippy::too_many_arguments)]
 pub fn distill<S: GpuElem, T: GpuElem>(
     dev: &CudaDevice,

@@ -11,7 +11,8 @@ use crate::model::{self, InputShape, Model, Vocab, OPTIONS};
 use anyhow::{bail, Context as _, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use crate::optim::AdamW;
+use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use sha2::{Digest, Sha256};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -285,7 +286,7 @@ impl Rank {
             weight_decay: task.weight_decay,
             ..Default::default()
         };
-        let mut opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), params)?;
+        let mut opt = AdamW::new(&vars, params)?;
         let mut last_loss = f64::NAN;
         for step in 0..task.steps {
             let lr = learning_rate(step, task.steps, task.warmup_steps, task.lr);

@@ -2,6 +2,7 @@
 //! evaluation, report. Every stage is a task the workers run; this file only orders them,
 //! watches them, and turns their outcomes into decisions and files.
 
+use crate::checkpoint::{self, Checkpoints};
 use crate::heuristic::{self, Decision};
 use crate::report::{self, Report};
 use crate::server::{Cluster, ControlServer, Event};
@@ -15,8 +16,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use xkd_protocol::config::{section_digest, Config, Modality};
 use xkd_protocol::{
-    Assignment, ClipOutcome, CoordinatorMsg, DataSummary, EvalTask, Objective, ShardPlan, Task,
-    TaskKind, TaskResult, TrainSummary, TrainTask, WorkerMsg,
+    Assignment, CheckpointOrder, ClipOutcome, CoordinatorMsg, DataSummary, EvalTask, Objective,
+    ShardPlan, Task, TaskKind, TaskResult, TrainSummary, TrainTask, WorkerMsg,
 };
 
 /// Worker processes the coordinator starts itself (`xkd run`).
@@ -144,7 +145,7 @@ async fn stages(
 
     d.stage = "distill".into();
     let distilled = out_dir.join("student.safetensors");
-    let summary = d
+    let (summary, final_checkpoint) = d
         .distill(config, &data, &decision, &teacher, &student, &distilled)
         .await?;
 
@@ -161,7 +162,7 @@ async fn stages(
         before: &before,
         after: &after,
         distill: &summary,
-        checkpoint: &distilled,
+        final_checkpoint,
         wall_seconds: started.elapsed().as_secs_f64(),
     });
     report::write(out_dir, &report)?;
@@ -183,6 +184,9 @@ struct Driver {
     next_task: u64,
     metrics: std::fs::File,
     stage: String,
+    out_dir: PathBuf,
+    /// Commits the checkpoints of the task that saves them (distillation).
+    checkpoints: Option<Checkpoints>,
 }
 
 impl Driver {
@@ -197,6 +201,8 @@ impl Driver {
             next_task: 0,
             metrics,
             stage: "setup".into(),
+            out_dir: out_dir.to_path_buf(),
+            checkpoints: None,
         })
     }
 
@@ -261,6 +267,18 @@ impl Driver {
                         bail!("worker {rank} failed in {}: {error}", self.stage)
                     }
                     WorkerMsg::Step(report) => self.log_step(&report)?,
+                    WorkerMsg::Saved(saved) if rank == 0 => match self.checkpoints.as_mut() {
+                        Some(c) => c.commit(&saved).await,
+                        None => tracing::warn!(step = saved.step, "unordered checkpoint ignored"),
+                    },
+                    WorkerMsg::SaveFailed { step, error, .. } => {
+                        tracing::warn!(
+                            rank,
+                            step,
+                            error,
+                            "checkpoint not saved; the next one retries"
+                        )
+                    }
                     WorkerMsg::Heartbeat { .. } => {}
                     other => tracing::warn!(rank, ?other, "unexpected message"),
                 },
@@ -371,6 +389,7 @@ impl Driver {
             caption_weight: p.caption_weight,
             grad_clip: p.grad_clip,
             seed: config.run.seed,
+            checkpoint: None,
         };
         let summary = self.train(task).await?;
         tracing::info!(model = shown, loss = summary.final_loss, "pretrained");
@@ -379,7 +398,7 @@ impl Driver {
 
     async fn train(&mut self, task: TrainTask) -> Result<TrainSummary> {
         let all = self.all();
-        let results = self.order(&all, TaskKind::Train(task)).await?;
+        let results = self.order(&all, TaskKind::Train(Box::new(task))).await?;
         let summaries: Vec<TrainSummary> = results
             .into_iter()
             .map(|r| match r {
@@ -439,7 +458,7 @@ impl Driver {
         teacher: &str,
         student: &str,
         save: &Path,
-    ) -> Result<TrainSummary> {
+    ) -> Result<(TrainSummary, Option<String>)> {
         let hard: HashSet<u32> = decision.hard_labels().into_iter().collect();
         let pool = split(data, "distill")?;
         let (mut main, mut others) = (Vec::new(), Vec::new());
@@ -457,7 +476,7 @@ impl Driver {
         } else {
             (per_worker as f64 * dc.replay_fraction).round() as usize
         };
-        let task = TrainTask {
+        let mut task = TrainTask {
             modality: config.student_modality(),
             objective: Objective::Distill {
                 teacher: teacher.to_string(),
@@ -480,11 +499,30 @@ impl Driver {
             caption_weight: 0.0,
             grad_clip: dc.grad_clip,
             seed: config.run.seed,
+            checkpoint: None,
         };
         if task.batch == 0 {
             bail!("distill.replay_fraction leaves no hard-class clips in a worker's batch");
         }
-        self.train(task).await
+        let mut checkpoints = Checkpoints::open(config, &self.run_id, &self.out_dir)?;
+        task.checkpoint = Some(CheckpointOrder {
+            url: checkpoints.url(),
+            run_id: self.run_id.clone(),
+            every_steps: config.checkpoint.every_steps,
+        });
+        checkpoints.begin(checkpoint::Context {
+            // `order` numbers the task it sends next.
+            task_id: self.next_task + 1,
+            task: task.clone(),
+            world: self.world,
+            hard_classes: decision.hard_names(),
+            config_digest: checkpoint::recipe_digest(config),
+        });
+        self.checkpoints = Some(checkpoints);
+        let summary = self.train(task).await;
+        let checkpoints = self.checkpoints.take();
+        let last = checkpoints.and_then(|c| c.last().map(str::to_string));
+        Ok((summary?, last))
     }
 }
 

@@ -10,5 +10,6 @@ pub mod data;
 pub mod features;
 pub mod model;
 pub mod optim;
+pub mod saver;
 pub mod session;
 pub mod train;

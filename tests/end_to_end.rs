@@ -142,7 +142,10 @@ fn default_job_closes_the_sensory_gap_on_hard_classes() {
     let url = report["final_checkpoint"].as_str().expect("checkpoint URL");
     assert!(url.ends_with("/ckpt/0000000400"), "{url}");
     let dir = Path::new(url.trim_start_matches("file://"));
-    assert!(dir.join("MANIFEST.json").is_file(), "{url} is not committed");
+    assert!(
+        dir.join("MANIFEST.json").is_file(),
+        "{url} is not committed"
+    );
     let kept = std::fs::read_dir(dir.parent().unwrap()).unwrap().count();
     assert_eq!(kept, 3, "checkpoint.keep_last = 3");
 

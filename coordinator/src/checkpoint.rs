@@ -160,9 +160,11 @@ impl Checkpoints {
         self.current = Some(cx);
     }
 
-    /// The run id checkpoints are saved under.
-    pub fn run_id(&self) -> &str {
-        &self.run_id
+    /// The task's checkpoints are over (later `Saved` messages are ignored); returns the URL
+    /// of the newest committed one.
+    pub fn end(&mut self) -> Option<String> {
+        self.current = None;
+        self.last.clone()
     }
 
     /// The store's URL, as workers are told it.

@@ -58,6 +58,12 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
         .unwrap_or_else(|| PathBuf::from("runs").join(&run_id));
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("creating output directory {}", out_dir.display()))?;
+    // Opened before any work, so a bad `checkpoint.url` or run id fails the run at once.
+    let checkpoints = if opts.only_hard_classes {
+        None
+    } else {
+        Some(Checkpoints::open(&config, &run_id, &out_dir)?)
+    };
     let token = join_token(opts.local.is_some())?;
     let listen: SocketAddr = config.control.listen.parse().with_context(|| {
         format!(
@@ -92,7 +98,7 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
             Duration::from_millis(config.control.heartbeat_timeout_ms),
         )
         .await?;
-    let mut driver = Driver::new(cluster, &run_id, &out_dir)?;
+    let mut driver = Driver::new(cluster, &run_id, &out_dir, checkpoints)?;
     driver.assign(&config, &out_dir).await?;
     let result = stages(
         &mut driver,
@@ -184,13 +190,17 @@ struct Driver {
     next_task: u64,
     metrics: std::fs::File,
     stage: String,
-    out_dir: PathBuf,
     /// Commits the checkpoints of the task that saves them (distillation).
     checkpoints: Option<Checkpoints>,
 }
 
 impl Driver {
-    fn new(cluster: Cluster, run_id: &str, out_dir: &Path) -> Result<Driver> {
+    fn new(
+        cluster: Cluster,
+        run_id: &str,
+        out_dir: &Path,
+        checkpoints: Option<Checkpoints>,
+    ) -> Result<Driver> {
         let path = out_dir.join("metrics.jsonl");
         let metrics =
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -201,8 +211,7 @@ impl Driver {
             next_task: 0,
             metrics,
             stage: "setup".into(),
-            out_dir: out_dir.to_path_buf(),
-            checkpoints: None,
+            checkpoints,
         })
     }
 
@@ -504,7 +513,12 @@ impl Driver {
         if task.batch == 0 {
             bail!("distill.replay_fraction leaves no hard-class clips in a worker's batch");
         }
-        let mut checkpoints = Checkpoints::open(config, &self.run_id, &self.out_dir)?;
+        let world = self.world;
+        let next_task = self.next_task + 1;
+        let checkpoints = self
+            .checkpoints
+            .as_mut()
+            .context("no checkpoint store was opened for this run")?;
         task.checkpoint = Some(CheckpointOrder {
             url: checkpoints.url(),
             run_id: self.run_id.clone(),
@@ -512,16 +526,14 @@ impl Driver {
         });
         checkpoints.begin(checkpoint::Context {
             // `order` numbers the task it sends next.
-            task_id: self.next_task + 1,
+            task_id: next_task,
             task: task.clone(),
-            world: self.world,
+            world,
             hard_classes: decision.hard_names(),
             config_digest: checkpoint::recipe_digest(config),
         });
-        self.checkpoints = Some(checkpoints);
         let summary = self.train(task).await;
-        let checkpoints = self.checkpoints.take();
-        let last = checkpoints.and_then(|c| c.last().map(str::to_string));
+        let last = self.checkpoints.as_mut().and_then(|c| c.end());
         Ok((summary?, last))
     }
 }

@@ -33,6 +33,28 @@ fn bad_value_exits_2_and_names_the_key() {
 }
 
 #[test]
+fn bad_checkpoint_store_exits_2_before_any_work() {
+    let (code, _, err) = run(&[
+        "run",
+        "--out",
+        &std::env::temp_dir()
+            .join(format!("xkd-cli-ckpt-{}", std::process::id()))
+            .display()
+            .to_string(),
+        "--set",
+        "checkpoint.url=ftp://host/ckpts",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("checkpoint.url") && err.contains("ftp"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["config", "show", "--set", "checkpoint.keep_last=0"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("checkpoint.keep_last"), "{err}");
+}
+
+#[test]
 fn unreadable_config_file_exits_2_and_names_it() {
     let (code, _, err) = run(&["run", "--config", "/nonexistent/recipe.toml"]);
     assert_eq!(code, 2, "{err}");

@@ -138,11 +138,16 @@ fn default_job_closes_the_sensory_gap_on_hard_classes() {
     let (hard, other) = (gain(&report, "hard"), gain(&report, "other"));
     assert!(hard >= 0.10, "hard-class gain {hard:.3} < 0.10");
     assert!(other >= -0.02, "other-class change {other:.3} < -0.02");
+    // The last committed checkpoint of the distillation (every 100 of 400 steps; 3 kept).
     let url = report["final_checkpoint"].as_str().expect("checkpoint URL");
+    assert!(url.ends_with("/ckpt/0000000400"), "{url}");
+    let dir = Path::new(url.trim_start_matches("file://"));
     assert!(
-        Path::new(url.trim_start_matches("file://")).is_file(),
-        "{url}"
+        dir.join("MANIFEST.json").is_file(),
+        "{url} is not committed"
     );
+    let kept = std::fs::read_dir(dir.parent().unwrap()).unwrap().count();
+    assert_eq!(kept, 3, "checkpoint.keep_last = 3");
 
     // Teacher only: no labels in the loss, and still a clear gain on the hard classes.
     let out = root.join("runs/alpha1");

@@ -60,7 +60,8 @@ pub struct Inputs<'a> {
     pub before: &'a [ClipOutcome],
     pub after: &'a [ClipOutcome],
     pub distill: &'a TrainSummary,
-    pub checkpoint: &'a Path,
+    /// URL of the last committed checkpoint of the distillation, if any committed.
+    pub final_checkpoint: Option<String>,
     pub wall_seconds: f64,
 }
 
@@ -119,13 +120,8 @@ pub fn build(i: Inputs) -> Report {
         final_loss: i.distill.final_loss,
         student_digest: i.distill.digest.clone(),
         config_digest: i.config.digest(),
-        final_checkpoint: Some(file_url(i.checkpoint)),
+        final_checkpoint: i.final_checkpoint,
     }
-}
-
-fn file_url(path: &Path) -> String {
-    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    format!("file://{}", abs.display())
 }
 
 pub fn write(out_dir: &Path, report: &Report) -> Result<()> {

@@ -2,6 +2,7 @@
 //! evaluation, report. Every stage is a task the workers run; this file only orders them,
 //! watches them, and turns their outcomes into decisions and files.
 
+use crate::checkpoint::{self, Checkpoints};
 use crate::heuristic::{self, Decision};
 use crate::report::{self, Report};
 use crate::server::{Cluster, ControlServer, Event};
@@ -15,8 +16,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use xkd_protocol::config::{section_digest, Config, Modality};
 use xkd_protocol::{
-    Assignment, ClipOutcome, CoordinatorMsg, DataSummary, EvalTask, Objective, ShardPlan, Task,
-    TaskKind, TaskResult, TrainSummary, TrainTask, WorkerMsg,
+    Assignment, CheckpointOrder, ClipOutcome, CoordinatorMsg, DataSummary, EvalTask, Objective,
+    ShardPlan, Task, TaskKind, TaskResult, TrainSummary, TrainTask, WorkerMsg,
 };
 
 /// Worker processes the coordinator starts itself (`xkd run`).
@@ -57,6 +58,12 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
         .unwrap_or_else(|| PathBuf::from("runs").join(&run_id));
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("creating output directory {}", out_dir.display()))?;
+    // Opened before any work, so a bad `checkpoint.url` or run id fails the run at once.
+    let checkpoints = if opts.only_hard_classes {
+        None
+    } else {
+        Some(Checkpoints::open(&config, &run_id, &out_dir)?)
+    };
     let token = join_token(opts.local.is_some())?;
     let listen: SocketAddr = config.control.listen.parse().with_context(|| {
         format!(
@@ -91,7 +98,7 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
             Duration::from_millis(config.control.heartbeat_timeout_ms),
         )
         .await?;
-    let mut driver = Driver::new(cluster, &run_id, &out_dir)?;
+    let mut driver = Driver::new(cluster, &run_id, &out_dir, checkpoints)?;
     driver.assign(&config, &out_dir).await?;
     let result = stages(
         &mut driver,
@@ -144,7 +151,7 @@ async fn stages(
 
     d.stage = "distill".into();
     let distilled = out_dir.join("student.safetensors");
-    let summary = d
+    let (summary, final_checkpoint) = d
         .distill(config, &data, &decision, &teacher, &student, &distilled)
         .await?;
 
@@ -161,7 +168,7 @@ async fn stages(
         before: &before,
         after: &after,
         distill: &summary,
-        checkpoint: &distilled,
+        final_checkpoint,
         wall_seconds: started.elapsed().as_secs_f64(),
     });
     report::write(out_dir, &report)?;
@@ -183,10 +190,17 @@ struct Driver {
     next_task: u64,
     metrics: std::fs::File,
     stage: String,
+    /// Commits the checkpoints of the task that saves them (distillation).
+    checkpoints: Option<Checkpoints>,
 }
 
 impl Driver {
-    fn new(cluster: Cluster, run_id: &str, out_dir: &Path) -> Result<Driver> {
+    fn new(
+        cluster: Cluster,
+        run_id: &str,
+        out_dir: &Path,
+        checkpoints: Option<Checkpoints>,
+    ) -> Result<Driver> {
         let path = out_dir.join("metrics.jsonl");
         let metrics =
             std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -197,6 +211,7 @@ impl Driver {
             next_task: 0,
             metrics,
             stage: "setup".into(),
+            checkpoints,
         })
     }
 
@@ -261,6 +276,18 @@ impl Driver {
                         bail!("worker {rank} failed in {}: {error}", self.stage)
                     }
                     WorkerMsg::Step(report) => self.log_step(&report)?,
+                    WorkerMsg::Saved(saved) if rank == 0 => match self.checkpoints.as_mut() {
+                        Some(c) => c.commit(&saved).await,
+                        None => tracing::warn!(step = saved.step, "unordered checkpoint ignored"),
+                    },
+                    WorkerMsg::SaveFailed { step, error, .. } => {
+                        tracing::warn!(
+                            rank,
+                            step,
+                            error,
+                            "checkpoint not saved; the next one retries"
+                        )
+                    }
                     WorkerMsg::Heartbeat { .. } => {}
                     other => tracing::warn!(rank, ?other, "unexpected message"),
                 },
@@ -371,6 +398,7 @@ impl Driver {
             caption_weight: p.caption_weight,
             grad_clip: p.grad_clip,
             seed: config.run.seed,
+            checkpoint: None,
         };
         let summary = self.train(task).await?;
         tracing::info!(model = shown, loss = summary.final_loss, "pretrained");
@@ -379,7 +407,7 @@ impl Driver {
 
     async fn train(&mut self, task: TrainTask) -> Result<TrainSummary> {
         let all = self.all();
-        let results = self.order(&all, TaskKind::Train(task)).await?;
+        let results = self.order(&all, TaskKind::Train(Box::new(task))).await?;
         let summaries: Vec<TrainSummary> = results
             .into_iter()
             .map(|r| match r {
@@ -439,7 +467,7 @@ impl Driver {
         teacher: &str,
         student: &str,
         save: &Path,
-    ) -> Result<TrainSummary> {
+    ) -> Result<(TrainSummary, Option<String>)> {
         let hard: HashSet<u32> = decision.hard_labels().into_iter().collect();
         let pool = split(data, "distill")?;
         let (mut main, mut others) = (Vec::new(), Vec::new());
@@ -457,7 +485,7 @@ impl Driver {
         } else {
             (per_worker as f64 * dc.replay_fraction).round() as usize
         };
-        let task = TrainTask {
+        let mut task = TrainTask {
             modality: config.student_modality(),
             objective: Objective::Distill {
                 teacher: teacher.to_string(),
@@ -480,11 +508,33 @@ impl Driver {
             caption_weight: 0.0,
             grad_clip: dc.grad_clip,
             seed: config.run.seed,
+            checkpoint: None,
         };
         if task.batch == 0 {
             bail!("distill.replay_fraction leaves no hard-class clips in a worker's batch");
         }
-        self.train(task).await
+        let world = self.world;
+        let next_task = self.next_task + 1;
+        let checkpoints = self
+            .checkpoints
+            .as_mut()
+            .context("no checkpoint store was opened for this run")?;
+        task.checkpoint = Some(CheckpointOrder {
+            url: checkpoints.url(),
+            run_id: self.run_id.clone(),
+            every_steps: config.checkpoint.every_steps,
+        });
+        checkpoints.begin(checkpoint::Context {
+            // `order` numbers the task it sends next.
+            task_id: next_task,
+            task: task.clone(),
+            world,
+            hard_classes: decision.hard_names(),
+            config_digest: checkpoint::recipe_digest(config),
+        });
+        let summary = self.train(task).await;
+        let last = self.checkpoints.as_mut().and_then(|c| c.end());
+        Ok((summary?, last))
     }
 }
 

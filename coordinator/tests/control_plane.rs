@@ -305,9 +305,11 @@ async fn dropped_connection_is_lost() {
 async fn malformed_frame_after_joining_is_lost() {
     bounded(async {
         let (_server, mut cluster, mut worker) = one_worker(Duration::from_secs(60)).await;
+        // A well-framed body of the current version that is no message.
+        let [v0, v1] = xkd_protocol::PROTOCOL_VERSION.to_be_bytes();
         worker
             .send
-            .write_all(&[0, 0, 0, 3, 0, 1, 250])
+            .write_all(&[0, 0, 0, 3, v0, v1, 250])
             .await
             .unwrap();
         match cluster.next_event().await {

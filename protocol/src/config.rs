@@ -39,6 +39,7 @@ pub struct Config {
     pub pretrain: TrainConfig,
     pub heuristic: HeuristicConfig,
     pub distill: DistillConfig,
+    pub checkpoint: CheckpointConfig,
     pub control: ControlConfig,
     pub log: LogConfig,
 }
@@ -199,6 +200,20 @@ impl Direction {
             Direction::AudioToVisual => "audio_to_visual",
         }
     }
+}
+
+/// Checkpoints of the distillation stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Store URL (`file:///path`, `s3://bucket/prefix`, `gs://...`, `az://...`); checkpoints go
+    /// under `<url>/<run_id>/ckpt/<step>/`. Empty = `file://<out dir>/checkpoints`.
+    /// Credentials come from the environment, never from here.
+    pub url: String,
+    /// Save every this many distillation steps (0 = only at the end), and at the end.
+    pub every_steps: u64,
+    /// Committed checkpoints kept; older ones are pruned after a newer one commits.
+    pub keep_last: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -462,6 +477,12 @@ impl Config {
                 ),
             ));
         }
+        if self.checkpoint.keep_last == 0 {
+            return Err(bad(
+                "checkpoint.keep_last",
+                "must be at least 1 (the newest checkpoint is what a run resumes from)",
+            ));
+        }
         if self.control.workers == 0 {
             return Err(bad("control.workers", "must be at least 1"));
         }
@@ -523,6 +544,14 @@ mod tests {
         assert!(e.to_string().contains("no.such.key"), "{e}");
         let e = Config::resolve(None, &["distill.nope=1".into()]).unwrap_err();
         assert!(e.to_string().contains("distill.nope"), "{e}");
+    }
+
+    #[test]
+    fn keep_last_zero_is_refused_by_name() {
+        let e = Config::resolve(None, &["checkpoint.keep_last=0".into()]).unwrap_err();
+        assert!(e.to_string().contains("checkpoint.keep_last"), "{e}");
+        let c = Config::resolve(None, &["checkpoint.url=s3://b/p".into()]).unwrap();
+        assert_eq!(c.checkpoint.url, "s3://b/p");
     }
 
     #[test]

@@ -215,7 +215,7 @@ mod tests {
     fn train_task(objective: Objective) -> Task {
         Task {
             id: 7,
-            kind: TaskKind::Train(TrainTask {
+            kind: TaskKind::Train(Box::new(TrainTask {
                 modality: Modality::Audio,
                 objective,
                 init: Some("a.safetensors".into()),
@@ -231,7 +231,12 @@ mod tests {
                 caption_weight: 1.0,
                 grad_clip: 1.0,
                 seed: 5,
-            }),
+                checkpoint: Some(CheckpointOrder {
+                    url: "s3://bucket/prefix".into(),
+                    run_id: "run-1".into(),
+                    every_steps: 5,
+                }),
+            })),
         }
     }
 
@@ -240,6 +245,20 @@ mod tests {
             WorkerMsg::Join(join()),
             WorkerMsg::Heartbeat { seq: u64::MAX },
             WorkerMsg::Step(step()),
+            WorkerMsg::Saved(SavedCheckpoint {
+                task: 3,
+                step: 100,
+                objects: vec![SavedObject {
+                    name: "student.safetensors".into(),
+                    size: 12,
+                    sha256: "ab".repeat(32),
+                }],
+            }),
+            WorkerMsg::SaveFailed {
+                task: 3,
+                step: 200,
+                error: "store unreachable".into(),
+            },
             WorkerMsg::Done {
                 task: 1,
                 result: TaskResult::Data(DataSummary {

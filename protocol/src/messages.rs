@@ -6,16 +6,34 @@ use crate::config::Modality;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the encoding of any message changes.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// What a worker sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WorkerMsg {
     Join(Join),
-    Heartbeat { seq: u64 },
+    Heartbeat {
+        seq: u64,
+    },
     Step(StepReport),
-    Done { task: u64, result: TaskResult },
-    Failed { task: u64, error: String },
+    /// Rank 0 has put a checkpoint's tensors into the store; the coordinator adds
+    /// `state.json` and commits. Sent before the task's `Done`.
+    Saved(SavedCheckpoint),
+    /// Rank 0 could not put a checkpoint's tensors; training goes on and the next save
+    /// retries.
+    SaveFailed {
+        task: u64,
+        step: u64,
+        error: String,
+    },
+    Done {
+        task: u64,
+        result: TaskResult,
+    },
+    Failed {
+        task: u64,
+        error: String,
+    },
 }
 
 /// What the coordinator sends.
@@ -91,8 +109,8 @@ pub struct Task {
 pub enum TaskKind {
     /// Generate (or check) the dataset. Only rank 0 writes; the others wait for the result.
     PrepareData,
-    /// Data-parallel training of one model.
-    Train(TrainTask),
+    /// Data-parallel training of one model (boxed: it is much larger than the others).
+    Train(Box<TrainTask>),
     /// Predict every clip of the plan's list and report per-clip outcomes.
     Evaluate(EvalTask),
 }
@@ -121,6 +139,43 @@ pub struct TrainTask {
     pub grad_clip: f64,
     /// Seed of initialisation and of the question options.
     pub seed: u64,
+    /// Where and how often rank 0 saves checkpoints; `None` = never.
+    pub checkpoint: Option<CheckpointOrder>,
+}
+
+/// Checkpoints rank 0 saves while it trains: the tensors only; the coordinator commits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointOrder {
+    /// The store (`file://`, `s3://`, ...); credentials come from the worker's environment.
+    pub url: String,
+    pub run_id: String,
+    /// Save after every this many steps (0 = only at the end), and after the last step.
+    pub every_steps: u64,
+}
+
+impl CheckpointOrder {
+    /// Whether a checkpoint is due once `done` of `total` steps are taken.
+    pub fn due(&self, done: u64, total: u64) -> bool {
+        done == total || (self.every_steps > 0 && done.is_multiple_of(self.every_steps))
+    }
+}
+
+/// The objects rank 0 wrote for checkpoint `step` of task `task`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedCheckpoint {
+    pub task: u64,
+    /// Steps taken when the tensors were captured.
+    pub step: u64,
+    pub objects: Vec<SavedObject>,
+}
+
+/// One object in the store, as its manifest will list it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedObject {
+    pub name: String,
+    pub size: u64,
+    /// sha256 of the bytes, lowercase hex.
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,7 +263,8 @@ pub struct TrainSummary {
     pub steps: u64,
     pub final_loss: f64,
     pub wall_seconds: f64,
-    /// sha256 of the saved parameters.
+    /// Parameter digest (`xkd_checkpoint::digest_tensors`) of every tensor of the trained
+    /// model: comparable with `xkd checkpoint digest` of its checkpoints.
     pub digest: String,
 }
 

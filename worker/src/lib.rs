@@ -9,5 +9,7 @@ pub mod collective;
 pub mod data;
 pub mod features;
 pub mod model;
+pub mod optim;
+pub mod saver;
 pub mod session;
 pub mod train;

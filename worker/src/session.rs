@@ -100,10 +100,10 @@ fn execute(rank: &mut Rank, task: &Task, tx: &LinkSender) -> Result<TaskResult> 
         TaskKind::PrepareData => prepare_data(rank).map(TaskResult::Data),
         TaskKind::Train(t) => {
             let tx = tx.clone();
-            let summary = rank.train(task.id, t, move |report| {
+            let summary = rank.train(task.id, t, move |msg| {
                 // A lost report is not worth failing the step over; the link's own errors
                 // surface on the next recv.
-                let _ = tx.send(WorkerMsg::Step(report));
+                let _ = tx.send(msg);
             })?;
             Ok(TaskResult::Trained(summary))
         }

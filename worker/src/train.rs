@@ -8,18 +8,22 @@ use crate::collective::Collective;
 use crate::data::{self, Manifest};
 use crate::features::LogMel;
 use crate::model::{self, InputShape, Model, Vocab, OPTIONS};
+use crate::optim::AdamW;
+use crate::saver::{self, Saver, Sink};
 use anyhow::{bail, Context as _, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use sha2::{Digest, Sha256};
+use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 use xkd_kernels::{FusedLoss, LossParts};
 use xkd_protocol::config::{Config, Modality};
-use xkd_protocol::{ClipOutcome, EvalTask, Objective, Sample, StepReport, TrainSummary, TrainTask};
+use xkd_protocol::{
+    ClipOutcome, EvalTask, Objective, Sample, StepReport, TrainSummary, TrainTask, WorkerMsg,
+};
 
 /// What one rank holds across tasks: config, dataset, feature caches and its collective.
 pub struct Rank {
@@ -269,14 +273,18 @@ struct Anchors {
 }
 
 impl Rank {
-    /// Train one model data-parallel for `task.steps` steps; rank 0 saves it.
+    /// Train one model data-parallel for `task.steps` steps; rank 0 saves it, and puts the
+    /// checkpoints `task.checkpoint` orders into the store. `send` takes the messages for the
+    /// coordinator (step reports, saved checkpoints); checkpoint uploads call it from their
+    /// own thread, and the last one has called it before this returns.
     pub fn train(
         &mut self,
         task_id: u64,
         task: &TrainTask,
-        mut report: impl FnMut(StepReport),
+        send: impl Fn(WorkerMsg) + Send + Sync + 'static,
     ) -> Result<TrainSummary> {
         let start = Instant::now();
+        let send: Sink = Arc::new(send);
         let (varmap, student) = self.build_model(task.modality, task.init.as_deref(), task.seed)?;
         let anchors = self.anchors(task)?;
         let vars = sorted_vars(&varmap);
@@ -285,7 +293,11 @@ impl Rank {
             weight_decay: task.weight_decay,
             ..Default::default()
         };
-        let mut opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), params)?;
+        let mut opt = AdamW::new(&vars, params)?;
+        let mut saver = match &task.checkpoint {
+            Some(order) if self.rank == 0 => Some(Saver::new(task_id, order, send.clone())?),
+            _ => None,
+        };
         let mut last_loss = f64::NAN;
         for step in 0..task.steps {
             let lr = learning_rate(step, task.steps, task.warmup_steps, task.lr);
@@ -308,7 +320,7 @@ impl Rank {
             let every = self.config.log.every.max(1);
             if (step + 1) % every == 0 || step + 1 == task.steps {
                 let elapsed = t0.elapsed().as_secs_f64();
-                report(StepReport {
+                send(WorkerMsg::Step(StepReport {
                     task: task_id,
                     rank: self.rank,
                     step: step + 1,
@@ -323,10 +335,17 @@ impl Rank {
                     ms_student,
                     ms_allreduce,
                     ms_optimizer,
-                });
+                }));
+            }
+            if let Some(saver) = saver.as_mut().filter(|s| s.due(step + 1, task.steps)) {
+                let (student, optimizer) = snapshot(&varmap, &opt)?;
+                saver.save(step + 1, student, optimizer);
             }
         }
-        let digest = digest_params(&vars)?;
+        if let Some(mut saver) = saver.take() {
+            saver.wait();
+        }
+        let digest = digest_params(&varmap)?;
         if self.rank == 0 {
             save_atomically(&varmap, Path::new(&task.save))?;
         }
@@ -559,19 +578,30 @@ fn outcome(clip: u32, b: &Batch, i: usize, p: &[f32]) -> ClipOutcome {
     }
 }
 
-/// sha256 over parameters in name order (names, shapes, little-endian f32 bytes).
-pub fn digest_params(vars: &[(String, Var)]) -> Result<String> {
-    let mut h = Sha256::new();
-    for (name, var) in vars {
-        h.update(name.as_bytes());
-        for d in var.dims() {
-            h.update((*d as u64).to_le_bytes());
-        }
-        for x in var.flatten_all()?.to_vec1::<f32>()? {
-            h.update(x.to_le_bytes());
-        }
-    }
-    Ok(xkd_protocol::config::hex(&h.finalize()))
+/// Every tensor of a model (frozen ones too: the file is the whole model), in name order.
+fn model_tensors(varmap: &VarMap) -> Vec<(String, Tensor)> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut tensors: Vec<(String, Tensor)> = data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
+/// The parameter digest of the whole model (`xkd_checkpoint::digest_tensors`): the same value
+/// `xkd checkpoint digest` prints for a checkpoint of these parameters.
+pub fn digest_params(varmap: &VarMap) -> Result<String> {
+    let raw = saver::raw_tensors(&model_tensors(varmap))?;
+    Ok(saver::digest(&raw).sha256)
+}
+
+/// The model and the optimizer state, encoded as `student.safetensors` and
+/// `optimizer.safetensors`: copied out now, so later steps cannot change what is uploaded.
+fn snapshot(varmap: &VarMap, opt: &AdamW) -> Result<(bytes::Bytes, bytes::Bytes)> {
+    let student = saver::encode(&saver::raw_tensors(&model_tensors(varmap))?)?;
+    let optimizer = saver::encode(&saver::raw_tensors(&opt.export()?)?)?;
+    Ok((student, optimizer))
 }
 
 /// Write to a temporary sibling, then rename: a reader never sees half a file.

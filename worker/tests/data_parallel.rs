@@ -60,6 +60,7 @@ fn task(config: &Config, modality: Modality, batch: usize, save: &Path) -> Train
         caption_weight: 1.0,
         grad_clip: 1.0,
         seed: 11,
+        checkpoint: None,
     }
 }
 

@@ -1,0 +1,307 @@
+//! The coordinator's half of a checkpoint: rank 0 has put the tensors into the store and says
+//! so (`WorkerMsg::Saved`); here `state.json` is added (where training stands: step, data
+//! cursor, seeds, schedule, config digest, hard classes, world size), the checkpoint is
+//! committed (manifest last, create-only) and older ones are pruned. This side never reads or
+//! writes a tensor; the worker side never commits.
+//!
+//! A checkpoint that fails to commit is logged and skipped: training goes on, and the next one
+//! is a full checkpoint of its own.
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+use xkd_checkpoint::{ObjectEntry, Store, STATE};
+use xkd_protocol::config::{section_digest, Config};
+use xkd_protocol::{SavedCheckpoint, TrainTask};
+
+/// Version of `state.json`'s layout; a reader refuses versions it does not know.
+pub const STATE_FORMAT: u32 = 1;
+
+/// Where checkpoints of this run go and how many stay.
+pub struct Checkpoints {
+    store: Store,
+    run_id: String,
+    keep_last: usize,
+    /// URL of the newest committed checkpoint.
+    last: Option<String>,
+    /// The task whose checkpoints are being committed.
+    current: Option<Context>,
+}
+
+/// What a checkpoint's state is computed from: the task as ordered, and the run around it.
+pub struct Context {
+    pub task_id: u64,
+    pub task: TrainTask,
+    pub world: usize,
+    pub hard_classes: Vec<String>,
+    pub config_digest: String,
+}
+
+/// `state.json`: everything besides tensors that continuing the distillation needs. The data
+/// order and the questions are pure functions of the seeds and the cursors, so no generator
+/// state beyond them exists.
+#[derive(Debug, Serialize)]
+pub struct TrainState {
+    pub format_version: u32,
+    pub run_id: String,
+    pub stage: String,
+    /// Optimizer steps taken.
+    pub step: u64,
+    pub total_steps: u64,
+    /// Epoch of the hard-class plan the next sample falls in.
+    pub epoch: u64,
+    /// Global hard-class samples consumed (over all ranks): where the next step starts.
+    pub cursor: u64,
+    /// Global replay samples consumed.
+    pub replay_cursor: u64,
+    pub rng: RngState,
+    pub schedule: Schedule,
+    /// Digest of the config sections that decide the numbers (data, features, models,
+    /// pretraining, heuristic, distillation, seed), so a resume can refuse a changed recipe;
+    /// control, logging and checkpoint settings are left out, so it may change world size.
+    pub config_digest: String,
+    pub hard_classes: Vec<String>,
+    pub world_size: usize,
+    /// Clips per step per rank, hard-class and replay.
+    pub batch_per_rank: usize,
+    pub replay_batch_per_rank: usize,
+}
+
+/// Seeds of everything random in the stage.
+#[derive(Debug, Serialize)]
+pub struct RngState {
+    /// The run seed: initialisation and question options.
+    pub seed: u64,
+    /// Seed of the per-epoch permutation of the hard-class clips.
+    pub plan_seed: u64,
+    /// Seed of the replay clips' permutation, when there is replay.
+    pub replay_seed: Option<u64>,
+}
+
+/// Learning-rate schedule: linear warm-up, then cosine to a tenth of the peak.
+#[derive(Debug, Serialize)]
+pub struct Schedule {
+    pub peak_lr: f64,
+    pub warmup_steps: u64,
+    pub total_steps: u64,
+    /// The schedule step the next update uses.
+    pub next_step: u64,
+}
+
+/// The digest `state.json` carries: the sections that decide the trained numbers.
+pub fn recipe_digest(config: &Config) -> String {
+    section_digest(&(
+        &config.data,
+        &config.features,
+        &config.audio_model,
+        &config.visual_model,
+        &config.pretrain,
+        &config.heuristic,
+        &config.distill,
+        config.run.seed,
+    ))
+}
+
+impl TrainState {
+    /// The state after `step` steps of `cx.task`.
+    pub fn after(run_id: &str, step: u64, cx: &Context) -> TrainState {
+        let t = &cx.task;
+        let world = cx.world as u64;
+        let cursor = t.plan.cursor + step * world * t.batch as u64;
+        let replay_cursor = t
+            .replay
+            .as_ref()
+            .map_or(0, |r| r.cursor + step * world * t.replay_batch as u64);
+        TrainState {
+            format_version: STATE_FORMAT,
+            run_id: run_id.to_string(),
+            stage: "distill".into(),
+            step,
+            total_steps: t.steps,
+            epoch: cursor / t.plan.len().max(1) as u64,
+            cursor,
+            replay_cursor,
+            rng: RngState {
+                seed: t.seed,
+                plan_seed: t.plan.seed,
+                replay_seed: t.replay.as_ref().map(|r| r.seed),
+            },
+            schedule: Schedule {
+                peak_lr: t.lr,
+                warmup_steps: t.warmup_steps,
+                total_steps: t.steps,
+                next_step: step,
+            },
+            config_digest: cx.config_digest.clone(),
+            hard_classes: cx.hard_classes.clone(),
+            world_size: cx.world,
+            batch_per_rank: t.batch,
+            replay_batch_per_rank: t.replay_batch,
+        }
+    }
+}
+
+impl Checkpoints {
+    /// The store `config.checkpoint.url` names, or `file://<out_dir>/checkpoints`.
+    pub fn open(config: &Config, run_id: &str, out_dir: &std::path::Path) -> Result<Checkpoints> {
+        let url = store_url(config, out_dir)?;
+        let store = Store::open(&url).with_context(|| format!("checkpoint.url `{url}`"))?;
+        xkd_checkpoint::check_run_id(run_id).with_context(|| format!("run.run_id `{run_id}`"))?;
+        Ok(Checkpoints {
+            store,
+            run_id: run_id.to_string(),
+            keep_last: config.checkpoint.keep_last,
+            last: None,
+            current: None,
+        })
+    }
+
+    /// From now on, checkpoints belong to the task `cx` describes.
+    pub fn begin(&mut self, cx: Context) {
+        self.current = Some(cx);
+    }
+
+    /// The task's checkpoints are over (later `Saved` messages are ignored); returns the URL
+    /// of the newest committed one.
+    pub fn end(&mut self) -> Option<String> {
+        self.current = None;
+        self.last.clone()
+    }
+
+    /// The store's URL, as workers are told it.
+    pub fn url(&self) -> String {
+        self.store.url()
+    }
+
+    /// URL of the newest checkpoint committed so far.
+    pub fn last(&self) -> Option<&str> {
+        self.last.as_deref()
+    }
+
+    /// Adds `state.json` to what rank 0 saved, commits, prunes. Failures are logged, never
+    /// returned: a lost checkpoint does not stop training.
+    pub async fn commit(&mut self, saved: &SavedCheckpoint) {
+        let step = saved.step;
+        let Some(cx) = self.current.as_ref() else {
+            tracing::warn!(step, "a checkpoint while no task saves any; ignored");
+            return;
+        };
+        if saved.task != cx.task_id {
+            tracing::warn!(
+                step,
+                task = saved.task,
+                "a checkpoint of another task; ignored"
+            );
+            return;
+        }
+        match self.try_commit(saved, cx).await {
+            Ok((url, bytes)) => {
+                tracing::info!(step, url, bytes, "checkpoint committed");
+                self.last = Some(url);
+                if let Err(e) = self.store.prune(&self.run_id, self.keep_last).await {
+                    tracing::warn!(step, error = %e, "pruning old checkpoints failed");
+                }
+            }
+            Err(e) => tracing::warn!(
+                step,
+                error = format!("{e:#}"),
+                "checkpoint not committed; training goes on"
+            ),
+        }
+    }
+
+    async fn try_commit(&self, saved: &SavedCheckpoint, cx: &Context) -> Result<(String, u64)> {
+        let state = TrainState::after(&self.run_id, saved.step, cx);
+        let json = serde_json::to_vec_pretty(&state)?;
+        let mut objects: Vec<ObjectEntry> = saved
+            .objects
+            .iter()
+            .map(|o| ObjectEntry {
+                name: o.name.clone(),
+                size: o.size,
+                sha256: o.sha256.clone(),
+            })
+            .collect();
+        let entry = self
+            .store
+            .put_object(&self.run_id, saved.step, STATE, json.into())
+            .await?;
+        objects.push(entry);
+        let manifest = self
+            .store
+            .commit(&self.run_id, saved.step, &objects)
+            .await?;
+        let url = as_url(self.store.checkpoint_url(&self.run_id, saved.step));
+        Ok((url, manifest.total_size()))
+    }
+}
+
+/// The store shows a local checkpoint as a path; report.json promises a URL.
+fn as_url(location: String) -> String {
+    if location.starts_with('/') {
+        format!("file://{location}")
+    } else {
+        location
+    }
+}
+
+/// `checkpoint.url`, or a `file://` URL of `<out_dir>/checkpoints` (made absolute).
+fn store_url(config: &Config, out_dir: &std::path::Path) -> Result<String> {
+    if !config.checkpoint.url.is_empty() {
+        return Ok(config.checkpoint.url.clone());
+    }
+    let dir = std::path::absolute(out_dir.join("checkpoints"))
+        .with_context(|| format!("resolving {}", out_dir.display()))?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(format!("file://{}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xkd_protocol::{Objective, ShardPlan};
+
+    fn task() -> TrainTask {
+        let plan = |seed| ShardPlan {
+            clips: (0..50).collect(),
+            seed,
+            cursor: 0,
+            shuffle: true,
+        };
+        TrainTask {
+            modality: xkd_protocol::Modality::Audio,
+            objective: Objective::Supervised,
+            init: None,
+            save: String::new(),
+            plan: plan(1),
+            replay: Some(plan(2)),
+            steps: 400,
+            batch: 8,
+            replay_batch: 8,
+            lr: 2e-3,
+            weight_decay: 0.0,
+            warmup_steps: 20,
+            caption_weight: 0.0,
+            grad_clip: 1.0,
+            seed: 17,
+            checkpoint: None,
+        }
+    }
+
+    #[test]
+    fn state_counts_global_samples_over_all_ranks() {
+        let cx = Context {
+            task_id: 3,
+            task: task(),
+            world: 2,
+            hard_classes: vec!["owl".to_string()],
+            config_digest: "abc".into(),
+        };
+        let s = TrainState::after("r", 100, &cx);
+        assert_eq!(s.cursor, 100 * 2 * 8);
+        assert_eq!(s.replay_cursor, 100 * 2 * 8);
+        assert_eq!(s.epoch, 1600 / 50);
+        assert_eq!(s.schedule.next_step, 100);
+        assert_eq!(s.rng.replay_seed, Some(2));
+        assert_eq!(s.world_size, 2);
+    }
+}

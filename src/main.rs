@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use xkd_coordinator::run::{self, LocalWorkers, Outcome, RunOptions};
 use xkd_protocol::config::{Config, ConfigError};
+use xkd_worker::session::Exit;
 
 mod inspect;
 
@@ -150,7 +151,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match dispatch(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) if is_usage_error(&e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
@@ -178,14 +179,14 @@ fn resolve(cfg: &ConfigArgs, workers: Option<usize>) -> Result<Config, ConfigErr
     Config::resolve(cfg.config.as_deref(), &sets)
 }
 
-fn dispatch(cli: Cli) -> Result<()> {
+fn dispatch(cli: Cli) -> Result<ExitCode> {
     let log_format = cli.log_format.as_str().to_string();
     match cli.command {
         Command::Config {
             action: ConfigAction::Show { cfg },
         } => {
             print!("{}", resolve(&cfg, None)?.to_toml());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Run { cfg, workers, out } => {
             let config = resolve(&cfg, workers)?;
@@ -198,8 +199,9 @@ fn dispatch(cli: Cli) -> Result<()> {
             }))? {
                 Outcome::Finished(report) => {
                     print!("{}", xkd_coordinator::report::markdown(&report));
-                    Ok(())
+                    Ok(ExitCode::SUCCESS)
                 }
+                Outcome::Preempted => Ok(ExitCode::SUCCESS),
                 Outcome::HardClasses(_) => {
                     unreachable!("a full run does not stop at the heuristic")
                 }
@@ -217,7 +219,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             if let Outcome::HardClasses(decision) = outcome {
                 println!("{}", serde_json::to_string_pretty(&decision)?);
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Coordinator { cfg, listen, out } => {
             let mut config = resolve(&cfg, None)?;
@@ -230,17 +232,19 @@ fn dispatch(cli: Cli) -> Result<()> {
                 local: None,
                 only_hard_classes: false,
             }))?;
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Checkpoint { action } => runtime()?.block_on(async {
-            match action {
-                CheckpointAction::Ls { url, json } => inspect::ls(&url, json).await,
-                CheckpointAction::Verify { url, all, json } => {
-                    inspect::verify(&url, all, json).await
+        Command::Checkpoint { action } => runtime()?
+            .block_on(async {
+                match action {
+                    CheckpointAction::Ls { url, json } => inspect::ls(&url, json).await,
+                    CheckpointAction::Verify { url, all, json } => {
+                        inspect::verify(&url, all, json).await
+                    }
+                    CheckpointAction::Digest { url, json } => inspect::digest(&url, json).await,
                 }
-                CheckpointAction::Digest { url, json } => inspect::digest(&url, json).await,
-            }
-        }),
+            })
+            .map(|()| ExitCode::SUCCESS),
         Command::Worker {
             coordinator,
             cert,
@@ -251,12 +255,20 @@ fn dispatch(cli: Cli) -> Result<()> {
             })?;
             let token = std::env::var("XKD_JOIN_TOKEN")
                 .context("XKD_JOIN_TOKEN is not set: a worker needs the run's join token")?;
-            runtime()?.block_on(xkd_worker::session::run(xkd_worker::session::WorkerArgs {
+            let rt = runtime()?;
+            let exit = rt.block_on(xkd_worker::session::run(xkd_worker::session::WorkerArgs {
                 coordinator,
                 cert_der,
                 token,
                 collective_host,
-            }))
+            }));
+            // A task thread the coordinator abandoned (shutdown or restart mid-task) is not
+            // waited for.
+            rt.shutdown_background();
+            Ok(match exit? {
+                Exit::Finished | Exit::Terminated => ExitCode::SUCCESS,
+                Exit::Restart => ExitCode::from(xkd_protocol::EXIT_RESTART),
+            })
         }
     }
 }

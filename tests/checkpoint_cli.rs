@@ -1,26 +1,12 @@
 //! `xkd checkpoint ls|verify|digest` as a user meets them: on a local store and on a real
 //! S3-compatible server configured only through the standard AWS variables.
 
-#[path = "../checkpoint/tests/common/s3.rs"]
-mod s3;
+mod common;
 
 use bytes::Bytes;
+use common::{s3, xkd};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use xkd_checkpoint::{Env, Store, StoreOptions};
-
-fn xkd(args: &[&str], env: &[(String, String)]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_xkd"))
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .expect("xkd starts");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// A safetensors file of one f32 tensor with values from `seed`, and some file metadata.
 fn params(seed: f32, note: &str) -> Bytes {

@@ -5,70 +5,23 @@
 //! One test function on purpose: the two runs share a cache of pretrained stand-ins, and
 //! running them one after another keeps a 2-core machine from pretraining twice at once.
 
-#[path = "../checkpoint/tests/common/s3.rs"]
-mod s3;
+mod common;
 
+use common::{json_of, s3, small_recipe, xkd};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const RUN_ID: &str = "ckpt-test";
 const STEPS: u64 = 25;
 const EVERY: u64 = 10;
 const KEEP: usize = 2;
 
-/// A recipe small enough for a test: few clips, short pretraining, every class hard (the
-/// barely trained teacher clears no accuracy floor otherwise), and a checkpoint every 10 of
-/// 25 distillation steps.
-fn small_recipe(cache: &Path) -> Vec<String> {
-    [
-        format!("run.cache_dir=\"{}\"", cache.display()),
-        format!("run.run_id={RUN_ID}"),
-        "data.pretrain_clips=4".into(),
-        "data.pretrain_scarce_clips=1".into(),
-        "data.probe_clips=2".into(),
-        "data.distill_clips=4".into(),
-        "data.eval_clips=2".into(),
-        "pretrain.steps=20".into(),
-        "heuristic.teacher_floor=0.0".into(),
-        format!("distill.steps={STEPS}"),
-        "distill.warmup_steps=5".into(),
-        format!("checkpoint.every_steps={EVERY}"),
-        format!("checkpoint.keep_last={KEEP}"),
-    ]
-    .into()
-}
-
-fn xkd(args: &[String], env: &[(String, String)]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_xkd"))
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .expect("xkd starts");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn json_of(args: &[&str], env: &[(String, String)]) -> Value {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let (code, out, err) = xkd(&args, env);
-    assert_eq!(code, 0, "xkd {args:?} failed:\n{err}");
-    serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("xkd {args:?} printed no JSON ({e}):\n{out}"))
-}
-
 /// Runs the small recipe into `out` with `extra` overrides and `env`; returns report.json and
 /// everything the run printed.
 fn run(out: &Path, cache: &Path, extra: &[String], env: &[(String, String)]) -> (Value, String) {
-    let mut args = vec!["run".to_string(), "--out".into(), out.display().to_string()];
-    for set in small_recipe(cache).iter().chain(extra) {
-        args.push("--set".into());
-        args.push(set.clone());
-    }
-    let (code, stdout, stderr) = xkd(&args, env);
+    let mut sets = small_recipe(cache, RUN_ID, STEPS, EVERY, KEEP);
+    sets.extend_from_slice(extra);
+    let (code, stdout, stderr) = xkd(&common::run_args(out, &sets, &[]), env);
     let printed = format!("{stdout}{stderr}");
     assert_eq!(code, 0, "xkd run failed:\n{printed}");
     let report = std::fs::read_to_string(out.join("report.json")).expect("report.json written");

@@ -484,6 +484,17 @@ impl Store {
         Ok(pruned)
     }
 
+    /// Deletes checkpoint `step` of `run_id`, manifest first: what a resume does with a
+    /// checkpoint that failed verification, so the run can commit that step again.
+    pub async fn discard(&self, run_id: &str, step: u64) -> Result<()> {
+        check_step(step)?;
+        let scan = self.scan(run_id).await?;
+        match scan.get(&step) {
+            Some(dir) => self.delete_dir(run_id, step, dir).await,
+            None => Ok(()),
+        }
+    }
+
     async fn delete_dir(&self, run_id: &str, step: u64, dir: &StepDir) -> Result<()> {
         if dir.committed {
             self.delete(&self.object_path(run_id, step, MANIFEST))

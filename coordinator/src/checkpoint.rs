@@ -7,8 +7,8 @@
 //! A checkpoint that fails to commit is logged and skipped: training goes on, and the next one
 //! is a full checkpoint of its own.
 
-use anyhow::{Context as _, Result};
-use serde::Serialize;
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
 use xkd_checkpoint::{ObjectEntry, Store, STATE};
 use xkd_protocol::config::{section_digest, Config};
 use xkd_protocol::{SavedCheckpoint, TrainTask};
@@ -39,7 +39,7 @@ pub struct Context {
 /// `state.json`: everything besides tensors that continuing the distillation needs. The data
 /// order and the questions are pure functions of the seeds and the cursors, so no generator
 /// state beyond them exists.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainState {
     pub format_version: u32,
     pub run_id: String,
@@ -67,7 +67,7 @@ pub struct TrainState {
 }
 
 /// Seeds of everything random in the stage.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RngState {
     /// The run seed: initialisation and question options.
     pub seed: u64,
@@ -78,13 +78,19 @@ pub struct RngState {
 }
 
 /// Learning-rate schedule: linear warm-up, then cosine to a tenth of the peak.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Schedule {
     pub peak_lr: f64,
     pub warmup_steps: u64,
     pub total_steps: u64,
     /// The schedule step the next update uses.
     pub next_step: u64,
+}
+
+/// A checkpoint a run continues from.
+pub struct Resumed {
+    pub url: String,
+    pub state: TrainState,
 }
 
 /// The digest `state.json` carries: the sections that decide the trained numbers.
@@ -102,15 +108,17 @@ pub fn recipe_digest(config: &Config) -> String {
 }
 
 impl TrainState {
-    /// The state after `step` steps of `cx.task`.
+    /// The state after `step` steps of `cx.task` (counted from the first step of the stage:
+    /// a resumed task starts at `resume_from`, its plans' cursors where that step left them).
     pub fn after(run_id: &str, step: u64, cx: &Context) -> TrainState {
         let t = &cx.task;
         let world = cx.world as u64;
-        let cursor = t.plan.cursor + step * world * t.batch as u64;
+        let taken = step - t.resume_from.unwrap_or(0).min(step);
+        let cursor = t.plan.cursor + taken * world * t.batch as u64;
         let replay_cursor = t
             .replay
             .as_ref()
-            .map_or(0, |r| r.cursor + step * world * t.replay_batch as u64);
+            .map_or(0, |r| r.cursor + taken * world * t.replay_batch as u64);
         TrainState {
             format_version: STATE_FORMAT,
             run_id: run_id.to_string(),
@@ -153,6 +161,69 @@ impl Checkpoints {
             last: None,
             current: None,
         })
+    }
+
+    /// The newest checkpoint of this run that verifies, with its state, if any: where a
+    /// (re)started distillation continues. Newer checkpoints that do not verify are reported
+    /// and discarded, so the run can commit those steps again. A checkpoint of another recipe
+    /// or other hard classes is refused, not resumed from.
+    pub async fn resume_point(
+        &self,
+        recipe: &str,
+        hard_classes: &[String],
+    ) -> Result<Option<Resumed>> {
+        let point = self
+            .store
+            .newest_verified(&self.run_id)
+            .await
+            .with_context(|| format!("looking for checkpoints of run {}", self.run_id))?;
+        for bad in &point.skipped {
+            tracing::warn!(
+                step = bad.step,
+                checkpoint = %bad.url,
+                reason = %bad.reason,
+                "checkpoint does not verify: skipped, and discarded so this step can be saved again"
+            );
+            self.store
+                .discard(&self.run_id, bad.step)
+                .await
+                .with_context(|| format!("discarding {}", bad.url))?;
+        }
+        let Some(manifest) = point.checkpoint else {
+            return Ok(None);
+        };
+        let url = as_url(self.store.checkpoint_url(&self.run_id, manifest.step));
+        let bytes = self.store.read_verified(&manifest, STATE).await?;
+        let state: TrainState =
+            serde_json::from_slice(&bytes).with_context(|| format!("reading {STATE} of {url}"))?;
+        if state.format_version != STATE_FORMAT {
+            bail!(
+                "{url}: {STATE} has format version {}; this xkd reads {STATE_FORMAT}",
+                state.format_version
+            );
+        }
+        if state.step != manifest.step {
+            bail!(
+                "{url}: {STATE} says step {}, the manifest {}",
+                state.step,
+                manifest.step
+            );
+        }
+        if state.config_digest != recipe {
+            bail!(
+                "{url} was made by another recipe (config digest {}, this run {recipe}): \
+                 resuming would silently train something else; use a new run.run_id",
+                state.config_digest
+            );
+        }
+        if state.hard_classes != hard_classes {
+            bail!(
+                "{url} distilled the hard classes {:?}, this run picked {:?}: use a new run.run_id",
+                state.hard_classes,
+                hard_classes
+            );
+        }
+        Ok(Some(Resumed { url, state }))
     }
 
     /// From now on, checkpoints belong to the task `cx` describes.
@@ -284,6 +355,7 @@ mod tests {
             grad_clip: 1.0,
             seed: 17,
             checkpoint: None,
+            resume_from: None,
         }
     }
 

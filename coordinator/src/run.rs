@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use xkd_protocol::config::{section_digest, Config, Modality};
 use xkd_protocol::{
     Assignment, CheckpointOrder, ClipOutcome, CoordinatorMsg, DataSummary, EvalTask, Objective,
@@ -42,7 +43,23 @@ pub struct RunOptions {
 pub enum Outcome {
     Finished(Box<Report>),
     HardClasses(Decision),
+    /// SIGTERM: the running distillation was stopped and checkpointed (if one was running);
+    /// starting the run again with the same run id resumes it.
+    Preempted,
 }
+
+/// The error a stage returns when the run was preempted; `run` turns it into
+/// `Outcome::Preempted`.
+#[derive(Debug)]
+struct Preempted;
+
+impl std::fmt::Display for Preempted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "preempted (SIGTERM)")
+    }
+}
+
+impl std::error::Error for Preempted {}
 
 /// Run the whole job (or up to the heuristic) and write its files.
 pub async fn run(opts: RunOptions) -> Result<Outcome> {
@@ -64,6 +81,7 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
     } else {
         Some(Checkpoints::open(&config, &run_id, &out_dir)?)
     };
+    let sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let token = join_token(opts.local.is_some())?;
     let listen: SocketAddr = config.control.listen.parse().with_context(|| {
         format!(
@@ -71,7 +89,7 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
             config.control.listen
         )
     })?;
-    let mut server = ControlServer::bind(listen, token.clone()).await?;
+    let server = ControlServer::bind(listen, token.clone()).await?;
     let cert_path = out_dir.join("coordinator-cert.der");
     std::fs::write(&cert_path, server.cert_der())
         .with_context(|| format!("writing {}", cert_path.display()))?;
@@ -87,19 +105,18 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
         out = %out_dir.display(),
         "coordinator listening"
     );
-    let mut children = match &opts.local {
-        Some(local) => spawn_workers(local, server.local_addr(), &cert_path, &token, &out_dir)?,
-        None => Vec::new(),
+    let generations = Generations {
+        server,
+        world,
+        local: opts.local,
+        children: Vec::new(),
+        cert_path,
+        token,
+        out_dir: out_dir.clone(),
+        join_timeout: Duration::from_millis(config.control.join_timeout_ms),
+        heartbeat_timeout: Duration::from_millis(config.control.heartbeat_timeout_ms),
     };
-    let cluster = server
-        .gather(
-            world,
-            Duration::from_millis(config.control.join_timeout_ms),
-            Duration::from_millis(config.control.heartbeat_timeout_ms),
-        )
-        .await?;
-    let mut driver = Driver::new(cluster, &run_id, &out_dir, checkpoints)?;
-    driver.assign(&config, &out_dir).await?;
+    let mut driver = Driver::start(generations, &config, &run_id, checkpoints, sigterm).await?;
     let result = stages(
         &mut driver,
         &config,
@@ -108,12 +125,23 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
         started,
     )
     .await;
+    let result = match result {
+        Err(e) if e.is::<Preempted>() => {
+            tracing::info!(
+                run_id,
+                "run preempted; start it again with the same run id to resume"
+            );
+            Ok(Outcome::Preempted)
+        }
+        other => other,
+    };
     let reason = match &result {
+        Ok(Outcome::Preempted) => "run preempted".to_string(),
         Ok(_) => "run finished".to_string(),
         Err(e) => format!("run failed: {e:#}"),
     };
     driver.shutdown(&reason).await;
-    wait_children(&mut children).await;
+    driver.generations.wait_children().await;
     result
 }
 
@@ -182,47 +210,125 @@ fn split<'a>(data: &'a DataSummary, name: &str) -> Result<&'a xkd_protocol::Spli
         .ok_or_else(|| anyhow!("the dataset has no `{name}` split"))
 }
 
-/// Orders tasks to the cluster and collects what comes back.
+/// The worker processes of the run: who they are, and how to replace them all.
+struct Generations {
+    server: ControlServer,
+    world: usize,
+    /// Workers `xkd run` starts itself; `None` for a cluster, whose workers join on their own.
+    local: Option<LocalWorkers>,
+    children: Vec<tokio::process::Child>,
+    cert_path: PathBuf,
+    token: String,
+    out_dir: PathBuf,
+    join_timeout: Duration,
+    heartbeat_timeout: Duration,
+}
+
+impl Generations {
+    /// Starts (in `xkd run`) and gathers a new set of `world` workers; the previous local
+    /// processes are killed first.
+    async fn next(&mut self) -> Result<Cluster> {
+        if let Some(local) = &self.local {
+            for child in &mut self.children {
+                let _ = child.kill().await;
+            }
+            self.children = spawn_workers(
+                local,
+                self.server.local_addr(),
+                &self.cert_path,
+                &self.token,
+                &self.out_dir,
+            )?;
+        }
+        self.server
+            .gather(self.world, self.join_timeout, self.heartbeat_timeout)
+            .await
+    }
+
+    async fn wait_children(&mut self) {
+        wait_children(&mut self.children).await
+    }
+}
+
+/// Why a task did not come back with results.
+enum Interrupt {
+    /// A worker was lost, failed, or was preempted on its own: restart the workers.
+    Failed(anyhow::Error),
+    /// SIGTERM to the coordinator: stop the run (after a checkpoint, if one was running).
+    Preempted,
+    /// Something restarting will not mend (a file the coordinator cannot write).
+    Fatal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Interrupt {
+    fn from(e: anyhow::Error) -> Self {
+        Interrupt::Fatal(e)
+    }
+}
+
+/// Orders tasks to the cluster and collects what comes back; replaces the workers when one
+/// is lost (up to `control.max_restarts` times).
 struct Driver {
     cluster: Cluster,
+    generations: Generations,
     world: usize,
     run_id: String,
+    config: Config,
     next_task: u64,
     metrics: std::fs::File,
     stage: String,
     /// Commits the checkpoints of the task that saves them (distillation).
     checkpoints: Option<Checkpoints>,
+    restarts: u32,
+    sigterm: Signal,
+    /// SIGTERM was received: the run is winding down.
+    terminating: bool,
 }
 
 impl Driver {
-    fn new(
-        cluster: Cluster,
+    async fn start(
+        mut generations: Generations,
+        config: &Config,
         run_id: &str,
-        out_dir: &Path,
         checkpoints: Option<Checkpoints>,
+        sigterm: Signal,
     ) -> Result<Driver> {
-        let path = out_dir.join("metrics.jsonl");
-        let metrics =
-            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Driver {
-            world: cluster.members().len(),
+        let path = generations.out_dir.join("metrics.jsonl");
+        // Appended to: a resumed run adds to the curve of the run it continues.
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let cluster = generations.next().await?;
+        let mut driver = Driver {
+            world: generations.world,
             cluster,
+            generations,
             run_id: run_id.to_string(),
+            config: config.clone(),
             next_task: 0,
             metrics,
             stage: "setup".into(),
             checkpoints,
-        })
+            restarts: 0,
+            sigterm,
+            terminating: false,
+        };
+        driver.assign().await?;
+        Ok(driver)
     }
 
-    async fn assign(&mut self, config: &Config, out_dir: &Path) -> Result<()> {
+    async fn assign(&mut self) -> Result<()> {
         let peers: Vec<String> = self
             .cluster
             .members()
             .iter()
             .map(|m| m.join.collective_addr.clone())
             .collect();
+        let config = &self.config;
         let (toml, digest) = (config.to_toml(), config.digest());
+        let out_dir = self.generations.out_dir.display().to_string();
         for rank in 0..self.world as u32 {
             let msg = CoordinatorMsg::Assignment(Assignment {
                 run_id: self.run_id.clone(),
@@ -231,7 +337,7 @@ impl Driver {
                 peers: peers.clone(),
                 config_toml: toml.clone(),
                 config_digest: digest.clone(),
-                out_dir: out_dir.display().to_string(),
+                out_dir: out_dir.clone(),
             });
             self.cluster.send(rank, &msg).await?;
         }
@@ -247,25 +353,109 @@ impl Driver {
         }
     }
 
-    /// Send `kind` to `ranks` and wait until each has answered; returns results by rank.
+    /// Send `kind` to `ranks` and wait until each has answered; returns results by rank. A
+    /// lost or failed worker restarts the workers and the task runs again from its start:
+    /// only for tasks that are safe to repeat (all but checkpointed training, which
+    /// `distill` resumes itself).
     async fn order(&mut self, ranks: &[u32], kind: TaskKind) -> Result<Vec<TaskResult>> {
+        loop {
+            match self.try_order(ranks, kind.clone()).await {
+                Ok(results) => return Ok(results),
+                Err(interrupt) => self.recover(interrupt).await?,
+            }
+        }
+    }
+
+    /// Restarts the workers after `Interrupt::Failed` (counting restarts; a restart that
+    /// fails counts too); any other interrupt ends the run.
+    async fn recover(&mut self, interrupt: Interrupt) -> Result<()> {
+        let mut error = match interrupt {
+            Interrupt::Failed(e) => e,
+            Interrupt::Preempted => return Err(Preempted.into()),
+            Interrupt::Fatal(e) => return Err(e),
+        };
+        loop {
+            let max = self.config.control.max_restarts;
+            if self.restarts >= max {
+                return Err(error.context(format!(
+                    "{} failed and the run has used its {max} restarts (control.max_restarts)",
+                    self.stage
+                )));
+            }
+            self.restarts += 1;
+            tracing::warn!(
+                stage = %self.stage,
+                restart = self.restarts,
+                max_restarts = max,
+                error = format!("{error:#}"),
+                "restarting the workers"
+            );
+            match self.regroup(&format!("{error:#}")).await {
+                Ok(()) => return Ok(()),
+                Err(Interrupt::Failed(e)) => error = e,
+                Err(Interrupt::Preempted) => return Err(Preempted.into()),
+                Err(Interrupt::Fatal(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Ends the current generation and starts the next: new workers, the same world, the
+    /// dataset loaded again on every rank.
+    async fn regroup(&mut self, reason: &str) -> Result<(), Interrupt> {
+        self.cluster.restart(reason).await;
+        self.cluster = self.generations.next().await.map_err(Interrupt::Failed)?;
+        self.assign().await.map_err(Interrupt::Failed)?;
+        let stage = std::mem::replace(&mut self.stage, "restart".into());
+        let all = self.all();
+        let loaded = self.try_order(&all, TaskKind::PrepareData).await;
+        self.stage = stage;
+        loaded.map(|_| ())
+    }
+
+    /// Send `kind` to `ranks` and wait until each has answered, or until a worker is lost or
+    /// fails, or SIGTERM comes. On SIGTERM a checkpointed training task is told to stop and
+    /// its last checkpoint is committed before this returns `Preempted`.
+    async fn try_order(
+        &mut self,
+        ranks: &[u32],
+        kind: TaskKind,
+    ) -> Result<Vec<TaskResult>, Interrupt> {
         self.next_task += 1;
         let id = self.next_task;
+        let checkpointed = matches!(&kind, TaskKind::Train(t) if t.checkpoint.is_some());
         let task = CoordinatorMsg::Task(Task { id, kind });
         for &r in ranks {
-            self.cluster.send(r, &task).await?;
+            if let Err(e) = self.cluster.send(r, &task).await {
+                return Err(Interrupt::Failed(e));
+            }
         }
         let mut results: Vec<Option<TaskResult>> = vec![None; self.world];
         let mut waiting: HashSet<u32> = ranks.iter().copied().collect();
         while !waiting.is_empty() {
-            let event = self
-                .cluster
-                .next_event()
-                .await
-                .ok_or_else(|| anyhow!("every worker connection closed"))?;
+            let event = tokio::select! {
+                event = self.cluster.next_event() => event,
+                _ = self.sigterm.recv(), if !self.terminating => {
+                    self.terminating = true;
+                    if !checkpointed {
+                        tracing::info!(stage = %self.stage, "SIGTERM: stopping");
+                        return Err(Interrupt::Preempted);
+                    }
+                    tracing::info!(stage = %self.stage, "SIGTERM: stopping training at the next step and checkpointing it");
+                    if let Err(e) = self.cluster.broadcast(&CoordinatorMsg::Stop { task: id }).await {
+                        return Err(Interrupt::Failed(e));
+                    }
+                    continue;
+                }
+            };
+            let Some(event) = event else {
+                return Err(Interrupt::Failed(anyhow!("every worker connection closed")));
+            };
             match event {
                 Event::Lost { rank, reason } => {
-                    bail!("worker {rank} lost during {}: {reason}", self.stage)
+                    return Err(Interrupt::Failed(anyhow!(
+                        "worker {rank} lost during {}: {reason}",
+                        self.stage
+                    )))
                 }
                 Event::Msg { rank, msg } => match msg {
                     WorkerMsg::Done { task, result } if task == id => {
@@ -273,7 +463,10 @@ impl Driver {
                         results[rank as usize] = Some(result);
                     }
                     WorkerMsg::Failed { task, error } if task == id => {
-                        bail!("worker {rank} failed in {}: {error}", self.stage)
+                        return Err(Interrupt::Failed(anyhow!(
+                            "worker {rank} failed in {}: {error}",
+                            self.stage
+                        )))
                     }
                     WorkerMsg::Step(report) => self.log_step(&report)?,
                     WorkerMsg::Saved(saved) if rank == 0 => match self.checkpoints.as_mut() {
@@ -293,10 +486,24 @@ impl Driver {
                 },
             }
         }
-        Ok(ranks
+        if self.terminating {
+            return Err(Interrupt::Preempted);
+        }
+        let results: Vec<TaskResult> = ranks
             .iter()
             .map(|&r| results[r as usize].take().expect("answered"))
-            .collect())
+            .collect();
+        // A worker that got SIGTERM itself stops the task early and then leaves.
+        if let Some(step) = results.iter().find_map(|r| match r {
+            TaskResult::Trained(s) if s.stopped => Some(s.steps),
+            _ => None,
+        }) {
+            return Err(Interrupt::Failed(anyhow!(
+                "a worker was preempted during {}; training stopped at step {step}",
+                self.stage
+            )));
+        }
+        Ok(results)
     }
 
     fn log_step(&mut self, r: &xkd_protocol::StepReport) -> Result<()> {
@@ -399,6 +606,7 @@ impl Driver {
             grad_clip: p.grad_clip,
             seed: config.run.seed,
             checkpoint: None,
+            resume_from: None,
         };
         let summary = self.train(task).await?;
         tracing::info!(model = shown, loss = summary.final_loss, "pretrained");
@@ -408,18 +616,7 @@ impl Driver {
     async fn train(&mut self, task: TrainTask) -> Result<TrainSummary> {
         let all = self.all();
         let results = self.order(&all, TaskKind::Train(Box::new(task))).await?;
-        let summaries: Vec<TrainSummary> = results
-            .into_iter()
-            .map(|r| match r {
-                TaskResult::Trained(s) => Ok(s),
-                other => Err(anyhow!("a worker answered Train with {other:?}")),
-            })
-            .collect::<Result<_>>()?;
-        // Data parallelism's invariant: every rank ends with the same parameters.
-        if summaries.iter().any(|s| s.digest != summaries[0].digest) {
-            bail!("ranks disagree on the trained parameters (digests differ)");
-        }
-        Ok(summaries.into_iter().next().expect("world >= 1"))
+        one_summary(results)
     }
 
     async fn evaluate(
@@ -509,12 +706,11 @@ impl Driver {
             grad_clip: dc.grad_clip,
             seed: config.run.seed,
             checkpoint: None,
+            resume_from: None,
         };
         if task.batch == 0 {
             bail!("distill.replay_fraction leaves no hard-class clips in a worker's batch");
         }
-        let world = self.world;
-        let next_task = self.next_task + 1;
         let checkpoints = self
             .checkpoints
             .as_mut()
@@ -524,18 +720,83 @@ impl Driver {
             run_id: self.run_id.clone(),
             every_steps: config.checkpoint.every_steps,
         });
-        checkpoints.begin(checkpoint::Context {
-            // `order` numbers the task it sends next.
-            task_id: next_task,
-            task: task.clone(),
-            world,
-            hard_classes: decision.hard_names(),
-            config_digest: checkpoint::recipe_digest(config),
-        });
-        let summary = self.train(task).await;
-        let last = self.checkpoints.as_mut().and_then(|c| c.end());
-        Ok((summary?, last))
+        let recipe = checkpoint::recipe_digest(config);
+        let hard_classes = decision.hard_names();
+        // Each pass starts (or, after a restart, resumes) from the newest checkpoint that
+        // verifies; a failed generation is restarted by `recover` and the loop goes on.
+        loop {
+            let checkpoints = self.checkpoints.as_mut().expect("opened above");
+            let mut attempt = task.clone();
+            if let Some(resumed) = checkpoints.resume_point(&recipe, &hard_classes).await? {
+                let s = &resumed.state;
+                let global = attempt.batch * self.world;
+                if s.batch_per_rank * s.world_size != global
+                    || s.replay_batch_per_rank * s.world_size != attempt.replay_batch * self.world
+                {
+                    bail!(
+                        "checkpoint {} was made with a global batch of {} (+{} replay) on {} workers; \
+                         {} workers make {} (+{}): choose a worker count that divides distill.batch \
+                         the same way",
+                        resumed.url,
+                        s.batch_per_rank * s.world_size,
+                        s.replay_batch_per_rank * s.world_size,
+                        s.world_size,
+                        self.world,
+                        global,
+                        attempt.replay_batch * self.world
+                    );
+                }
+                tracing::info!(
+                    step = s.step,
+                    checkpoint = %resumed.url,
+                    saved_by_workers = s.world_size,
+                    workers = self.world,
+                    "resuming distillation from checkpoint"
+                );
+                attempt.resume_from = Some(s.step);
+                attempt.plan.cursor = s.cursor;
+                if let Some(replay) = attempt.replay.as_mut() {
+                    replay.cursor = s.replay_cursor;
+                }
+            }
+            checkpoints.begin(checkpoint::Context {
+                // `try_order` numbers the task it sends next.
+                task_id: self.next_task + 1,
+                task: attempt.clone(),
+                world: self.world,
+                hard_classes: hard_classes.clone(),
+                config_digest: recipe.clone(),
+            });
+            let all = self.all();
+            let outcome = self
+                .try_order(&all, TaskKind::Train(Box::new(attempt)))
+                .await;
+            let last = self.checkpoints.as_mut().and_then(|c| c.end());
+            match outcome {
+                Ok(results) => return Ok((one_summary(results)?, last)),
+                Err(interrupt) => self.recover(interrupt).await?,
+            }
+        }
     }
+}
+
+/// The one summary of a data-parallel training task, once every rank is seen to end with
+/// the same parameters (data parallelism's invariant).
+fn one_summary(results: Vec<TaskResult>) -> Result<TrainSummary> {
+    let summaries: Vec<TrainSummary> = results
+        .into_iter()
+        .map(|r| match r {
+            TaskResult::Trained(s) => Ok(s),
+            other => Err(anyhow!("a worker answered Train with {other:?}")),
+        })
+        .collect::<Result<_>>()?;
+    if summaries.iter().any(|s| s.digest != summaries[0].digest) {
+        bail!("ranks disagree on the trained parameters (digests differ)");
+    }
+    summaries
+        .into_iter()
+        .next()
+        .context("a training task with no ranks")
 }
 
 fn shuffled(clips: Vec<u32>, seed: u64) -> ShardPlan {
@@ -586,8 +847,12 @@ fn spawn_workers(
     (0..local.count)
         .map(|i| {
             let log_path = logs.join(format!("worker-{i}.log"));
-            let log = std::fs::File::create(&log_path)
-                .with_context(|| format!("creating {}", log_path.display()))?;
+            // Appended to: a restarted worker of the same rank continues its log.
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .with_context(|| format!("opening {}", log_path.display()))?;
             let child = tokio::process::Command::new(&local.exe)
                 .arg("--log-format")
                 .arg(&local.log_format)

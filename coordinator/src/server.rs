@@ -4,7 +4,9 @@
 //! Every incoming connection is screened in its own task, so a slow or hostile peer never holds
 //! up the others; a valid join goes to `gather` over a channel, and its arrival order is its
 //! rank. Anything invalid gets a `Reject` frame and a closed connection, and is only logged.
-//! After `gather`, a background loop answers every newcomer with `NotExpectingWorkers`.
+//! Outside `gather` every newcomer is answered `NotExpectingWorkers`. `gather` may run again
+//! once the previous cluster is gone: that is how a run starts a new generation of workers
+//! after losing one.
 //!
 //! Liveness is frames, not QUIC keep-alives: a joined worker that sends nothing for the
 //! heartbeat timeout is lost, even if its connection is technically open.
@@ -35,9 +37,12 @@ const REJECT_GRACE: Duration = Duration::from_secs(1);
 pub struct ControlServer {
     endpoint: Endpoint,
     identity: ServerIdentity,
-    token: Arc<str>,
     local_addr: SocketAddr,
-    gathered: bool,
+    /// Valid joins, in arrival order, from the acceptor.
+    admitted: UnboundedReceiver<Admitted>,
+    /// Whether `gather` is taking workers now; otherwise valid joins are refused.
+    gathering: Arc<AtomicBool>,
+    acceptor: JoinHandle<()>,
 }
 
 /// One worker that joined.
@@ -68,7 +73,6 @@ pub struct Cluster {
     links: Vec<Arc<Link>>,
     events: UnboundedReceiver<Event>,
     readers: Vec<JoinHandle<()>>,
-    refuser: Option<JoinHandle<()>>,
     send_timeout: Duration,
     /// Set once the coordinator has told everyone to stop: a worker leaving is then expected.
     stopping: Arc<AtomicBool>,
@@ -104,12 +108,21 @@ impl ControlServer {
         let endpoint = server_endpoint(listen, &identity)?;
         let local_addr = endpoint.local_addr().context("reading the bound address")?;
         info!(%local_addr, "control server listening");
+        let (admit_tx, admitted) = unbounded_channel();
+        let gathering = Arc::new(AtomicBool::new(false));
+        let acceptor = tokio::spawn(accept(
+            endpoint.clone(),
+            token.into(),
+            admit_tx,
+            gathering.clone(),
+        ));
         Ok(ControlServer {
             endpoint,
             identity,
-            token: token.into(),
             local_addr,
-            gathered: false,
+            admitted,
+            gathering,
+            acceptor,
         })
     }
 
@@ -123,7 +136,8 @@ impl ControlServer {
     }
 
     /// Accepts joins until `world` valid workers joined, ranked in join order, or fails when
-    /// `timeout` passes first, naming how many joined. Can succeed once per server.
+    /// `timeout` passes first, naming how many joined. Runs again for each generation of
+    /// workers; the caller drops the previous cluster first.
     pub async fn gather(
         &mut self,
         world: usize,
@@ -131,44 +145,67 @@ impl ControlServer {
         heartbeat_timeout: Duration,
     ) -> anyhow::Result<Cluster> {
         ensure!(world > 0, "a run needs at least one worker");
-        ensure!(
-            !self.gathered,
-            "this server has already gathered its workers"
-        );
         let deadline = Instant::now() + timeout;
-        let (admit_tx, mut admit_rx) = unbounded_channel();
         let (events_tx, events_rx) = unbounded_channel();
         let mut cluster = Cluster::new(self.endpoint.clone(), events_rx, heartbeat_timeout);
-        while cluster.members.len() < world {
+        self.gathering.store(true, Ordering::SeqCst);
+        let gathered = loop {
+            if cluster.members.len() == world {
+                break Ok(());
+            }
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => {
-                    bail!(
+                    break Err(anyhow!(
                         "timed out after {timeout:?} waiting for workers: {} of {world} joined",
                         cluster.members.len()
-                    );
+                    ));
                 }
-                incoming = self.endpoint.accept() => {
-                    let incoming = incoming.ok_or_else(|| anyhow!("the QUIC endpoint closed"))?;
-                    tokio::spawn(screen(incoming, self.token.clone(), admit_tx.clone()));
-                }
-                Some(admitted) = admit_rx.recv() => {
-                    cluster.admit(admitted, heartbeat_timeout, events_tx.clone());
-                }
+                admitted = self.admitted.recv() => match admitted {
+                    Some(admitted) => cluster.admit(admitted, heartbeat_timeout, events_tx.clone()),
+                    None => break Err(anyhow!("the QUIC endpoint closed")),
+                },
             }
+        };
+        self.gathering.store(false, Ordering::SeqCst);
+        // Joins that passed screening while the last places were filled.
+        while let Ok(late) = self.admitted.try_recv() {
+            tokio::spawn(refuse(late.peer, Reject::NotExpectingWorkers));
         }
-        // Joins still being screened reach the refuser through the same channel.
-        drop(admit_tx);
-        cluster.refuser = Some(tokio::spawn(refuse_newcomers(
-            self.endpoint.clone(),
-            admit_rx,
-        )));
-        self.gathered = true;
-        Ok(cluster)
+        gathered.map(|()| cluster)
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+/// Screens every incoming connection in its own task; valid joins go to `gather` while it
+/// runs and are refused with `NotExpectingWorkers` otherwise.
+async fn accept(
+    endpoint: Endpoint,
+    token: Arc<str>,
+    admit: UnboundedSender<Admitted>,
+    gathering: Arc<AtomicBool>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        tokio::spawn(screen(
+            incoming,
+            token.clone(),
+            admit.clone(),
+            gathering.clone(),
+        ));
     }
 }
 
 /// Handshake, control stream and join frame of one incoming connection, then its verdict.
-async fn screen(incoming: Incoming, token: Arc<str>, admit: UnboundedSender<Admitted>) {
+async fn screen(
+    incoming: Incoming,
+    token: Arc<str>,
+    admit: UnboundedSender<Admitted>,
+    gathering: Arc<AtomicBool>,
+) {
     let Some(mut peer) = open_peer(incoming).await else {
         return;
     };
@@ -181,12 +218,13 @@ async fn screen(incoming: Incoming, token: Arc<str>, admit: UnboundedSender<Admi
         }),
     };
     match verdict {
-        Ok(join) => {
+        Ok(join) if gathering.load(Ordering::SeqCst) => {
             if let Err(late) = admit.send(Admitted { peer, join }) {
-                // `gather` already finished (or gave up): the run has no room for this one.
                 refuse(late.0.peer, Reject::NotExpectingWorkers).await;
             }
         }
+        // The run has all the workers it needs right now.
+        Ok(_) => refuse(peer, Reject::NotExpectingWorkers).await,
         Err(reject) => refuse(peer, reject).await,
     }
 }
@@ -286,30 +324,6 @@ async fn refuse(mut peer: Peer, reject: Reject) {
     peer.conn.close(CLOSE_REJECTED, b"join refused");
 }
 
-/// After `gather`: answers every newcomer, and every join that was still being screened,
-/// with `NotExpectingWorkers`.
-async fn refuse_newcomers(endpoint: Endpoint, mut late: UnboundedReceiver<Admitted>) {
-    loop {
-        tokio::select! {
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => {
-                    tokio::spawn(refuse_incoming(incoming));
-                }
-                None => return,
-            },
-            Some(admitted) = late.recv() => {
-                tokio::spawn(refuse(admitted.peer, Reject::NotExpectingWorkers));
-            }
-        }
-    }
-}
-
-async fn refuse_incoming(incoming: Incoming) {
-    if let Some(peer) = open_peer(incoming).await {
-        refuse(peer, Reject::NotExpectingWorkers).await;
-    }
-}
-
 impl Cluster {
     fn new(endpoint: Endpoint, events: UnboundedReceiver<Event>, send_timeout: Duration) -> Self {
         Cluster {
@@ -317,7 +331,6 @@ impl Cluster {
             links: Vec::new(),
             events,
             readers: Vec::new(),
-            refuser: None,
             send_timeout,
             stopping: Arc::new(AtomicBool::new(false)),
             _endpoint: endpoint,
@@ -402,6 +415,21 @@ impl Cluster {
         self.broadcast(&msg).await
     }
 
+    /// Ends this generation: every worker is told to exit for a restart, and their departures
+    /// are expected from here on. Best effort: a worker that is gone is already out.
+    pub async fn restart(&self, reason: &str) {
+        self.stopping.store(true, Ordering::Relaxed);
+        let msg = CoordinatorMsg::Restart {
+            reason: reason.to_string(),
+        };
+        if let Err(e) = self.broadcast(&msg).await {
+            debug!(
+                error = format!("{e:#}"),
+                "not every worker heard the restart"
+            );
+        }
+    }
+
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.recv().await
     }
@@ -418,8 +446,12 @@ impl Drop for Cluster {
         for reader in &self.readers {
             reader.abort();
         }
-        if let Some(refuser) = &self.refuser {
-            refuser.abort();
+        // A cluster dropped without a shutdown (a failed generation) lets its workers go; after
+        // a shutdown they leave on their own, and closing here could cut that frame off.
+        if !self.stopping.load(Ordering::Relaxed) {
+            for link in &self.links {
+                link.conn.close(CLOSE_LOST, b"generation over");
+            }
         }
     }
 }

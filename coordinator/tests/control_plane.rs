@@ -206,6 +206,43 @@ async fn bad_joins_are_refused_then_a_good_worker_joins() {
 }
 
 #[tokio::test]
+async fn a_new_generation_gathers_once_the_last_one_is_gone() {
+    bounded(async {
+        let (addr, cert, gather) =
+            gathering(1, Duration::from_secs(10), Duration::from_secs(10)).await;
+        let mut first = Client::joined(addr, &cert).await;
+        let (mut server, cluster) = gather.await.unwrap();
+        let cluster = cluster.unwrap();
+        cluster.restart("rank 1 lost").await;
+        let restart = CoordinatorMsg::Restart {
+            reason: "rank 1 lost".into(),
+        };
+        assert_eq!(first.recv_msg().await, restart);
+        drop(cluster);
+        // Between generations nobody is taken.
+        let frame = encode(&join_msg(TOKEN, PROTOCOL_VERSION)).unwrap();
+        assert_eq!(
+            rejection(addr, &cert, &frame).await,
+            Reject::NotExpectingWorkers
+        );
+        let next = tokio::spawn(async move {
+            let cluster = server
+                .gather(1, Duration::from_secs(10), Duration::from_secs(10))
+                .await;
+            (server, cluster)
+        });
+        let mut second = Client::joined(addr, &cert).await;
+        let (_server, cluster) = next.await.unwrap();
+        let cluster = cluster.unwrap();
+        assert_eq!(cluster.members().len(), 1);
+        assert_eq!(cluster.members()[0].rank, 0);
+        cluster.send(0, &assignment()).await.unwrap();
+        assert_eq!(second.recv_msg().await, assignment());
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn ranks_follow_join_order_and_broadcast_reaches_all() {
     bounded(async {
         let (addr, cert, gather) =

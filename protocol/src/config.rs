@@ -228,6 +228,9 @@ pub struct ControlConfig {
     pub heartbeat_timeout_ms: u64,
     /// How long the coordinator waits for all workers to join.
     pub join_timeout_ms: u64,
+    /// Times a run restarts its workers after losing one (or after a task fails) before it
+    /// gives up; each restart resumes distillation from the newest verified checkpoint.
+    pub max_restarts: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -236,6 +236,7 @@ mod tests {
                     run_id: "run-1".into(),
                     every_steps: 5,
                 }),
+                resume_from: Some(40),
             })),
         }
     }
@@ -275,6 +276,7 @@ mod tests {
                 task: 2,
                 result: TaskResult::Trained(TrainSummary {
                     steps: 3,
+                    stopped: false,
                     final_loss: 0.1,
                     wall_seconds: 2.5,
                     digest: "ab".into(),
@@ -340,8 +342,12 @@ mod tests {
                     seed: 1,
                 }),
             }),
+            CoordinatorMsg::Stop { task: 9 },
             CoordinatorMsg::Shutdown {
                 reason: "done".into(),
+            },
+            CoordinatorMsg::Restart {
+                reason: "rank 1 lost".into(),
             },
         ];
         msgs.extend(rejects.into_iter().map(CoordinatorMsg::Reject));

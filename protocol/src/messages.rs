@@ -6,7 +6,7 @@ use crate::config::Modality;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the encoding of any message changes.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// What a worker sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,8 +42,24 @@ pub enum CoordinatorMsg {
     Assignment(Assignment),
     Reject(Reject),
     Task(Task),
-    Shutdown { reason: String },
+    /// Preemption: end the running training task early. Ranks agree on the step through the
+    /// gradient all-reduce, rank 0 checkpoints it, and every rank answers `Done` with
+    /// `TrainSummary::stopped` set.
+    Stop {
+        task: u64,
+    },
+    Shutdown {
+        reason: String,
+    },
+    /// This generation of workers is over (another was lost or failed): exit with
+    /// `EXIT_RESTART` so the launcher starts the worker again and it rejoins.
+    Restart {
+        reason: String,
+    },
 }
+
+/// Exit status of a worker told to `Restart` (EX_TEMPFAIL): launchers start it again.
+pub const EXIT_RESTART: u8 = 75;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Join {
@@ -141,6 +157,10 @@ pub struct TrainTask {
     pub seed: u64,
     /// Where and how often rank 0 saves checkpoints; `None` = never.
     pub checkpoint: Option<CheckpointOrder>,
+    /// Continue from this committed checkpoint of `checkpoint`'s store: every rank loads the
+    /// parameters and optimizer state it holds and takes steps `resume_from..steps`; the
+    /// plans' cursors already point at the next global sample.
+    pub resume_from: Option<u64>,
 }
 
 /// Checkpoints rank 0 saves while it trains: the tensors only; the coordinator commits.
@@ -260,7 +280,10 @@ pub struct SplitClips {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainSummary {
+    /// Steps taken by the end of the task (counted from the first, resumed or not).
     pub steps: u64,
+    /// The task was stopped (`CoordinatorMsg::Stop` or SIGTERM) before its last step.
+    pub stopped: bool,
     pub final_loss: f64,
     pub wall_seconds: f64,
     /// Parameter digest (`xkd_checkpoint::digest_tensors`) of every tensor of the trained

@@ -31,7 +31,14 @@ pub struct ControlLink {
 /// Queues messages for the coordinator; cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct LinkSender {
-    tx: UnboundedSender<WorkerMsg>,
+    tx: UnboundedSender<Outgoing>,
+}
+
+/// What the writer task takes: a message, or the order to end the stream once everything
+/// queued before it is written and acknowledged.
+enum Outgoing {
+    Msg(WorkerMsg),
+    Finish(tokio::sync::oneshot::Sender<()>),
 }
 
 /// Connects, sends `join`, and waits for the coordinator's answer: an `Assignment` is a
@@ -82,6 +89,18 @@ impl ControlLink {
         self.sender.clone()
     }
 
+    /// Ends the control stream after everything queued so far, and waits (at most `limit`)
+    /// until the coordinator has acknowledged it: what a worker does before it exits on its
+    /// own, so its last report is not lost with the process.
+    pub async fn finish(&self, limit: Duration) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.sender.tx.send(Outgoing::Finish(tx)).is_ok()
+            && tokio::time::timeout(limit, rx).await.is_err()
+        {
+            warn!("the coordinator did not acknowledge the last messages within {limit:?}");
+        }
+    }
+
     /// The next order; `None` when the coordinator ended the stream or closed the connection
     /// normally. Losing the connection otherwise (declared lost, timeout) is an error.
     pub async fn recv(&mut self) -> anyhow::Result<Option<CoordinatorMsg>> {
@@ -112,12 +131,24 @@ impl Drop for ControlLink {
     }
 }
 
-/// Writes queued messages in order until the queue closes or the stream fails.
-async fn write_queued(mut send: SendStream, mut queue: UnboundedReceiver<WorkerMsg>) {
-    while let Some(msg) = queue.recv().await {
-        if let Err(e) = write_frame(&mut send, &msg).await {
-            warn!(error = %e, "control link write failed; dropping further messages");
-            return;
+/// Writes queued messages in order until the queue closes, a `Finish` comes, or the stream
+/// fails.
+async fn write_queued(mut send: SendStream, mut queue: UnboundedReceiver<Outgoing>) {
+    while let Some(item) = queue.recv().await {
+        match item {
+            Outgoing::Msg(msg) => {
+                if let Err(e) = write_frame(&mut send, &msg).await {
+                    warn!(error = %e, "control link write failed; dropping further messages");
+                    return;
+                }
+            }
+            Outgoing::Finish(done) => {
+                if send.finish().is_ok() {
+                    let _ = send.stopped().await;
+                }
+                let _ = done.send(());
+                return;
+            }
         }
     }
     let _ = send.finish();
@@ -127,7 +158,7 @@ impl LinkSender {
     /// Queues `msg`; fails only once the link is closed.
     pub fn send(&self, msg: WorkerMsg) -> anyhow::Result<()> {
         self.tx
-            .send(msg)
+            .send(Outgoing::Msg(msg))
             .map_err(|_| anyhow!("the control link is closed"))
     }
 }
@@ -160,8 +191,9 @@ mod tests {
         let beat = spawn_heartbeat(LinkSender { tx }, Duration::from_millis(5));
         for seq in 0..3 {
             match rx.recv().await {
-                Some(WorkerMsg::Heartbeat { seq: got }) => assert_eq!(got, seq),
-                other => panic!("expected heartbeat {seq}, got {other:?}"),
+                Some(Outgoing::Msg(WorkerMsg::Heartbeat { seq: got })) => assert_eq!(got, seq),
+                Some(Outgoing::Msg(other)) => panic!("expected heartbeat {seq}, got {other:?}"),
+                other => panic!("expected heartbeat {seq}, got {}", other.is_some()),
             }
         }
         drop(rx);

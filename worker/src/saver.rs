@@ -91,6 +91,31 @@ pub fn encode(tensors: &[RawTensor]) -> Result<Bytes> {
     Ok(Bytes::from(bytes))
 }
 
+/// Reads `student.safetensors` and `optimizer.safetensors` of checkpoint `step` from the
+/// store `order` names, each checked against the manifest (a mismatch is an error, never a
+/// silent load). Runs on its own thread and runtime, so it works from any caller.
+pub fn read_checkpoint(order: &CheckpointOrder, step: u64) -> Result<(Bytes, Bytes)> {
+    let read = || -> Result<(Bytes, Bytes)> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the checkpoint read runtime")?;
+        runtime.block_on(async {
+            let store = Store::open(&order.url)
+                .with_context(|| format!("opening checkpoint store {}", order.url))?;
+            let manifest = store.manifest(&order.run_id, step).await?;
+            let student = store.read_verified(&manifest, STUDENT).await?;
+            let optimizer = store.read_verified(&manifest, OPTIMIZER).await?;
+            Ok((student, optimizer))
+        })
+    };
+    std::thread::scope(|s| {
+        s.spawn(read)
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the checkpoint read thread panicked")))
+    })
+}
+
 /// Rank 0's checkpoint writer for one training task.
 pub struct Saver {
     order: CheckpointOrder,

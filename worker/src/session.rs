@@ -8,6 +8,7 @@ use crate::train::Rank;
 use anyhow::{bail, Context, Result};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use xkd_protocol::config::Config;
 use xkd_protocol::{
@@ -25,8 +26,32 @@ pub struct WorkerArgs {
     pub collective_host: Option<String>,
 }
 
-/// Join, work, and return when the coordinator says shutdown.
-pub async fn run(args: WorkerArgs) -> Result<()> {
+/// How a worker's session ended; `xkd worker` turns it into its exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The coordinator said shutdown (or closed the link normally): exit 0.
+    Finished,
+    /// SIGTERM (preemption): a running training task was stopped and checkpointed first;
+    /// exit 0.
+    Terminated,
+    /// The coordinator ended this generation: exit `EXIT_RESTART` so the launcher restarts
+    /// the worker and it joins the next one.
+    Restart,
+}
+
+/// How long a worker leaving on its own waits for its last report to be acknowledged.
+const FINISH_LIMIT: Duration = Duration::from_secs(5);
+
+/// Join, work, and return when the coordinator says shutdown or restart, or on SIGTERM.
+///
+/// While a task runs on its blocking thread the control link is still read, so `Stop`
+/// (preemption ordered by the coordinator), `Shutdown` and `Restart` act at once; SIGTERM
+/// stops a training task the same way, and the worker leaves after answering it. On
+/// `Shutdown`/`Restart` during a task the caller must not wait for the task's thread (see
+/// `xkd worker`, which exits without joining it).
+pub async fn run(args: WorkerArgs) -> Result<Exit> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let host = match args.collective_host.clone() {
         Some(h) => h,
         None => route_to(args.coordinator)?,
@@ -56,43 +81,97 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
             .await??;
     let mut state = Some(Rank::new(config, rank, world, Box::new(ring)));
     let sender = link.sender();
-    while let Some(msg) = link.recv().await? {
+    let exit = loop {
+        let msg = tokio::select! {
+            msg = link.recv() => msg?,
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM between tasks: leaving");
+                link.finish(FINISH_LIMIT).await;
+                break Exit::Terminated;
+            }
+        };
+        let Some(msg) = msg else {
+            break Exit::Finished;
+        };
         match msg {
             CoordinatorMsg::Task(task) => {
                 let mut rank_state = state
                     .take()
                     .expect("rank state is returned after each task");
+                let stop = rank_state.stop.clone();
+                stop.store(false, Ordering::Relaxed);
+                let id = task.id;
                 let tx = sender.clone();
-                let (back, outcome) = tokio::task::spawn_blocking(move || {
+                let mut running = tokio::task::spawn_blocking(move || {
                     let outcome = execute(&mut rank_state, &task, &tx);
-                    (rank_state, (task.id, outcome))
-                })
-                .await?;
+                    (rank_state, outcome)
+                });
+                let mut terminating = false;
+                let finished = loop {
+                    tokio::select! {
+                        done = &mut running => break Some(done?),
+                        msg = link.recv() => match msg? {
+                            Some(CoordinatorMsg::Stop { task }) if task == id => {
+                                tracing::info!(task, "stop ordered: finishing the current step");
+                                stop.store(true, Ordering::Relaxed);
+                            }
+                            Some(CoordinatorMsg::Stop { .. }) => {}
+                            Some(CoordinatorMsg::Shutdown { reason }) => {
+                                tracing::info!(reason, "shutdown during a task");
+                                break None;
+                            }
+                            Some(CoordinatorMsg::Restart { reason }) => {
+                                tracing::warn!(reason, "restart ordered during a task");
+                                heartbeat.abort();
+                                return Ok(Exit::Restart);
+                            }
+                            Some(other) => bail!("unexpected message during a task: {other:?}"),
+                            None => bail!("the coordinator closed the link during task {id}"),
+                        },
+                        _ = sigterm.recv(), if !terminating => {
+                            tracing::info!(task = id, "SIGTERM: stopping after the current step");
+                            terminating = true;
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                };
+                let Some((back, outcome)) = finished else {
+                    break Exit::Finished;
+                };
                 state = Some(back);
-                let (task, outcome) = outcome;
                 let reply = match outcome {
-                    Ok(result) => WorkerMsg::Done { task, result },
+                    Ok(result) => WorkerMsg::Done { task: id, result },
                     Err(e) => {
-                        tracing::error!(task, error = format!("{e:#}"), "task failed");
+                        tracing::error!(task = id, error = format!("{e:#}"), "task failed");
                         WorkerMsg::Failed {
-                            task,
+                            task: id,
                             error: format!("{e:#}"),
                         }
                     }
                 };
                 sender.send(reply)?;
+                if terminating {
+                    link.finish(FINISH_LIMIT).await;
+                    break Exit::Terminated;
+                }
             }
+            // The task it names is already over.
+            CoordinatorMsg::Stop { .. } => {}
             CoordinatorMsg::Shutdown { reason } => {
                 tracing::info!(reason, "shutdown");
-                break;
+                break Exit::Finished;
+            }
+            CoordinatorMsg::Restart { reason } => {
+                tracing::warn!(reason, "restart ordered");
+                break Exit::Restart;
             }
             CoordinatorMsg::Assignment(_) | CoordinatorMsg::Reject(_) => {
                 bail!("unexpected message after assignment: {msg:?}")
             }
         }
-    }
+    };
     heartbeat.abort();
-    Ok(())
+    Ok(exit)
 }
 
 fn execute(rank: &mut Rank, task: &Task, tx: &LinkSender) -> Result<TaskResult> {

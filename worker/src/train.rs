@@ -17,6 +17,7 @@ use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use xkd_kernels::{FusedLoss, LossParts};
@@ -32,6 +33,9 @@ pub struct Rank {
     pub world: u32,
     pub collective: Box<dyn Collective>,
     pub manifest: Option<Manifest>,
+    /// Set to end the running training task early (preemption): ranks agree on the step
+    /// through the all-reduce, rank 0 checkpoints it, and `train` returns `stopped`.
+    pub stop: Arc<AtomicBool>,
     cache: FeatureCache,
     device: Device,
 }
@@ -46,6 +50,7 @@ impl Rank {
             world,
             collective,
             manifest: None,
+            stop: Arc::new(AtomicBool::new(false)),
             cache: FeatureCache::new(mel),
             device: Device::Cpu,
         }
@@ -219,14 +224,19 @@ fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
 }
 
 /// Average gradients over ranks in one flat buffer, then clip their global norm to `clip`
-/// (0 = no clipping); returns the norm before clipping. Every rank clips the same averaged
-/// bytes, so ranks stay identical.
+/// (0 = no clipping); returns the norm before clipping, and whether any rank asked to stop.
+/// Every rank clips the same averaged bytes, so ranks stay identical.
+///
+/// The stop vote rides in one extra element after the gradients (1 from a rank that wants to
+/// stop, else 0): every rank sees the same mean, so all of them stop after the same step
+/// without another round trip.
 fn all_reduce_grads(
     collective: &mut dyn Collective,
     vars: &[(String, Var)],
     grads: &mut GradStore,
     clip: f64,
-) -> Result<f64> {
+    stop: bool,
+) -> Result<(f64, bool)> {
     let mut flat = Vec::new();
     for (_, var) in vars {
         match grads.get(var.as_tensor()) {
@@ -234,7 +244,9 @@ fn all_reduce_grads(
             None => flat.extend(std::iter::repeat_n(0f32, var.elem_count())),
         }
     }
+    flat.push(if stop { 1.0 } else { 0.0 });
     collective.all_reduce_mean(&mut flat)?;
+    let stop = flat.pop().is_some_and(|vote| vote > 0.0);
     let norm = flat.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
     if clip > 0.0 && norm > clip {
         let scale = (clip / norm) as f32;
@@ -247,7 +259,7 @@ fn all_reduce_grads(
         grads.insert(var.as_tensor(), g);
         offset += n;
     }
-    Ok(norm)
+    Ok((norm, stop))
 }
 
 /// Linear warm-up, then cosine decay to a tenth of the peak.
@@ -294,21 +306,40 @@ impl Rank {
             ..Default::default()
         };
         let mut opt = AdamW::new(&vars, params)?;
+        let first = task.resume_from.unwrap_or(0);
+        if let Some(step) = task.resume_from {
+            let order = task
+                .checkpoint
+                .as_ref()
+                .context("resume_from names a checkpoint but the task has no store")?;
+            let (student, optimizer) = saver::read_checkpoint(order, step)?;
+            restore(&varmap, &mut opt, &student, &optimizer)
+                .with_context(|| format!("restoring checkpoint {step} of {}", order.url))?;
+            tracing::info!(rank = self.rank, step, "resumed from checkpoint");
+        }
         let mut saver = match &task.checkpoint {
             Some(order) if self.rank == 0 => Some(Saver::new(task_id, order, send.clone())?),
             _ => None,
         };
         let mut last_loss = f64::NAN;
-        for step in 0..task.steps {
+        let mut taken = first;
+        let mut stopped = false;
+        for step in first..task.steps {
             let lr = learning_rate(step, task.steps, task.warmup_steps, task.lr);
             opt.set_learning_rate(lr);
             let t0 = Instant::now();
-            let (loss, parts, ms_teacher) = self.loss(task, &student, anchors.as_ref(), step)?;
+            let (loss, parts, ms_teacher) =
+                self.loss(task, &student, anchors.as_ref(), step - first)?;
             let mut grads = loss.backward()?;
             let ms_student = t0.elapsed().as_secs_f64() * 1e3 - ms_teacher;
             let t1 = Instant::now();
-            let grad_norm =
-                all_reduce_grads(self.collective.as_mut(), &vars, &mut grads, task.grad_clip)?;
+            let (grad_norm, stop) = all_reduce_grads(
+                self.collective.as_mut(),
+                &vars,
+                &mut grads,
+                task.grad_clip,
+                self.stop.load(Ordering::Relaxed),
+            )?;
             let ms_allreduce = t1.elapsed().as_secs_f64() * 1e3;
             let t2 = Instant::now();
             opt.step(&grads)?;
@@ -337,21 +368,31 @@ impl Rank {
                     ms_optimizer,
                 }));
             }
-            if let Some(saver) = saver.as_mut().filter(|s| s.due(step + 1, task.steps)) {
+            taken = step + 1;
+            stopped = stop && taken < task.steps;
+            if let Some(saver) = saver
+                .as_mut()
+                .filter(|s| stopped || s.due(taken, task.steps))
+            {
                 let (student, optimizer) = snapshot(&varmap, &opt)?;
-                saver.save(step + 1, student, optimizer);
+                saver.save(taken, student, optimizer);
+            }
+            if stopped {
+                tracing::info!(rank = self.rank, step = taken, "stopping early, as asked");
+                break;
             }
         }
         if let Some(mut saver) = saver.take() {
             saver.wait();
         }
         let digest = digest_params(&varmap)?;
-        if self.rank == 0 {
+        if self.rank == 0 && !stopped {
             save_atomically(&varmap, Path::new(&task.save))?;
         }
         self.collective.barrier()?;
         Ok(TrainSummary {
-            steps: task.steps,
+            steps: taken,
+            stopped,
             final_loss: last_loss,
             wall_seconds: start.elapsed().as_secs_f64(),
             digest,
@@ -374,8 +415,8 @@ impl Rank {
         }))
     }
 
-    /// The loss of this rank's slice of step `step`, its (kl, ce) parts, and the ms spent in
-    /// frozen forwards.
+    /// The loss of this rank's slice of the `step`-th step from the plans' cursors, its
+    /// (kl, ce) parts, and the ms spent in frozen forwards.
     fn loss(
         &mut self,
         task: &TrainTask,
@@ -602,6 +643,30 @@ fn snapshot(varmap: &VarMap, opt: &AdamW) -> Result<(bytes::Bytes, bytes::Bytes)
     let student = saver::encode(&saver::raw_tensors(&model_tensors(varmap))?)?;
     let optimizer = saver::encode(&saver::raw_tensors(&opt.export()?)?)?;
     Ok((student, optimizer))
+}
+
+/// Puts a checkpoint's tensors back: every tensor of the model from `student` (names and
+/// shapes must match exactly, nothing missing, nothing extra) and the optimizer state.
+fn restore(varmap: &VarMap, opt: &mut AdamW, student: &[u8], optimizer: &[u8]) -> Result<()> {
+    let mut saved = candle_core::safetensors::load_buffer(student, &Device::Cpu)
+        .context("reading student.safetensors")?;
+    {
+        let data = varmap.data().lock().expect("varmap lock");
+        for (name, var) in data.iter() {
+            let t = saved
+                .remove(name)
+                .with_context(|| format!("student.safetensors lacks `{name}`"))?;
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)
+                .with_context(|| format!("`{name}` in student.safetensors"))?;
+        }
+    }
+    if let Some(extra) = saved.keys().next() {
+        bail!("student.safetensors holds `{extra}`, which this model does not have");
+    }
+    let state = candle_core::safetensors::load_buffer(optimizer, &Device::Cpu)
+        .context("reading optimizer.safetensors")?;
+    opt.import(state.into_iter().collect())
+        .context("optimizer.safetensors")
 }
 
 /// Write to a temporary sibling, then rename: a reader never sees half a file.

@@ -61,6 +61,7 @@ fn task(config: &Config, modality: Modality, batch: usize, save: &Path) -> Train
         grad_clip: 1.0,
         seed: 11,
         checkpoint: None,
+        resume_from: None,
     }
 }
 

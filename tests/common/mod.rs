@@ -1,0 +1,169 @@
+//! What the `xkd` package's integration tests share: running the binary, reading its JSON,
+//! and a recipe small enough to train in seconds. Each test file uses part of it.
+
+#![allow(dead_code)]
+
+#[path = "../../checkpoint/tests/common/s3.rs"]
+pub mod s3;
+
+use serde_json::Value;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs `xkd args` with `env` added; returns exit status, stdout and stderr.
+pub fn xkd<A: AsRef<OsStr>>(args: &[A], env: &[(String, String)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_xkd"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("xkd starts");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The JSON `xkd args` prints; panics with its stderr if it fails.
+pub fn json_of(args: &[&str], env: &[(String, String)]) -> Value {
+    let (code, out, err) = xkd(args, env);
+    assert_eq!(code, 0, "xkd {args:?} failed:\n{err}");
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("xkd {args:?} printed no JSON ({e}):\n{out}"))
+}
+
+/// A recipe small enough for a test: few clips, short pretraining, every class hard (the
+/// barely trained teacher clears no accuracy floor otherwise), `steps` distillation steps
+/// with a checkpoint every `every`, the newest `keep` kept.
+pub fn small_recipe(
+    cache: &Path,
+    run_id: &str,
+    steps: u64,
+    every: u64,
+    keep: usize,
+) -> Vec<String> {
+    [
+        format!("run.cache_dir=\"{}\"", cache.display()),
+        format!("run.run_id={run_id}"),
+        "data.pretrain_clips=4".into(),
+        "data.pretrain_scarce_clips=1".into(),
+        "data.probe_clips=2".into(),
+        "data.distill_clips=4".into(),
+        "data.eval_clips=2".into(),
+        "pretrain.steps=20".into(),
+        "heuristic.teacher_floor=0.0".into(),
+        format!("distill.steps={steps}"),
+        "distill.warmup_steps=5".into(),
+        format!("checkpoint.every_steps={every}"),
+        format!("checkpoint.keep_last={keep}"),
+    ]
+    .into()
+}
+
+/// `xkd run --out out --set s...` plus `extra` arguments, as arguments.
+pub fn run_args(out: &Path, sets: &[String], extra: &[&str]) -> Vec<String> {
+    let mut args = vec!["run".to_string(), "--out".into(), out.display().to_string()];
+    for set in sets {
+        args.push("--set".into());
+        args.push(set.clone());
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// An `xkd run` in the background, logging JSON lines into a file the test can watch.
+pub struct Background {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Background {
+    /// Starts `xkd --log-format json <args>` with `env`, its stderr into `log`.
+    pub fn start(args: &[String], env: &[(String, String)], log: &Path) -> Background {
+        let file = std::fs::File::create(log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_xkd"))
+            .args(["--log-format", "json"])
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("xkd starts");
+        Background {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// The log records so far.
+    pub fn records(&self) -> Vec<Value> {
+        records(&self.log)
+    }
+
+    /// Waits (at most `limit`) for a record `pred` accepts and returns it; panics with the
+    /// log if the run exits or the time passes first.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(hit) = self.records().into_iter().find(&pred) {
+                return hit;
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("xkd exited ({status}) before {what}:\n{}", self.text());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no {what} within {limit:?}:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait(mut self, limit: Duration) -> (i32, String) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return (status.code().unwrap_or(-1), self.text());
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("xkd did not finish within {limit:?}:\n{}", self.text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The JSON records of a log file (lines that are not JSON are left out).
+pub fn records(log: &Path) -> Vec<Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Whether `record` is the log line `message` with field `key` equal to `value`.
+pub fn is(record: &Value, message: &str, key: &str, value: u64) -> bool {
+    record["message"] == message && record[key].as_u64() == Some(value)
+}

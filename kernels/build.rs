@@ -1,7 +1,9 @@
-//! With the `cuda` feature, compiles every `cuda/*.cu` to PTX for sm_90 with nvcc (found through
-//! `NVCC`, then `CUDA_ROOT`/`CUDA_PATH`/`CUDA_HOME`, then `PATH`) into OUT_DIR, where
-//! `src/cuda.rs` embeds it. Without the feature it does nothing, so the default build needs no
-//! CUDA. `kernels/ptx-check.sh` runs the same compilation and then ptxas for registers and spills.
+//! With the `cuda` feature, compiles every `cuda/*.cu` with nvcc (found through `NVCC`, then
+//! `CUDA_ROOT`/`CUDA_PATH`/`CUDA_HOME`, then `PATH`) into a fatbin in OUT_DIR, which
+//! `src/cuda.rs` embeds: sm_90 machine code, so the driver loads it without compiling (and runs
+//! the very code whose registers and spills `kernels/ptx-check.sh` reports, from the same PTX
+//! through the same ptxas), plus compute_90 PTX that the driver compiles on later GPUs. Without
+//! the feature it does nothing, so the default build needs no CUDA.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -30,10 +32,16 @@ fn main() {
         .collect();
     sources.sort();
     for src in sources {
-        let ptx = out.join(src.with_extension("ptx").file_name().expect("file name"));
+        let fatbin = out.join(src.with_extension("fatbin").file_name().expect("file name"));
         let status = Command::new(&nvcc)
-            .args(["--ptx", "-arch=sm_90", "-O3", "-std=c++17", "-o"])
-            .arg(&ptx)
+            .args([
+                "--fatbin",
+                "-gencode=arch=compute_90,code=[sm_90,compute_90]",
+                "-O3",
+                "-std=c++17",
+                "-o",
+            ])
+            .arg(&fatbin)
             .arg(&src)
             .status()
             .unwrap_or_else(|e| {

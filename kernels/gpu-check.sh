@@ -8,6 +8,8 @@
 #                                libraries (a CUDA install or PyTorch's nvidia wheels); no Rust,
 #                                no network: checks the CUDA op against the CPU op and prints the
 #                                bandwidth table (see kernels/PERF.md). Under 5 minutes.
+#                                XKD_GPU_CHECK_KERNELS=row,split-c8-t512 limits it to those kernels,
+#                                XKD_GPU_CHECK_ONLY=bench to the bandwidth table.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bundle=$root/gpu-bundle

@@ -8,13 +8,21 @@
 //
 // Passes. (1) Stats: each thread streams its packs of 8 logits (16-byte loads where aligned),
 // keeps an online max and sum-of-exponentials per stream (student and teacher, each split into
-// the shared ids and the rest), and in the cluster kernels also parks the logits in shared
-// memory. Block and cluster reductions (the latter through distributed shared memory) give every
-// block the row's normalisers. (2) Gradient: each thread reads its packs again (from shared
-// memory in the cluster kernels, so global memory is read once; from global memory in the `_row`
-// kernels), writes the gradient of the student logits and accumulates the shared-range KL, which
-// is reduced the same way; block 0 writes the row's (kl, ce) contributions. A second kernel sums
-// the rows in a fixed order, so the loss is deterministic.
+// the shared ids and the rest). Block and cluster reductions (the latter through distributed
+// shared memory) give every block the row's normalisers. (2) Gradient: each thread reads its
+// packs again, writes the gradient of the student logits and accumulates the shared-range KL,
+// which is reduced the same way; block 0 writes the row's (kl, ce) contributions. A second
+// kernel sums the rows in a fixed order, so the loss is deterministic.
+//
+// Three kernel shapes differ only in where the second read comes from:
+// - `_row`: one block per row; the second read goes to global memory again (with ~130 rows in
+//   flight, 600 KB each in bf16, it mostly misses L2).
+// - `_cluster`: CLUSTER blocks per row; pass 1 parks the slice in shared memory by bulk copies
+//   (TMA), pass 2 reads it from there.
+// - `_split_cC_tN`: C blocks per row of N threads, no staging: each thread keeps several 16-byte
+//   loads in flight, pass 1 asks L2 to keep the lines (evict_last) and pass 2 re-reads them with
+//   evict_first. C blocks per row cut the rows in flight by C, so their slices fit in L2 between
+//   the two reads. The `_nohint` kernels use plain loads and stores, as a control.
 //
 // Exponentials are the cost next to memory, so each stream keeps its sum relative to its own
 // running maximum m as z = sum exp((x - m) / T), and the temperature-1 sum of the cross-entropy
@@ -48,21 +56,62 @@ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float
 __device__ __forceinline__ void put(float* p, float x) { *p = x; }
 __device__ __forceinline__ void put(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 
-// Eight consecutive logits from p, of which `valid` exist; the others read as -inf.
+// Eight consecutive logits as they lie in memory: one 16-byte word in bf16, two in f32.
+template <typename E>
+struct Raw {
+    uint4 q[sizeof(E) / 2];
+};
+
+// bf16 -> f32 is exact (a bf16 is the top half of an f32), so a 32-bit word of two bf16 unpacks
+// by one shift and one mask, without the byte permutes of element-wise conversion.
+__device__ __forceinline__ void unpack(const Raw<__nv_bfloat16>& r, float v[8]) {
+    const uint32_t w[4] = {r.q[0].x, r.q[0].y, r.q[0].z, r.q[0].w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        v[2 * k] = __uint_as_float(w[k] << 16);
+        v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ void unpack(const Raw<float>& r, float v[8]) {
+    const uint4 a = r.q[0], b = r.q[1];
+    v[0] = __uint_as_float(a.x); v[1] = __uint_as_float(a.y);
+    v[2] = __uint_as_float(a.z); v[3] = __uint_as_float(a.w);
+    v[4] = __uint_as_float(b.x); v[5] = __uint_as_float(b.y);
+    v[6] = __uint_as_float(b.z); v[7] = __uint_as_float(b.w);
+}
+
+// The inverse, rounding to nearest even (two bf16 per conversion instruction).
+template <typename E>
+__device__ __forceinline__ Raw<E> pack(const float v[8]) {
+    Raw<E> r;
+    if constexpr (sizeof(E) == 2) {
+        uint32_t w[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+            w[k] = *reinterpret_cast<const uint32_t*>(&h);
+        }
+        r.q[0] = make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+        r.q[0] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                            __float_as_uint(v[3]));
+        r.q[1] = make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]),
+                            __float_as_uint(v[7]));
+    }
+    return r;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// Eight consecutive logits from p (global or shared memory), of which `valid` exist; the others
+// read as -inf.
 template <typename E>
 __device__ __forceinline__ void load8(const E* p, int valid, float v[8]) {
-    if (valid == 8 && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
-        if constexpr (sizeof(E) == 2) {
-            uint4 raw = *reinterpret_cast<const uint4*>(p);
-            const __nv_bfloat16* b = reinterpret_cast<const __nv_bfloat16*>(&raw);
-#pragma unroll
-            for (int k = 0; k < 8; ++k) v[k] = to_f(b[k]);
-        } else {
-            float4 a = reinterpret_cast<const float4*>(p)[0];
-            float4 b = reinterpret_cast<const float4*>(p)[1];
-            v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-            v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-        }
+    if (valid == 8 && aligned16(p)) {
+        unpack(*reinterpret_cast<const Raw<E>*>(p), v);
     } else {
 #pragma unroll
         for (int k = 0; k < 8; ++k) v[k] = k < valid ? to_f(p[k]) : -INFINITY;
@@ -72,19 +121,59 @@ __device__ __forceinline__ void load8(const E* p, int valid, float v[8]) {
 // Stores the first `valid` of eight values to p (16-byte stores where aligned).
 template <typename E>
 __device__ __forceinline__ void store8(E* p, int valid, const float v[8]) {
-    if (valid == 8 && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
-        if constexpr (sizeof(E) == 2) {
-            uint4 raw;
-            __nv_bfloat16* b = reinterpret_cast<__nv_bfloat16*>(&raw);
-#pragma unroll
-            for (int k = 0; k < 8; ++k) b[k] = __float2bfloat16_rn(v[k]);
-            *reinterpret_cast<uint4*>(p) = raw;
-        } else {
-            reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-            reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
-        }
+    if (valid == 8 && aligned16(p)) {
+        *reinterpret_cast<Raw<E>*>(p) = pack<E>(v);
     } else {
         for (int k = 0; k < valid; ++k) put(p + k, v[k]);
+    }
+}
+
+// L2 eviction policies (createpolicy) for the split kernels: `keep` on the first read of a slice
+// that is read again soon, `drop` on its last read.
+__device__ __forceinline__ uint64_t l2_keep() {
+    uint64_t p;
+    asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+
+__device__ __forceinline__ uint64_t l2_drop() {
+    uint64_t p;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+
+// One 16-byte read-only global load, past L1 (nothing is reused from it) with an L2 policy.
+__device__ __forceinline__ uint4 ld16_hint(const uint4* p, uint64_t policy) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p), "l"(policy));
+    return r;
+}
+
+// A whole pack from global memory (16-byte aligned), with the L2 policy when HINT.
+template <bool HINT, typename E>
+__device__ __forceinline__ Raw<E> fetch(const E* p, uint64_t policy) {
+    Raw<E> r;
+    const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(E) / 2); ++i)
+        r.q[i] = HINT ? ld16_hint(q + i, policy) : __ldg(q + i);
+    return r;
+}
+
+// A whole pack to global memory (16-byte aligned); with HINT as streaming stores (evict first:
+// the gradient is not read again by this kernel).
+template <bool HINT, typename E>
+__device__ __forceinline__ void emit(E* p, const Raw<E>& r) {
+    uint4* q = reinterpret_cast<uint4*>(p);
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(E) / 2); ++i) {
+        if constexpr (HINT) {
+            __stcs(q + i, r.q[i]);
+        } else {
+            q[i] = r.q[i];
+        }
     }
 }
 
@@ -166,15 +255,28 @@ __device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
                  : "memory");
 }
 
+// Waits for phase 0 of the mbarrier to complete; CLUSTER_SCOPE when arrivals come from other
+// blocks of the cluster (their writes become visible here).
+template <bool CLUSTER_SCOPE = false>
 __device__ __forceinline__ void mbar_wait(uint64_t* bar) {
     uint32_t done = 0;
     while (!done) {
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n"
-            " selp.u32 %0, 1, 0, p;\n}"
-            : "=r"(done)
-            : "r"(smem_addr(bar))
-            : "memory");
+        if constexpr (CLUSTER_SCOPE) {
+            asm volatile(
+                "{\n .reg .pred p;\n"
+                " mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], 0;\n"
+                " selp.u32 %0, 1, 0, p;\n}"
+                : "=r"(done)
+                : "r"(smem_addr(bar))
+                : "memory");
+        } else {
+            asm volatile(
+                "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n"
+                " selp.u32 %0, 1, 0, p;\n}"
+                : "=r"(done)
+                : "r"(smem_addr(bar))
+                : "memory");
+        }
     }
 }
 
@@ -229,10 +331,48 @@ constexpr int PIECES = 4;  // bulk-copy pieces per chunk: statistics start on th
 constexpr int MAX_WARPS = 32;
 constexpr int NSTREAMS = 4;  // student shared, student rest, teacher shared, teacher rest
 
-// Reduces each thread's streams over the block and then over the cluster (CLUSTER > 1), in a
-// fixed order, leaving the row's streams in every thread's `st`.
+// Cluster barriers. Besides the one in reduce_streams (every block needs the row's statistics),
+// a block only has to know, before it exits, that no other block still reads its shared memory:
+// that phase is begun with a relaxed arrive as soon as the block has read the others' partial
+// statistics, and completed by leave_cluster() at the very end, so no block waits for another
+// after pass 2 (and no thread waits there for its gradient stores to land, as a release would).
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory");
+}
+
 template <int CLUSTER>
-__device__ void reduce_streams(Stream (&st)[NSTREAMS], float c2, int tpow) {
+__device__ __forceinline__ void leave_cluster() {
+    if constexpr (CLUSTER > 1) asm volatile("barrier.cluster.wait;" ::: "memory");
+}
+
+// The address of `p` (this block's shared memory) in block `rank` of the cluster.
+__device__ __forceinline__ uint32_t dsmem_addr(const void* p, uint32_t rank) {
+    uint32_t a;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(smem_addr(p)), "r"(rank));
+    return a;
+}
+
+// The mbarrier on which block 0 of a cluster waits for the other blocks' KL sums (reduce_sum).
+// Initialised before the cluster barrier of reduce_streams, which orders it before any arrival.
+template <int CLUSTER>
+__device__ __forceinline__ void init_kl_barrier(uint64_t* bar) {
+    if constexpr (CLUSTER > 1) {
+        if (threadIdx.x == 0) {
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)),
+                         "r"(CLUSTER)
+                         : "memory");
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        }
+    }
+}
+
+// Reduces each thread's streams over the block and then over the cluster (CLUSTER > 1), in a
+// fixed order, leaving the row's streams in every thread's `st` and in the shared memory it
+// returns (unchanged until the kernel ends: the row's last step reads them there rather than
+// keeping them in registers through pass 2). One cluster barrier; then each block reads the
+// others' `part` through distributed shared memory and begins the exit phase (see above).
+template <int CLUSTER>
+__device__ const Stream* reduce_streams(Stream (&st)[NSTREAMS], float c2, int tpow) {
     __shared__ Stream scratch[MAX_WARPS][NSTREAMS];
     __shared__ Stream part[NSTREAMS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -255,56 +395,61 @@ __device__ void reduce_streams(Stream (&st)[NSTREAMS], float c2, int tpow) {
     }
     if constexpr (CLUSTER > 1) {
         cg::cluster_group cluster = cg::this_cluster();
-        cluster.sync();
+        cluster.sync();  // every block's `part` is written (and every block has started)
         if (threadIdx.x < NSTREAMS) {
             const int i = threadIdx.x;
             Stream acc = cluster.map_shared_rank(part, 0)[i];
+#pragma unroll
             for (int r = 1; r < CLUSTER; ++r)
                 acc = merge(acc, cluster.map_shared_rank(part, r)[i], c2, tpow);
             scratch[0][i] = acc;
         }
-        // No block may overwrite `part` (or leave) while another still reads it.
-        cluster.sync();
     } else {
         __syncthreads();
         if (threadIdx.x < NSTREAMS) scratch[0][threadIdx.x] = part[threadIdx.x];
-        __syncthreads();
     }
+    __syncthreads();
+    // The remote values are in scratch (the loads completed): this block is done reading.
+    if constexpr (CLUSTER > 1) cluster_arrive_relaxed();
 #pragma unroll
     for (int i = 0; i < NSTREAMS; ++i) st[i] = scratch[0][i];
-    __syncthreads();
+    return scratch[0];
 }
 
-// Sum of one float over the block and the cluster, fixed order; the result in every thread.
+// Sum of one float over the block and the cluster, fixed order (warps, then blocks by rank).
+// The result is valid in thread 0 of the cluster's block 0 only. Each block's thread 0 stores
+// its block's sum into block 0's `slots` and arrives (release) on block 0's `bar` (see
+// init_kl_barrier); only block 0's thread 0 waits. Block 0 stays alive while the others write
+// into it, since it waits for exactly those writes.
 template <int CLUSTER>
-__device__ float reduce_sum(float x) {
+__device__ float reduce_sum(float x, uint64_t* bar) {
     __shared__ float scratch[MAX_WARPS];
-    __shared__ float part;
-    __shared__ float result;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
     if (lane == 0) scratch[warp] = x;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        float acc = 0.f;
+    float acc = 0.f;
+    if (threadIdx.x == 0)
         for (int w = 0; w < nwarps; ++w) acc += scratch[w];
-        part = acc;
-    }
     if constexpr (CLUSTER > 1) {
-        cg::cluster_group cluster = cg::this_cluster();
-        cluster.sync();
+        __shared__ float slots[CLUSTER];
         if (threadIdx.x == 0) {
-            float acc = 0.f;
-            for (int r = 0; r < CLUSTER; ++r) acc += *cluster.map_shared_rank(&part, r);
-            result = acc;
+            const uint32_t rank = cg::this_cluster().block_rank();
+            asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(dsmem_addr(&slots[rank], 0)),
+                         "f"(acc)
+                         : "memory");
+            asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(
+                             dsmem_addr(bar, 0))
+                         : "memory");
+            if (rank == 0) {
+                mbar_wait<true>(bar);
+                acc = 0.f;
+#pragma unroll
+                for (int r = 0; r < CLUSTER; ++r) acc += slots[r];
+            }
         }
-        cluster.sync();
-    } else {
-        __syncthreads();
-        if (threadIdx.x == 0) result = part;
-        __syncthreads();
     }
-    return result;
+    return acc;
 }
 
 // A log-normaliser `m * inv_t + lz` of a stream (lz = -inf when it is empty).
@@ -321,33 +466,223 @@ __device__ __forceinline__ double minus(Norm a, Norm b) {
     return ((double)a.m - (double)b.m) + ((double)a.lz - (double)b.lz);
 }
 
+// This block's part of its row: block `rank` of the row's cluster owns the ids [lo, lo + cs),
+// of which the student has `hs` and the teacher `ht`.
+struct Slice {
+    int row, rank, lo, hs, ht;
+    float wr;  // the row's weight (0: masked)
+};
+
+template <int CLUSTER>
+__device__ __forceinline__ Slice slice_of(const float* w, const Params& p) {
+    Slice sl;
+    sl.rank = 0;
+    if constexpr (CLUSTER > 1) sl.rank = (int)cg::this_cluster().block_rank();
+    sl.row = blockIdx.x / CLUSTER;
+    sl.wr = w ? w[sl.row] : 1.f;
+    sl.lo = sl.rank * p.cs;
+    sl.hs = max(0, min(sl.lo + p.cs, p.vs) - sl.lo);
+    sl.ht = max(0, min(sl.lo + p.cs, p.vt) - sl.lo);
+    return sl;
+}
+
+// A masked row: never read, gradient exactly 0, row contributions 0 (the whole cluster takes
+// this path, so no block waits at a cluster barrier for it).
+template <typename S>
+__device__ void masked_slice(S* gg, const Slice& sl, float* rows) {
+    const float zero8[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (gg)
+        for (int k = threadIdx.x; k * 8 < sl.hs; k += blockDim.x)
+            store8(gg + k * 8, min(8, sl.hs - k * 8), zero8);
+    if (sl.rank == 0 && threadIdx.x == 0) rows[2 * sl.row] = rows[2 * sl.row + 1] = 0.f;
+}
+
+// Whether the cross-entropy needs its own (temperature-1) softmax sum: not when the KL's softmax
+// is already at temperature 1.
+__device__ __forceinline__ bool ce_own_of(const Params& p) {
+    return p.do_ce != 0 && !(p.do_kl != 0 && p.tpow == 1);
+}
+
+// The row's constants once its streams are reduced: normalisers for the row's loss, and the
+// per-id factors of the gradient, each id's exponential taken against its own stream's maximum:
+// q = e * aq (student softmax at T), p1 = e^T * a1 (at temperature 1), pt = f * at.
+struct RowK {
+    bool do_kl, do_ce, ce_own;
+    int tpow, target;
+    float c2, inv_t, wr;
+    float ss_m, sr_m, ts_m, s_all_m;  // stream maxima
+    float lz1;                        // log of the temperature-1 sum (relative to s_all_m)
+    Norm n_s, n_t, n_sr, n_tr;
+    float aq_ss, aq_sr, at_ts, a1_ss, a1_sr, ar_sr, pt_rest;
+    float ck, cc, klc;  // gradient scales of KL and CE; log pt - log q = (dt - d) / T + klc
+};
+
+__device__ __forceinline__ RowK row_consts(const Stream* st, const Params& p, float wr,
+                                           int target) {
+    RowK k;
+    k.do_kl = p.do_kl != 0;
+    k.do_ce = p.do_ce != 0;
+    k.ce_own = ce_own_of(p);
+    k.tpow = p.tpow;
+    k.target = target;
+    k.c2 = p.inv_t * LOG2E;
+    k.inv_t = p.inv_t;
+    k.wr = wr;
+    // Student: ss (shared), sr (rest); s = ss + sr; teacher likewise.
+    const Stream ss = st[0], sr = st[1], ts = st[2], tr = st[3];
+    const Stream s_all = merge(ss, sr, k.c2, p.tpow);
+    const Stream t_all = merge(ts, tr, k.c2, p.tpow);
+    k.ss_m = ss.m;
+    k.sr_m = sr.m;
+    k.ts_m = ts.m;
+    k.s_all_m = s_all.m;
+    k.n_s = norm_of(s_all.m * p.inv_t, s_all.z);
+    k.n_t = norm_of(t_all.m * p.inv_t, t_all.z);
+    k.n_sr = norm_of(sr.m * p.inv_t, sr.z);
+    k.n_tr = norm_of(tr.m * p.inv_t, tr.z);
+    k.lz1 = k.ce_own ? logf(s_all.z1) : 0.f;
+    k.ck = k.do_kl ? p.alpha * p.temperature * wr * p.inv_n : 0.f;
+    k.cc = k.do_ce ? (1.f - p.alpha) * wr * p.inv_n : 0.f;
+    // (Differences of maxima first: exact, so logits of size 1e4 keep their precision.)
+    const float lq_ss = (ss.m - s_all.m) * p.inv_t - k.n_s.lz;  // log aq for shared ids
+    const float lq_sr = (sr.m - s_all.m) * p.inv_t - k.n_s.lz;  // log aq for rest ids
+    const float lt_ts = (ts.m - t_all.m) * p.inv_t - k.n_t.lz;  // log at
+    k.aq_ss = expf(lq_ss);
+    k.aq_sr = expf(lq_sr);
+    k.at_ts = expf(lt_ts);
+    k.a1_ss = k.ce_own ? expf((ss.m - s_all.m) - k.lz1) : 0.f;
+    k.a1_sr = k.ce_own ? expf((sr.m - s_all.m) - k.lz1) : 0.f;
+    k.ar_sr = sr.z > 0.f ? 1.f / sr.z : 0.f;  // student softmax within the rest bucket
+    k.pt_rest = k.n_tr.lz == -INFINITY ? 0.f : (float)exp(minus(k.n_tr, k.n_t));
+    k.klc = lt_ts - lq_ss;
+    return k;
+}
+
+// The gradient of a whole pack of shared ids when the KL is on (the hot path, two exponentials
+// per id): x holds the student's logits and gets the gradient, y the teacher's. Adds the pack's
+// KL terms to kl.
+__device__ __forceinline__ void grad8_shared(const RowK& k, float x[8], const float y[8],
+                                             float& kl) {
+    float kj[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const float d = x[j] - k.ss_m, dt = y[j] - k.ts_m;
+        const float e = ex2(d * k.c2), f = ex2(dt * k.c2);
+        const float q = e * k.aq_ss, pt = f * k.at_ts;
+        kj[j] = pt * fmaf(dt - d, k.inv_t, k.klc);
+        const float p1 = k.ce_own ? pow_t(e, d, k.tpow) * k.a1_ss : q;
+        x[j] = fmaf(k.ck, q - pt, k.cc * p1);
+    }
+    kl += ((kj[0] + kj[1]) + (kj[2] + kj[3])) + ((kj[4] + kj[5]) + (kj[6] + kj[7]));
+}
+
+// The cross-entropy's -1 at the target id, if it is in the pack of ids base..base + 7.
+__device__ __forceinline__ void grad8_target(const RowK& k, float x[8], int base) {
+    if ((unsigned)(k.target - base) < 8u) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            if (base + j == k.target) x[j] -= k.cc;
+    }
+}
+
+// The gradient of any pack of student ids: x holds the logits and gets the gradient; `n` are
+// valid, the first `cut` are shared ids, y holds the teacher's logits of those (read only when
+// do_kl). Adds the pack's shared-id KL terms to kl.
+__device__ __forceinline__ void grad8(const RowK& k, float x[8], const float y[8], int n,
+                                      int cut, int base, float& kl) {
+    if (k.do_kl && cut == 8) {
+        grad8_shared(k, x, y, kl);
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            if (j >= n) {
+                x[j] = 0.f;
+                continue;
+            }
+            const bool in_shared = j < cut;
+            const float d = x[j] - (in_shared ? k.ss_m : k.sr_m);
+            const float e = ex2(d * k.c2);
+            float gj = 0.f, q = 0.f;
+            if (k.do_kl) {
+                q = e * (in_shared ? k.aq_ss : k.aq_sr);
+                if (in_shared) {
+                    const float dt = y[j] - k.ts_m;
+                    const float pt = ex2(dt * k.c2) * k.at_ts;
+                    kl = fmaf(pt, fmaf(dt - d, k.inv_t, k.klc), kl);
+                    gj = k.ck * (q - pt);
+                } else {
+                    gj = k.ck * (q - k.pt_rest * e * k.ar_sr);
+                }
+            }
+            if (k.do_ce)
+                gj += k.cc *
+                      (k.ce_own ? pow_t(e, d, k.tpow) * (in_shared ? k.a1_ss : k.a1_sr) : q);
+            x[j] = gj;
+        }
+    }
+    grad8_target(k, x, base);
+}
+
+// Pass 2 over the packs k0, k0 + 1, .. of a slice of `hs` student ids starting at id `lo`, one
+// pack per thread at a time (any alignment): writes the gradient, returns this thread's KL.
+template <typename S, typename T>
+__device__ __forceinline__ float grad_range(const S* src_s, const T* src_t, int k0, int hs,
+                                            int lo, int sh, const RowK& rk, S* gg) {
+    float kl = 0.f;
+    for (int k = k0 + threadIdx.x; k * 8 < hs; k += blockDim.x) {
+        const int n = min(8, hs - k * 8);
+        const int base = lo + k * 8;
+        float x[8], y[8];
+        load8(src_s + k * 8, n, x);
+        const int cut = min(n, max(0, sh - base));
+        if (rk.do_kl && cut > 0) load8(src_t + k * 8, cut, y);
+        grad8(rk, x, y, n, cut, base, kl);
+        if (gg) store8(gg + k * 8, n, x);
+    }
+    return kl;
+}
+
+// Block 0's last step: the row's (kl, ce) contributions from its reduced streams (as
+// reduce_streams left them in shared memory) and the reduced shared-range KL.
+template <typename S>
+__device__ void finish_row(const Stream* streams, float wr, int target, float kl, const S* s,
+                           int row, const Params& p, float* rows) {
+    const RowK k = row_consts(streams, p, wr, target);
+    double kl_row = kl;
+    if (k.do_kl && k.n_tr.lz != -INFINITY) {  // the rest buckets
+        const double lpt = minus(k.n_tr, k.n_t), lps = minus(k.n_sr, k.n_s);
+        kl_row += exp(lpt) * (lpt - lps);
+    }
+    double ce = 0.0;
+    if (k.target >= 0) {
+        const double x = to_f(s[(size_t)row * p.vs + k.target]);
+        ce = ((double)k.s_all_m - x) + (double)k.lz1;
+        if (!k.ce_own) ce = ((double)k.n_s.m - x) + (double)k.n_s.lz;
+    }
+    const double t2 = (double)p.temperature * p.temperature;
+    rows[2 * row] = k.do_kl ? (float)(p.alpha * t2 * k.wr * kl_row * p.inv_n) : 0.f;
+    rows[2 * row + 1] = (float)((1.0 - p.alpha) * k.wr * ce * p.inv_n);
+}
+
+// The `_row` (CLUSTER = 1) and `_cluster` kernels.
 template <typename S, typename T, int CLUSTER>
 __device__ void distill_body(const S* __restrict__ s, const T* __restrict__ t,
                              const float* __restrict__ w, const int* __restrict__ targets,
                              S* __restrict__ grad, float* __restrict__ rows, const Params p) {
     extern __shared__ __align__(16) unsigned char cache[];
-    int rank = 0;
-    if constexpr (CLUSTER > 1) rank = (int)cg::this_cluster().block_rank();
-    const int row = blockIdx.x / CLUSTER;
-    const float wr = w ? w[row] : 1.f;
-    const int lo = rank * p.cs;
-    const int hs = max(0, min(lo + p.cs, p.vs) - lo);  // student ids of this block
-    const int ht = max(0, min(lo + p.cs, p.vt) - lo);  // teacher ids of this block
-    const S* gs = s + (size_t)row * p.vs + lo;
-    const T* gt = t + (size_t)row * p.vt + lo;
-    S* gg = grad ? grad + (size_t)row * p.vs + lo : nullptr;
-    const float zero8[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-
-    if (wr == 0.f) {  // masked: never read, gradient exactly 0 (the whole cluster takes this path)
-        if (gg)
-            for (int k = threadIdx.x; k * 8 < hs; k += blockDim.x)
-                store8(gg + k * 8, min(8, hs - k * 8), zero8);
-        if (rank == 0 && threadIdx.x == 0) rows[2 * row] = rows[2 * row + 1] = 0.f;
+    const Slice sl = slice_of<CLUSTER>(w, p);
+    const int lo = sl.lo, hs = sl.hs, ht = sl.ht;
+    const S* gs = s + (size_t)sl.row * p.vs + lo;
+    const T* gt = t + (size_t)sl.row * p.vt + lo;
+    S* gg = grad ? grad + (size_t)sl.row * p.vs + lo : nullptr;
+    if (sl.wr == 0.f) {
+        masked_slice(gg, sl, rows);
         return;
     }
-    const bool do_kl = p.do_kl != 0, do_ce = p.do_ce != 0;
-    const bool ce_own = do_ce && !(do_kl && p.tpow == 1);
-    const int target = do_ce && targets ? targets[row] : -1;
+    __shared__ uint64_t kl_bar;
+    init_kl_barrier<CLUSTER>(&kl_bar);
+    const bool do_kl = p.do_kl != 0, ce_own = ce_own_of(p);
+    const int target = p.do_ce != 0 && targets ? targets[sl.row] : -1;
     const int sh = p.shared;
     const float c2 = p.inv_t * LOG2E;
     S* cs_s = reinterpret_cast<S*>(cache);
@@ -385,31 +720,8 @@ __device__ void distill_body(const S* __restrict__ s, const T* __restrict__ t,
     } else {
         stats_range(gs, gt, 0, hmax, hs, ht_used, lo, sh, st, c2, p.tpow, ce_own);
     }
-    reduce_streams<CLUSTER>(st, c2, p.tpow);
-
-    // Row constants. Student: ss (shared), sr (rest); s = ss + sr; teacher likewise.
-    const Stream ss = st[0], sr = st[1], ts = st[2], tr = st[3];
-    const Stream s_all = merge(ss, sr, c2, p.tpow);
-    const Stream t_all = merge(ts, tr, c2, p.tpow);
-    const Norm n_s = norm_of(s_all.m * p.inv_t, s_all.z);
-    const Norm n_t = norm_of(t_all.m * p.inv_t, t_all.z);
-    const Norm n_sr = norm_of(sr.m * p.inv_t, sr.z);
-    const Norm n_tr = norm_of(tr.m * p.inv_t, tr.z);
-    // log of the temperature-1 normaliser (relative to the student's max).
-    const float lz1 = ce_own ? logf(s_all.z1) : 0.f;
-    const float ck = do_kl ? p.alpha * p.temperature * wr * p.inv_n : 0.f;
-    const float cc = do_ce ? (1.f - p.alpha) * wr * p.inv_n : 0.f;
-    // Per-id factors, each id's exponential taken against its own stream's maximum:
-    // q = e * aq (student softmax at T), p1 = e^T * a1 (at temperature 1), pt = f * at.
-    // (Differences of maxima first: exact, so logits of size 1e4 keep their precision.)
-    const float lq_ss = (ss.m - s_all.m) * p.inv_t - n_s.lz;  // log aq for shared ids
-    const float lq_sr = (sr.m - s_all.m) * p.inv_t - n_s.lz;  // log aq for rest ids
-    const float lt_ts = (ts.m - t_all.m) * p.inv_t - n_t.lz;  // log at
-    const float aq_ss = expf(lq_ss), aq_sr = expf(lq_sr), at_ts = expf(lt_ts);
-    const float a1_ss = ce_own ? expf((ss.m - s_all.m) - lz1) : 0.f;
-    const float a1_sr = ce_own ? expf((sr.m - s_all.m) - lz1) : 0.f;
-    const float ar_sr = sr.z > 0.f ? 1.f / sr.z : 0.f;  // student softmax within the rest bucket
-    const float pt_rest = n_tr.lz == -INFINITY ? 0.f : (float)exp(minus(n_tr, n_t));
+    const Stream* streams = reduce_streams<CLUSTER>(st, c2, p.tpow);
+    const RowK rk = row_consts(st, p, sl.wr, target);
 
     // Pass 2: gradient over the student ids, KL over the shared ids.
     const S* src_s = gs;
@@ -418,81 +730,111 @@ __device__ void distill_body(const S* __restrict__ s, const T* __restrict__ t,
         src_s = cs_s;
         src_t = cs_t;
     }
-    float kl = 0.f;
-    const float klc = lt_ts - lq_ss;  // log pt - log q = (dt - d) / T + klc for shared ids
-    const int tpow = p.tpow;
-    for (int k = threadIdx.x; k * 8 < hs; k += blockDim.x) {
-        const int n = min(8, hs - k * 8);
-        const int base = lo + k * 8;
-        float x[8], y[8];  // x is overwritten by the gradient, id by id
-        load8(src_s + k * 8, n, x);
-        const int cut = min(n, max(0, sh - base));
-        if (do_kl && cut == 8) {
-            // The hot path: a whole pack of shared ids, two exponentials per id.
-            load8(src_t + k * 8, 8, y);
-            float kj[8];
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float d = x[j] - ss.m, dt = y[j] - ts.m;
-                const float e = ex2(d * c2), f = ex2(dt * c2);
-                const float q = e * aq_ss, pt = f * at_ts;
-                kj[j] = pt * fmaf(dt - d, p.inv_t, klc);
-                const float p1 = ce_own ? pow_t(e, d, tpow) * a1_ss : q;
-                x[j] = fmaf(ck, q - pt, cc * p1);
-            }
-            kl += ((kj[0] + kj[1]) + (kj[2] + kj[3])) + ((kj[4] + kj[5]) + (kj[6] + kj[7]));
-        } else {
-            if (do_kl && cut > 0) load8(src_t + k * 8, cut, y);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                if (j >= n) {
-                    x[j] = 0.f;
-                    continue;
-                }
-                const bool in_shared = j < cut;
-                const float d = x[j] - (in_shared ? ss.m : sr.m);
-                const float e = ex2(d * c2);
-                float gj = 0.f, q = 0.f;
-                if (do_kl) {
-                    q = e * (in_shared ? aq_ss : aq_sr);
-                    if (in_shared) {
-                        const float dt = y[j] - ts.m;
-                        const float pt = ex2(dt * c2) * at_ts;
-                        kl = fmaf(pt, fmaf(dt - d, p.inv_t, klc), kl);
-                        gj = ck * (q - pt);
-                    } else {
-                        gj = ck * (q - pt_rest * e * ar_sr);
-                    }
-                }
-                if (do_ce) gj += cc * (ce_own ? pow_t(e, d, tpow) * (in_shared ? a1_ss : a1_sr) : q);
-                x[j] = gj;
-            }
-        }
-        if ((unsigned)(target - base) < 8u) {  // the cross-entropy target is in this pack
-#pragma unroll
-            for (int j = 0; j < 8; ++j)
-                if (base + j == target) x[j] -= cc;
-        }
-        if (gg) store8(gg + k * 8, n, x);
-    }
-    kl = reduce_sum<CLUSTER>(kl);
+    const float kl =
+        reduce_sum<CLUSTER>(grad_range(src_s, src_t, 0, hs, lo, sh, rk, gg), &kl_bar);
+    if (sl.rank == 0 && threadIdx.x == 0)
+        finish_row(streams, sl.wr, target, kl, s, sl.row, p, rows);
+    leave_cluster<CLUSTER>();
+}
 
-    if (rank == 0 && threadIdx.x == 0) {
-        double kl_row = kl;
-        if (do_kl && n_tr.lz != -INFINITY) {  // the rest buckets
-            const double lpt = minus(n_tr, n_t), lps = minus(n_sr, n_s);
-            kl_row += exp(lpt) * (lpt - lps);
-        }
-        double ce = 0.0;
-        if (target >= 0) {
-            const double x = to_f(s[(size_t)row * p.vs + target]);
-            ce = ((double)s_all.m - x) + (double)lz1;
-            if (!ce_own) ce = ((double)n_s.m - x) + (double)n_s.lz;
-        }
-        const double t2 = (double)p.temperature * p.temperature;
-        rows[2 * row] = do_kl ? (float)(p.alpha * t2 * wr * kl_row * p.inv_n) : 0.f;
-        rows[2 * row + 1] = (float)((1.0 - p.alpha) * wr * ce * p.inv_n);
+// Packs of 8 ids per side that one thread of a split kernel has in flight at once: 64 bytes of
+// loads (two 16-byte words a side in bf16/bf16, one 32-byte pack a side with f32). More does
+// not fit in the 64 registers that two blocks of 512 threads per SM leave.
+template <typename S, typename T>
+struct InFlight {
+    static constexpr int ID_BYTES = (int)(sizeof(S) + sizeof(T));  // one id, both sides
+    static constexpr int PACKS = 64 / (8 * ID_BYTES) > 1 ? 64 / (8 * ID_BYTES) : 1;
+};
+
+// The `_split` kernels: CLUSTER blocks of THREADS per row, rows 16-byte aligned (the host checks).
+// The packs of shared ids, whole on both sides (all of them without a vocabulary mismatch), go
+// through unrolled loops that issue InFlight::PACKS loads per side before using any; the rest
+// (ids past the shared range, a partial last pack, ids that only one side has, every pack of a
+// row without KL in pass 2) goes through the one-pack-at-a-time code of the other kernels.
+template <typename S, typename T, int CLUSTER, int THREADS, bool HINTS>
+__device__ void split_body(const S* __restrict__ s, const T* __restrict__ t,
+                           const float* __restrict__ w, const int* __restrict__ targets,
+                           S* __restrict__ grad, float* __restrict__ rows, const Params p) {
+    constexpr int U = InFlight<S, T>::PACKS;
+    const Slice sl = slice_of<CLUSTER>(w, p);
+    const int lo = sl.lo, hs = sl.hs, ht = sl.ht;
+    const S* gs = s + (size_t)sl.row * p.vs + lo;
+    const T* gt = t + (size_t)sl.row * p.vt + lo;
+    S* gg = grad ? grad + (size_t)sl.row * p.vs + lo : nullptr;
+    if (sl.wr == 0.f) {
+        masked_slice(gg, sl, rows);
+        return;
     }
+    __shared__ uint64_t kl_bar;
+    init_kl_barrier<CLUSTER>(&kl_bar);
+    const bool do_kl = p.do_kl != 0, ce_own = ce_own_of(p);
+    const int target = p.do_ce != 0 && targets ? targets[sl.row] : -1;
+    const int sh = p.shared, tpow = p.tpow;
+    const float c2 = p.inv_t * LOG2E;
+    const int ht_used = do_kl ? ht : 0;
+    // Packs [0, hot): whole on every side that is read, and all shared ids.
+    const int hot = min((do_kl ? min(hs, ht) : hs) / 8, max(0, sh - lo) / 8);
+
+    // Pass 1: statistics, asking L2 to keep the lines for pass 2.
+    const uint64_t keep = HINTS ? l2_keep() : 0;
+    Stream st[NSTREAMS] = {empty_stream(), empty_stream(), empty_stream(), empty_stream()};
+    for (int k0 = threadIdx.x; k0 < hot; k0 += U * THREADS) {
+        Raw<S> rs[U];
+        Raw<T> rt[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int k = min(k0 + u * THREADS, hot - 1);  // a repeated pack is read, not used
+            rs[u] = fetch<HINTS>(gs + 8 * k, keep);
+            if (do_kl) rt[u] = fetch<HINTS>(gt + 8 * k, keep);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (k0 + u * THREADS < hot) {
+                float v[8];
+                unpack(rs[u], v);
+                push(st[0], v, c2, tpow, ce_own);
+                if (do_kl) {
+                    unpack(rt[u], v);
+                    push(st[2], v, c2, tpow, false);
+                }
+            }
+        }
+    }
+    stats_range(gs, gt, 8 * hot, max(hs, ht_used), hs, ht_used, lo, sh, st, c2, tpow, ce_own);
+    const Stream* streams = reduce_streams<CLUSTER>(st, c2, tpow);
+    const RowK rk = row_consts(st, p, sl.wr, target);
+
+    // Pass 2: the same packs again (from L2 when it kept them), letting L2 drop them.
+    const uint64_t drop = HINTS ? l2_drop() : 0;
+    const int hot2 = do_kl ? hot : 0;
+    float kl = 0.f;
+    for (int k0 = threadIdx.x; k0 < hot2; k0 += U * THREADS) {
+        Raw<S> rs[U];
+        Raw<T> rt[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int k = min(k0 + u * THREADS, hot2 - 1);
+            rs[u] = fetch<HINTS>(gs + 8 * k, drop);
+            rt[u] = fetch<HINTS>(gt + 8 * k, drop);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int k = k0 + u * THREADS;
+            if (k < hot2) {
+                float x[8], y[8];
+                unpack(rs[u], x);
+                unpack(rt[u], y);
+                grad8_shared(rk, x, y, kl);
+                grad8_target(rk, x, lo + 8 * k);
+                if (gg) emit<HINTS>(gg + 8 * k, pack<S>(x));
+            }
+        }
+    }
+    kl += grad_range(gs, gt, hot2, hs, lo, sh, rk, gg);
+    kl = reduce_sum<CLUSTER>(kl, &kl_bar);
+    if (sl.rank == 0 && threadIdx.x == 0)
+        finish_row(streams, sl.wr, target, kl, s, sl.row, p, rows);
+    leave_cluster<CLUSTER>();
 }
 
 // Sums the rows' (kl, ce) in a fixed order: loss = kl + ce, parts = (kl, ce). One block of 1024.
@@ -524,17 +866,35 @@ extern "C" __global__ void __launch_bounds__(1024)
 
 constexpr int CLUSTER = 8;
 
+#define XKD_ARGS(S, T) \
+    const S *s, const T *t, const float *w, const int *tg, S *grad, float *rows, const Params p
+
+// One split kernel: NAME its symbol's middle, ATTRS its launch attributes; C and TH must match
+// the cluster dims and block size there, and the entry of `SPLITS` in kernels/src/cuda.rs.
+#define XKD_SPLIT(NAME, ATTRS, C, TH, HINTS, SN, S, TN, T)                              \
+    extern "C" __global__ void ATTRS xkd_distill_##NAME##_##SN##_##TN(XKD_ARGS(S, T)) { \
+        split_body<S, T, C, TH, HINTS>(s, t, w, tg, grad, rows, p);                     \
+    }
+
+// Every kernel of one dtype pair. The split list is the one `SPLITS` in cuda.rs names.
 #define XKD_DISTILL(SN, S, TN, T)                                                              \
     extern "C" __global__ void __launch_bounds__(1024)                                        \
-        xkd_distill_row_##SN##_##TN(const S* s, const T* t, const float* w, const int* tg,     \
-                                    S* grad, float* rows, const Params p) {                    \
+        xkd_distill_row_##SN##_##TN(XKD_ARGS(S, T)) {                                          \
         distill_body<S, T, 1>(s, t, w, tg, grad, rows, p);                                     \
     }                                                                                          \
     extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(512, 2)      \
-        xkd_distill_cluster_##SN##_##TN(const S* s, const T* t, const float* w, const int* tg, \
-                                        S* grad, float* rows, const Params p) {                \
+        xkd_distill_cluster_##SN##_##TN(XKD_ARGS(S, T)) {                                      \
         distill_body<S, T, CLUSTER>(s, t, w, tg, grad, rows, p);                               \
-    }
+    }                                                                                          \
+    XKD_SPLIT(split_c1_t512_nohint, __launch_bounds__(512, 2), 1, 512, false, SN, S, TN, T)    \
+    XKD_SPLIT(split_c4_t512, __cluster_dims__(4, 1, 1) __launch_bounds__(512, 2), 4, 512,      \
+              true, SN, S, TN, T)                                                              \
+    XKD_SPLIT(split_c8_t512, __cluster_dims__(8, 1, 1) __launch_bounds__(512, 2), 8, 512,      \
+              true, SN, S, TN, T)                                                              \
+    XKD_SPLIT(split_c8_t512_nohint, __cluster_dims__(8, 1, 1) __launch_bounds__(512, 2), 8,    \
+              512, false, SN, S, TN, T)                                                        \
+    XKD_SPLIT(split_c8_t1024, __cluster_dims__(8, 1, 1) __launch_bounds__(1024, 1), 8, 1024,   \
+              true, SN, S, TN, T)
 
 XKD_DISTILL(f32, float, f32, float)
 XKD_DISTILL(f32, float, bf16, __nv_bfloat16)

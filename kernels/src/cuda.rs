@@ -14,9 +14,9 @@
 //!   each block reads its slice twice, the second time from L2, which holds it because only a
 //!   few rows are in flight. Needs 16-byte aligned rows.
 //!
-//! [`distill`] uses the row kernel unless told otherwise (the faster of row and cluster on an
-//! H200, see kernels/PERF.md; the split kernels are not measured yet) and returns which kernel
-//! ran; the GPU check runs them all.
+//! [`distill`] uses [`DEFAULT_SPLIT`] unless told otherwise (the fastest on the large shapes of
+//! the H100 check in kernels/PERF.md), the row kernel where rows are not aligned, and returns
+//! which kernel ran; the GPU check runs them all.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -72,6 +72,12 @@ pub const SPLITS: [Split; 5] = [
     split(8, 512, false), // the same without cache hints, as a control
     split(8, 1024, true), // half the rows in flight, one block per SM
 ];
+
+/// What [`distill`] runs on aligned rows when not told otherwise: the fastest kernel on the
+/// large shapes of the H100 check in kernels/PERF.md (one block of 512 threads per row, two
+/// 16-byte loads per side in flight per thread, no cache hints). Unaligned rows take the row
+/// kernel.
+pub const DEFAULT_SPLIT: Split = SPLITS[0];
 
 /// Which kernel ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -353,7 +359,8 @@ pub fn rows_in_flight<S: GpuElem, T: GpuElem>(
 
 /// Computes the loss (and gradient) of `student` `[N, Vs]` against `teacher` `[N, Vt]`.
 /// `weights` `[N]` (None: all 1) and `targets` `[N]` (-1 or None: no cross-entropy target) are
-/// on the device. `force` picks the kernel; `None` takes the row kernel (see the module docs).
+/// on the device. `force` picks the kernel; `None` takes [`DEFAULT_SPLIT`] on 16-byte aligned
+/// rows and the row kernel otherwise.
 #[allow(clippy::too_many_arguments)]
 pub fn distill<S: GpuElem, T: GpuElem>(
     dev: &CudaDevice,
@@ -388,11 +395,16 @@ pub fn distill<S: GpuElem, T: GpuElem>(
     if i32::try_from(vs.max(vt)).is_err() || i32::try_from(n).is_err() {
         candle_core::bail!("cuda distill: dimensions {n} x {} exceed i32", vs.max(vt));
     }
-    // Measured on an H200 (kernels/PERF.md): the row kernel is faster than the cluster kernel
-    // today, although it reads twice; the others stay checked and benchmarked until one wins.
-    let kernel = force.unwrap_or(Kernel::Row);
+    let aligned = rows_aligned(dev, &shape, student, teacher);
+    let kernel = force.unwrap_or_else(|| {
+        let fast = Kernel::Split(DEFAULT_SPLIT);
+        match Launch::new::<S, T>(fast, n, vs.max(vt)).unfit(aligned) {
+            None => fast,
+            Some(_) => Kernel::Row,
+        }
+    });
     let launch = Launch::new::<S, T>(kernel, n, vs.max(vt));
-    if let Some(why) = launch.unfit(rows_aligned(dev, &shape, student, teacher)) {
+    if let Some(why) = launch.unfit(aligned) {
         candle_core::bail!("cuda distill: {why}");
     }
     let params = launch.params(&shape);

@@ -1,6 +1,7 @@
 //! A run survives losing its processes and its store (issue 5's "must show"): a worker
-//! killed with SIGKILL, the coordinator stopped with SIGTERM and resumed on fewer workers, the
-//! S3-compatible server down for 15 s, and a corrupted checkpoint. Every run is a real
+//! killed with SIGKILL, the coordinator stopped with SIGTERM and resumed on fewer workers, a
+//! worker stopped with SIGTERM, the S3-compatible server down for 15 s, and a corrupted
+//! checkpoint. Every run is a real
 //! `xkd run` with real worker processes; the store is a directory or a real s3s-fs server.
 //!
 //! The tests take a lock so only one run trains at a time (they share a cache of pretrained
@@ -198,6 +199,39 @@ fn sigterm_checkpoints_and_a_run_on_one_worker_resumes_it() {
         worst.0,
         worst.1
     );
+}
+
+#[test]
+fn a_preempted_worker_checkpoints_and_the_run_goes_on_bit_identical() {
+    let _serial = serial();
+    let (_, want) = reference();
+    let out = fresh("worker-term");
+    let log = out.with_extension("log");
+    let mut run = Background::start(&run_args(&out, &recipe("worker-term"), &[]), &[], &log);
+    let pid = worker_pid(&mut run, 1);
+    run.wait_for("the checkpoint of step 20", LIMIT, committed(EVERY));
+    std::thread::sleep(Duration::from_secs(1));
+    signal(pid, "-TERM");
+    let (code, text) = run.wait(LIMIT);
+    assert_eq!(code, 0, "the run did not complete on its own:\n{text}");
+    let records = common::records(&log);
+    let restarts = find(&records, "restarting the workers");
+    assert_eq!(restarts.len(), 1, "{text}");
+    assert!(
+        restarts[0]["error"].as_str().unwrap().contains("preempted"),
+        "{text}"
+    );
+    // Every rank stopped at the same step and rank 0 checkpointed it; the new generation
+    // resumed there.
+    let resumed = find(&records, "resuming distillation from checkpoint");
+    assert_eq!(resumed.len(), 1, "{text}");
+    let step = resumed[0]["step"].as_u64().unwrap();
+    assert!(step > EVERY && step < STEPS, "resumed at {step}:\n{text}");
+    assert!(
+        records.iter().any(|r| committed(step)(r)),
+        "the stop step was not committed:\n{text}"
+    );
+    assert_eq!(&final_digest(&out, "worker-term", &[]), want);
 }
 
 #[test]

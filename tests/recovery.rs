@@ -1,7 +1,7 @@
 //! A run survives losing its processes and its store (issue 5's "must show"): a worker
 //! killed with SIGKILL, the coordinator stopped with SIGTERM and resumed on fewer workers, a
-//! worker stopped with SIGTERM, the S3-compatible server down for 15 s, and a corrupted
-//! checkpoint. Every run is a real
+//! worker stopped with SIGTERM, the coordinator killed with SIGKILL and started again, the
+//! S3-compatible server down for 15 s, and a corrupted checkpoint. Every run is a real
 //! `xkd run` with real worker processes; the store is a directory or a real s3s-fs server.
 //!
 //! The tests take a lock so only one run trains at a time (they share a cache of pretrained
@@ -232,6 +232,50 @@ fn a_preempted_worker_checkpoints_and_the_run_goes_on_bit_identical() {
         "the stop step was not committed:\n{text}"
     );
     assert_eq!(&final_digest(&out, "worker-term", &[]), want);
+}
+
+#[test]
+fn a_killed_coordinator_started_again_resumes_from_the_store() {
+    let _serial = serial();
+    let (_, want) = reference();
+    let out = fresh("coordinator-killed");
+    let log = out.with_extension("log");
+    let mut run = Background::start(
+        &run_args(&out, &recipe("coordinator-killed"), &[]),
+        &[],
+        &log,
+    );
+    let workers = [worker_pid(&mut run, 0), worker_pid(&mut run, 1)];
+    run.wait_for("the checkpoint of step 20", LIMIT, committed(EVERY));
+    std::thread::sleep(Duration::from_secs(1));
+    signal(run.child.id() as i32, "-KILL");
+    let (code, _) = run.wait(LIMIT);
+    assert_eq!(code, -1, "killed by a signal");
+    // Its workers go with it (they would otherwise write checkpoints beside the resumed run).
+    let start = std::time::Instant::now();
+    while workers
+        .iter()
+        .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "workers outlived the coordinator"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = out.with_extension("again.log");
+    let again = Background::start(
+        &run_args(&out, &recipe("coordinator-killed"), &[]),
+        &[],
+        &log,
+    );
+    let (code, text) = again.wait(LIMIT);
+    assert_eq!(code, 0, "{text}");
+    let records = common::records(&log);
+    let resumed = find(&records, "resuming distillation from checkpoint");
+    assert_eq!(resumed.len(), 1, "{text}");
+    assert_eq!(resumed[0]["step"], EVERY);
+    assert_eq!(&final_digest(&out, "coordinator-killed", &[]), want);
 }
 
 #[test]

@@ -853,7 +853,8 @@ fn spawn_workers(
                 .append(true)
                 .open(&log_path)
                 .with_context(|| format!("opening {}", log_path.display()))?;
-            let child = tokio::process::Command::new(&local.exe)
+            let mut command = tokio::process::Command::new(&local.exe);
+            command
                 .arg("--log-format")
                 .arg(&local.log_format)
                 .arg("worker")
@@ -866,7 +867,22 @@ fn spawn_workers(
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
-                .kill_on_drop(true)
+                .kill_on_drop(true);
+            // A local worker must not outlive its coordinator: killed with SIGKILL, the
+            // coordinator runs no drop, and an orphan would go on training and writing
+            // checkpoint objects beside the run that resumes this one.
+            // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
+            #[cfg(target_os = "linux")]
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+            let child = command
                 .spawn()
                 .with_context(|| format!("starting worker {i} from {}", local.exe.display()))?;
             Ok(child)

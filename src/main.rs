@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use xkd_coordinator::run::{self, LocalWorkers, Outcome, RunOptions};
-use xkd_protocol::config::{Config, ConfigError};
+use xkd_protocol::config::{Config, ConfigError, DeviceChoice};
 use xkd_worker::session::Exit;
 
 mod inspect;
@@ -179,6 +179,25 @@ fn resolve(cfg: &ConfigArgs, workers: Option<usize>) -> Result<Config, ConfigErr
     Config::resolve(cfg.config.as_deref(), &sets)
 }
 
+/// The config of `cfg` for a command that will run it: also refuses a device this binary
+/// cannot drive, before any work starts (the config itself is valid; `config show` prints it).
+fn resolve_to_run(cfg: &ConfigArgs, workers: Option<usize>) -> Result<Config, ConfigError> {
+    let config = resolve(cfg, workers)?;
+    if let DeviceChoice::Cuda(_) = config.run.device_choice() {
+        if !xkd_worker::train::cuda_compiled() {
+            return Err(ConfigError::BadValue {
+                key: "run.device".into(),
+                message: format!(
+                    "`{}` needs CUDA, but this binary was built without the `cuda` feature; \
+                     use `cpu`",
+                    config.run.device
+                ),
+            });
+        }
+    }
+    Ok(config)
+}
+
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     let log_format = cli.log_format.as_str().to_string();
     match cli.command {
@@ -189,7 +208,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { cfg, workers, out } => {
-            let config = resolve(&cfg, workers)?;
+            let config = resolve_to_run(&cfg, workers)?;
             let local = local_workers(config.control.workers, log_format)?;
             match runtime()?.block_on(run::run(RunOptions {
                 config,
@@ -208,7 +227,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::HardClasses { cfg, workers, out } => {
-            let config = resolve(&cfg, workers)?;
+            let config = resolve_to_run(&cfg, workers)?;
             let local = local_workers(config.control.workers, log_format)?;
             let outcome = runtime()?.block_on(run::run(RunOptions {
                 config,
@@ -222,7 +241,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Coordinator { cfg, listen, out } => {
-            let mut config = resolve(&cfg, None)?;
+            let mut config = resolve_to_run(&cfg, None)?;
             if let Some(addr) = listen {
                 config.control.listen = addr;
             }

@@ -83,6 +83,39 @@ fn config_show_prints_the_resolved_default() {
 }
 
 #[test]
+fn device_is_checked_for_form_then_for_cuda_at_startup() {
+    let (code, _, err) = run(&["config", "show", "--set", "run.device=gpu"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("run.device") && err.contains("cuda:N"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["config", "show", "--set", "run.device=cuda:x"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("run.device"), "{err}");
+    // Well formed: `config show` only prints it.
+    let (code, out, err) = run(&["config", "show", "--set", "run.device=cuda:0"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("device = \"cuda:0\""), "{out}");
+    // Running it needs CUDA, which the default build lacks: refused before any work.
+    if xkd_worker::train::cuda_compiled() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("out").display().to_string();
+    let (code, _, err) = run(&["run", "--out", &out_dir, "--set", "run.device=cuda"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("run.device") && err.contains("without the `cuda` feature"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("out").exists(),
+        "a refused run wrote output"
+    );
+}
+
+#[test]
 fn worker_without_token_says_so() {
     let tmp = tempfile::tempdir().unwrap();
     let cert = tmp.path().join("cert.der");

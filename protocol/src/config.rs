@@ -6,7 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
 /// The embedded default recipe: synthetic audio-visual data and tiny models, no GPU, no network.
 pub const DEFAULT_TOML: &str = include_str!("../../configs/default.toml");
@@ -40,6 +42,7 @@ pub struct Config {
     pub heuristic: HeuristicConfig,
     pub distill: DistillConfig,
     pub checkpoint: CheckpointConfig,
+    pub collective: CollectiveConfig,
     pub control: ControlConfig,
     pub log: LogConfig,
 }
@@ -53,10 +56,66 @@ pub struct RunConfig {
     pub run_id: String,
     /// Where datasets and pretrained stand-in models are cached between runs.
     pub cache_dir: String,
-    /// `cpu` only in this build; `cuda` arrives with the GPU path.
+    /// `cpu`, `cuda` (the first GPU) or `cuda:N`; see `DeviceChoice`. `validate` checks the
+    /// form; whether this binary can use CUDA is checked where that is known, at startup.
     pub device: String,
     /// Compute threads per worker process; 0 = the machine's cores divided among local workers.
     pub threads_per_worker: usize,
+}
+
+impl RunConfig {
+    /// `device` as a typed value. Panics only on a config that skipped `validate`, which
+    /// `Config`'s constructors never hand out.
+    pub fn device_choice(&self) -> DeviceChoice {
+        self.device
+            .parse()
+            .expect("run.device was validated when the config was loaded")
+    }
+}
+
+/// Where a worker runs its tensors: `cpu`, `cuda` (device 0) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    /// A CUDA device by ordinal; `None` = the first one.
+    Cuda(Option<usize>),
+}
+
+impl DeviceChoice {
+    /// The accepted spellings, for error messages.
+    pub const FORMS: &'static str = "`cpu`, `cuda` or `cuda:N` (N = 0, 1, ...)";
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<DeviceChoice, String> {
+        let refuse = || format!("`{s}` is not a device: expected {}", DeviceChoice::FORMS);
+        match s {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(None)),
+            _ => {
+                // Digits only: `usize::from_str` would also take `+1`.
+                let n = s.strip_prefix("cuda:").ok_or_else(refuse)?;
+                if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(refuse());
+                }
+                n.parse()
+                    .map(|n| DeviceChoice::Cuda(Some(n)))
+                    .map_err(|_| refuse())
+            }
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(None) => f.write_str("cuda"),
+            DeviceChoice::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -214,6 +273,22 @@ pub struct CheckpointConfig {
     pub every_steps: u64,
     /// Committed checkpoints kept; older ones are pruned after a newer one commits.
     pub keep_last: usize,
+}
+
+/// The gradient all-reduce between workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectiveConfig {
+    /// Largest gradient bucket in MiB (PyTorch DDP's `bucket_cap_mb`); a parameter larger
+    /// than this gets a bucket of its own. Changes the summation order, not the mean.
+    pub bucket_mb: f64,
+}
+
+impl CollectiveConfig {
+    /// `bucket_mb` in bytes (at least one f32).
+    pub fn bucket_bytes(&self) -> usize {
+        ((self.bucket_mb * 1024.0 * 1024.0) as usize).max(4)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -441,12 +516,16 @@ fn bad(key: &str, message: impl Into<String>) -> ConfigError {
 
 impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.run.device != "cpu" {
+        self.run
+            .device
+            .parse::<DeviceChoice>()
+            .map_err(|message| bad("run.device", message))?;
+        if !(self.collective.bucket_mb > 0.0 && self.collective.bucket_mb.is_finite()) {
             return Err(bad(
-                "run.device",
+                "collective.bucket_mb",
                 format!(
-                    "`{}` is not available: this build supports `cpu` only",
-                    self.run.device
+                    "must be a positive number of MiB, got {}",
+                    self.collective.bucket_mb
                 ),
             ));
         }
@@ -565,6 +644,39 @@ mod tests {
         assert!(e.to_string().contains("direction"), "{e}");
         let e = Config::resolve(None, &["distill.alpha=2.0".into()]).unwrap_err();
         assert!(e.to_string().contains("distill.alpha"), "{e}");
+    }
+
+    #[test]
+    fn device_parses_its_three_forms_and_refuses_the_rest() {
+        assert_eq!("cpu".parse(), Ok(DeviceChoice::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(None)));
+        assert_eq!("cuda:0".parse(), Ok(DeviceChoice::Cuda(Some(0))));
+        assert_eq!("cuda:12".parse(), Ok(DeviceChoice::Cuda(Some(12))));
+        for form in ["cpu", "cuda", "cuda:3"] {
+            assert_eq!(form.parse::<DeviceChoice>().unwrap().to_string(), form);
+        }
+        for bad in [
+            "gpu", "", "CPU", "cuda:", "cuda:x", "cuda:-1", "cuda:+1", "cuda:1 ", "cuda0",
+        ] {
+            let e = bad.parse::<DeviceChoice>().unwrap_err();
+            assert!(e.contains("cuda:N"), "{bad}: {e}");
+        }
+        let c = Config::resolve(None, &["run.device=cuda:1".into()]).unwrap();
+        assert_eq!(c.run.device_choice(), DeviceChoice::Cuda(Some(1)));
+        let e = Config::resolve(None, &["run.device=gpu".into()]).unwrap_err();
+        assert!(e.to_string().contains("run.device"), "{e}");
+        assert!(e.to_string().contains("cuda:N"), "{e}");
+    }
+
+    #[test]
+    fn bucket_size_must_be_positive() {
+        assert_eq!(Config::embedded().collective.bucket_bytes(), 25 << 20);
+        for bad in ["0", "-1", "nan"] {
+            let e = Config::resolve(None, &[format!("collective.bucket_mb={bad}")]).unwrap_err();
+            assert!(e.to_string().contains("collective.bucket_mb"), "{bad}: {e}");
+        }
+        let c = Config::resolve(None, &["collective.bucket_mb=1".into()]).unwrap();
+        assert_eq!(c.collective.bucket_bytes(), 1 << 20);
     }
 
     #[test]

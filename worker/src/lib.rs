@@ -4,6 +4,7 @@
 //! A worker never decides membership and never commits a checkpoint: it does the work it is
 //! ordered to do and reports what happened.
 
+pub mod buckets;
 pub mod client;
 pub mod collective;
 pub mod data;

@@ -79,7 +79,7 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
     let ring =
         tokio::task::spawn_blocking(move || listener.connect(rank as usize, &peers, timeout))
             .await??;
-    let mut state = Some(Rank::new(config, rank, world, Box::new(ring)));
+    let mut state = Some(Rank::new(config, rank, world, Box::new(ring))?);
     let sender = link.sender();
     let exit = loop {
         let msg = tokio::select! {

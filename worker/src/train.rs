@@ -1,9 +1,11 @@
 //! The work a rank does: data-parallel training (supervised or distillation) and evaluation.
 //!
-//! Every rank runs the same step on its own slice of the global batch, then averages the flat
+//! Every rank runs the same step on its own slice of the global batch, then averages the
 //! gradient through the `Collective`, so all ranks apply identical updates and hold identical
-//! parameters. Parameters are flattened in name order, the same on every rank.
+//! parameters. Gradients are packed in parameter name order into `Buckets`, the same layout on
+//! every rank.
 
+use crate::buckets::Buckets;
 use crate::collective::Collective;
 use crate::data::{self, Manifest};
 use crate::features::LogMel;
@@ -21,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use xkd_kernels::{FusedLoss, LossParts};
-use xkd_protocol::config::{Config, Modality};
+use xkd_protocol::config::{Config, DeviceChoice, Modality};
 use xkd_protocol::{
     ClipOutcome, EvalTask, Objective, Sample, StepReport, TrainSummary, TrainTask, WorkerMsg,
 };
@@ -41,10 +43,17 @@ pub struct Rank {
 }
 
 impl Rank {
-    pub fn new(config: Config, rank: u32, world: u32, collective: Box<dyn Collective>) -> Rank {
+    /// Fails when `run.device` names a device this process cannot open.
+    pub fn new(
+        config: Config,
+        rank: u32,
+        world: u32,
+        collective: Box<dyn Collective>,
+    ) -> Result<Rank> {
         let f = &config.features;
         let mel = LogMel::new(config.data.sample_rate, f.n_fft, f.hop, f.n_mels);
-        Rank {
+        let device = device(config.run.device_choice())?;
+        Ok(Rank {
             config,
             rank,
             world,
@@ -52,8 +61,8 @@ impl Rank {
             manifest: None,
             stop: Arc::new(AtomicBool::new(false)),
             cache: FeatureCache::new(mel),
-            device: Device::Cpu,
-        }
+            device,
+        })
     }
 
     pub fn manifest(&self) -> Result<&Manifest> {
@@ -211,6 +220,22 @@ impl FeatureCache {
     }
 }
 
+/// Whether this binary's candle was built with CUDA (its `cuda` feature), so that
+/// `run.device = cuda` can be refused at startup instead of when the first task arrives.
+pub fn cuda_compiled() -> bool {
+    candle_core::utils::cuda_is_available()
+}
+
+/// The candle device `run.device` names. Without CUDA compiled in, candle refuses a CUDA
+/// device here; the `xkd` binary checks `cuda_compiled` before that, at startup.
+pub fn device(choice: DeviceChoice) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda(n) => Device::new_cuda(n.unwrap_or(0))
+            .with_context(|| format!("opening run.device = {choice}")),
+    }
+}
+
 /// Trainable parameters in name order: the flattening order every rank shares.
 fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     let data = varmap.data().lock().expect("varmap lock");
@@ -223,42 +248,43 @@ fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
     vars
 }
 
-/// Average gradients over ranks in one flat buffer, then clip their global norm to `clip`
-/// (0 = no clipping); returns the norm before clipping, and whether any rank asked to stop.
-/// Every rank clips the same averaged bytes, so ranks stay identical.
+/// Average gradients over ranks bucket by bucket (`Buckets`), then clip their global norm to
+/// `clip` (0 = no clipping); returns the norm before clipping, and whether any rank asked to
+/// stop. Every rank clips the same averaged bytes, so ranks stay identical. The norm is taken
+/// over all buckets together, in layout order, so it is the norm of the whole gradient.
 ///
 /// The stop vote rides in one extra element after the gradients (1 from a rank that wants to
-/// stop, else 0): every rank sees the same mean, so all of them stop after the same step
-/// without another round trip.
+/// stop, else 0), the last element of the last bucket: every rank sees the same mean, so all
+/// of them stop after the same step without another round trip.
 fn all_reduce_grads(
     collective: &mut dyn Collective,
+    buckets: &Buckets,
     vars: &[(String, Var)],
     grads: &mut GradStore,
     clip: f64,
     stop: bool,
 ) -> Result<(f64, bool)> {
-    let mut flat = Vec::new();
-    for (_, var) in vars {
-        match grads.get(var.as_tensor()) {
-            Some(g) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
-            None => flat.extend(std::iter::repeat_n(0f32, var.elem_count())),
-        }
+    let mut buffers = buckets.flatten(vars, grads)?;
+    if buffers.is_empty() {
+        buffers.push(Vec::new());
     }
-    flat.push(if stop { 1.0 } else { 0.0 });
-    collective.all_reduce_mean(&mut flat)?;
-    let stop = flat.pop().is_some_and(|vote| vote > 0.0);
-    let norm = flat.iter().map(|g| (*g as f64).powi(2)).sum::<f64>().sqrt();
+    let last = buffers.len() - 1;
+    buffers[last].push(if stop { 1.0 } else { 0.0 });
+    for buffer in &mut buffers {
+        collective.all_reduce_mean(buffer)?;
+    }
+    let stop = buffers[last].pop().is_some_and(|vote| vote > 0.0);
+    let norm = buffers
+        .iter()
+        .flatten()
+        .map(|g| (*g as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     if clip > 0.0 && norm > clip {
         let scale = (clip / norm) as f32;
-        flat.iter_mut().for_each(|g| *g *= scale);
+        buffers.iter_mut().flatten().for_each(|g| *g *= scale);
     }
-    let mut offset = 0;
-    for (_, var) in vars {
-        let n = var.elem_count();
-        let g = Tensor::from_slice(&flat[offset..offset + n], var.shape(), var.device())?;
-        grads.insert(var.as_tensor(), g);
-        offset += n;
-    }
+    buckets.unflatten(vars, &buffers, grads)?;
     Ok((norm, stop))
 }
 
@@ -300,6 +326,7 @@ impl Rank {
         let (varmap, student) = self.build_model(task.modality, task.init.as_deref(), task.seed)?;
         let anchors = self.anchors(task)?;
         let vars = sorted_vars(&varmap);
+        let buckets = Buckets::for_vars(&vars, self.config.collective.bucket_bytes());
         let params = ParamsAdamW {
             lr: task.lr,
             weight_decay: task.weight_decay,
@@ -335,6 +362,7 @@ impl Rank {
             let t1 = Instant::now();
             let (grad_norm, stop) = all_reduce_grads(
                 self.collective.as_mut(),
+                &buckets,
                 &vars,
                 &mut grads,
                 task.grad_clip,

@@ -228,6 +228,7 @@ impl Generations {
     /// Starts (in `xkd run`) and gathers a new set of `world` workers; the previous local
     /// processes are killed first.
     async fn next(&mut self) -> Result<Cluster> {
+        self.server.reopen();
         if let Some(local) = &self.local {
             for child in &mut self.children {
                 let _ = child.kill().await;
@@ -431,6 +432,9 @@ impl Driver {
         }
         let mut results: Vec<Option<TaskResult>> = vec![None; self.world];
         let mut waiting: HashSet<u32> = ranks.iter().copied().collect();
+        // Ranks that left after answering (a worker preempted by its own SIGTERM): the task
+        // still completes; the generation is replaced afterwards.
+        let mut departed = Vec::new();
         while !waiting.is_empty() {
             let event = tokio::select! {
                 event = self.cluster.next_event() => event,
@@ -451,6 +455,9 @@ impl Driver {
                 return Err(Interrupt::Failed(anyhow!("every worker connection closed")));
             };
             match event {
+                Event::Lost { rank, reason } if results[rank as usize].is_some() => {
+                    departed.push(format!("worker {rank} left after answering: {reason}"));
+                }
                 Event::Lost { rank, reason } => {
                     return Err(Interrupt::Failed(anyhow!(
                         "worker {rank} lost during {}: {reason}",
@@ -502,6 +509,9 @@ impl Driver {
                 "a worker was preempted during {}; training stopped at step {step}",
                 self.stage
             )));
+        }
+        if !departed.is_empty() {
+            return Err(Interrupt::Failed(anyhow!("{}", departed.join("; "))));
         }
         Ok(results)
     }

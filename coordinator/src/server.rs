@@ -4,9 +4,10 @@
 //! Every incoming connection is screened in its own task, so a slow or hostile peer never holds
 //! up the others; a valid join goes to `gather` over a channel, and its arrival order is its
 //! rank. Anything invalid gets a `Reject` frame and a closed connection, and is only logged.
-//! Outside `gather` every newcomer is answered `NotExpectingWorkers`. `gather` may run again
-//! once the previous cluster is gone: that is how a run starts a new generation of workers
-//! after losing one.
+//! Once `gather` has its workers, every newcomer is answered `NotExpectingWorkers` until
+//! `reopen` (or the next `gather`); joins that come while the server is open wait for
+//! `gather`. `gather` may run again once the previous cluster is gone: that is how a run starts
+//! a new generation of workers after losing one.
 //!
 //! Liveness is frames, not QUIC keep-alives: a joined worker that sends nothing for the
 //! heartbeat timeout is lost, even if its connection is technically open.
@@ -109,7 +110,9 @@ impl ControlServer {
         let local_addr = endpoint.local_addr().context("reading the bound address")?;
         info!(%local_addr, "control server listening");
         let (admit_tx, admitted) = unbounded_channel();
-        let gathering = Arc::new(AtomicBool::new(false));
+        // Open from the start: a worker may join as soon as the certificate is written,
+        // before `gather` runs.
+        let gathering = Arc::new(AtomicBool::new(true));
         let acceptor = tokio::spawn(accept(
             endpoint.clone(),
             token.into(),
@@ -133,6 +136,12 @@ impl ControlServer {
     /// The certificate workers must trust (DER).
     pub fn cert_der(&self) -> &[u8] {
         &self.identity.cert_der
+    }
+
+    /// Takes joins again (they wait for the next `gather`): called before the workers of a new
+    /// generation are started, so none that is quick to join is refused.
+    pub fn reopen(&self) {
+        self.gathering.store(true, Ordering::SeqCst);
     }
 
     /// Accepts joins until `world` valid workers joined, ranked in join order, or fails when

@@ -371,6 +371,14 @@ impl Driver {
     /// fails counts too); any other interrupt ends the run.
     async fn recover(&mut self, interrupt: Interrupt) -> Result<()> {
         let mut error = match interrupt {
+            // After SIGTERM nothing is restarted: the run is winding down.
+            Interrupt::Failed(e) if self.terminating => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "a worker failed while the run stops"
+                );
+                return Err(Preempted.into());
+            }
             Interrupt::Failed(e) => e,
             Interrupt::Preempted => return Err(Preempted.into()),
             Interrupt::Fatal(e) => return Err(e),

@@ -94,6 +94,14 @@ fn signal(pid: i32, sig: &str) {
     assert!(status.success(), "kill {sig} {pid} failed");
 }
 
+/// Sends `sig` to `pid` a second after the checkpoint of step EVERY is committed: between
+/// that checkpoint and the next, about 5 s later.
+fn signal_after_first_checkpoint(run: &mut Background, pid: i32, sig: &str) {
+    run.wait_for("the checkpoint of step 20", LIMIT, committed(EVERY));
+    std::thread::sleep(Duration::from_secs(1));
+    signal(pid, sig);
+}
+
 fn find<'a>(records: &'a [Value], message: &str) -> Vec<&'a Value> {
     records.iter().filter(|r| r["message"] == message).collect()
 }
@@ -109,9 +117,7 @@ fn a_killed_worker_is_replaced_and_the_run_ends_bit_identical() {
         &out.with_extension("log"),
     );
     let pid = worker_pid(&mut run, 1);
-    run.wait_for("the checkpoint of step 20", LIMIT, committed(EVERY));
-    std::thread::sleep(Duration::from_secs(1));
-    signal(pid, "-KILL");
+    signal_after_first_checkpoint(&mut run, pid, "-KILL");
     let (code, text) = run.wait(LIMIT);
     assert_eq!(code, 0, "the run did not complete on its own:\n{text}");
     let records = common::records(&out.with_extension("log"));
@@ -139,9 +145,8 @@ fn sigterm_checkpoints_and_a_run_on_one_worker_resumes_it() {
     let args = run_args(&out, &recipe("preempted"), &[]);
     let log = out.with_extension("log");
     let mut run = Background::start(&args, &[], &log);
-    run.wait_for("the checkpoint of step 20", LIMIT, committed(EVERY));
-    std::thread::sleep(Duration::from_secs(1));
-    signal(run.child.id() as i32, "-TERM");
+    let coordinator = run.child.id() as i32;
+    signal_after_first_checkpoint(&mut run, coordinator, "-TERM");
     let (code, text) = run.wait(LIMIT);
     assert_eq!(code, 0, "SIGTERM must checkpoint and exit 0:\n{text}");
     let records = common::records(&log);
@@ -209,9 +214,7 @@ fn a_preempted_worker_checkpoints_and_the_run_goes_on_bit_identical() {
     let log = out.with_extension("log");
     let mut run = Background::start(&run_args(&out, &recipe("worker-term"), &[]), &[], &log);
     let pid = worker_pid(&mut run, 1);
-    run.wait_for("the checkpoint of step 20", LIMIT, committed(EVERY));
-    std::thread::sleep(Duration::from_secs(1));
-    signal(pid, "-TERM");
+    signal_after_first_checkpoint(&mut run, pid, "-TERM");
     let (code, text) = run.wait(LIMIT);
     assert_eq!(code, 0, "the run did not complete on its own:\n{text}");
     let records = common::records(&log);
@@ -246,9 +249,8 @@ fn a_killed_coordinator_started_again_resumes_from_the_store() {
         &log,
     );
     let workers = [worker_pid(&mut run, 0), worker_pid(&mut run, 1)];
-    run.wait_for("the checkpoint of step 20", LIMIT, committed(EVERY));
-    std::thread::sleep(Duration::from_secs(1));
-    signal(run.child.id() as i32, "-KILL");
+    let coordinator = run.child.id() as i32;
+    signal_after_first_checkpoint(&mut run, coordinator, "-KILL");
     let (code, _) = run.wait(LIMIT);
     assert_eq!(code, -1, "killed by a signal");
     // Its workers go with it (they would otherwise write checkpoints beside the resumed run).

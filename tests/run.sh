@@ -3,14 +3,16 @@
 # the pip CUDA 13.0 compiler (into .cuda/, once) and the S3-compatible server s3s-fs 0.14.1 that
 # the checkpoint tests start on 127.0.0.1 (into .tools/, once). Needs no GPU and no cloud.
 #  1. every CUDA kernel compiled to PTX for sm_90 and assembled, 0 spill bytes (kernels/ptx-check.sh)
-#  2. the `cuda` feature's Rust code type-checks against candle's CUDA backend
+#  2. the `cuda` build (the xkd binary with candle on CUDA, NCCL and the kernels' CUDA path)
+#     type-checks against candle's CUDA backend and cudarc's NCCL bindings
 #  3. the whole workspace's tests, release build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== 1/3 CUDA kernels: PTX for sm_90, ptxas, spills"
 kernels/ptx-check.sh
-echo "== 2/3 cargo check --features cuda (xkd-kernels)"
-(. kernels/cuda-env.sh && cargo check --release -p xkd-kernels --features cuda --all-targets)
+echo "== 2/3 cargo check --features cuda (xkd, xkd-worker, xkd-kernels)"
+(. kernels/cuda-env.sh \
+    && cargo check --release -p xkd -p xkd-worker -p xkd-kernels --features cuda --all-targets)
 if [ ! -x .tools/bin/s3s-fs ] && [ -z "${XKD_S3S_FS:-}" ]; then
     echo "== installing s3s-fs 0.14.1 into .tools/ (the S3-compatible server of the checkpoint tests)"
     cargo install s3s-fs@0.14.1 --features binary --locked --root .tools

@@ -15,11 +15,19 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use xkd_protocol::config::{section_digest, Config, Modality};
+use xkd_protocol::config::{section_digest, Config, DeviceChoice, Modality};
 use xkd_protocol::{
-    Assignment, CheckpointOrder, ClipOutcome, CoordinatorMsg, DataSummary, EvalTask, Objective,
-    ShardPlan, Task, TaskKind, TaskResult, TrainSummary, TrainTask, WorkerMsg,
+    Assignment, CheckpointOrder, ClipOutcome, CollectiveKind, CoordinatorMsg, DataSummary,
+    EvalTask, Objective, ShardPlan, Task, TaskKind, TaskResult, TrainSummary, TrainTask, WorkerMsg,
 };
+
+/// The collective a run's ranks form: NCCL when they train on GPUs, else the TCP ring.
+pub fn collective_kind(config: &Config) -> CollectiveKind {
+    match config.run.device_choice() {
+        DeviceChoice::Cpu => CollectiveKind::TcpRing,
+        DeviceChoice::Cuda(_) => CollectiveKind::Nccl,
+    }
+}
 
 /// Worker processes the coordinator starts itself (`xkd run`).
 #[derive(Debug, Clone)]
@@ -330,17 +338,23 @@ impl Driver {
         let config = &self.config;
         let (toml, digest) = (config.to_toml(), config.digest());
         let out_dir = self.generations.out_dir.display().to_string();
+        let collective = collective_kind(config);
         for rank in 0..self.world as u32 {
             let msg = CoordinatorMsg::Assignment(Assignment {
                 run_id: self.run_id.clone(),
                 rank,
                 world_size: self.world as u32,
                 peers: peers.clone(),
+                collective,
                 config_toml: toml.clone(),
                 config_digest: digest.clone(),
                 out_dir: out_dir.clone(),
             });
             self.cluster.send(rank, &msg).await?;
+        }
+        if collective == CollectiveKind::Nccl {
+            let wait = Duration::from_millis(self.config.control.join_timeout_ms);
+            self.cluster.hand_off_collective_id(wait).await?;
         }
         Ok(())
     }
@@ -528,8 +542,9 @@ impl Driver {
         let line = serde_json::json!({
             "run_id": self.run_id, "stage": self.stage, "rank": r.rank, "step": r.step,
             "loss": r.loss, "kl": r.kl, "ce": r.ce, "lr": r.lr, "grad_norm": r.grad_norm,
-            "samples_per_s": r.samples_per_s, "ms_teacher": r.ms_teacher,
-            "ms_student": r.ms_student, "ms_allreduce": r.ms_allreduce,
+            "samples_per_s": r.samples_per_s, "tokens_per_s": r.tokens_per_s,
+            "ms_teacher": r.ms_teacher,
+            "ms_student": r.ms_student, "ms_loss": r.ms_loss, "ms_allreduce": r.ms_allreduce,
             "ms_optimizer": r.ms_optimizer,
         });
         writeln!(self.metrics, "{line}")?;
@@ -546,6 +561,7 @@ impl Driver {
                 samples_per_s = format!("{:.0}", r.samples_per_s),
                 ms_teacher = format!("{:.1}", r.ms_teacher),
                 ms_student = format!("{:.1}", r.ms_student),
+                ms_loss = format!("{:.2}", r.ms_loss),
                 ms_allreduce = format!("{:.2}", r.ms_allreduce),
                 ms_optimizer = format!("{:.2}", r.ms_optimizer),
                 "step"
@@ -881,6 +897,7 @@ fn spawn_workers(
                 .arg("--cert")
                 .arg(cert)
                 .env("XKD_JOIN_TOKEN", token)
+                .env("XKD_LOCAL_RANK", i.to_string())
                 .env("RAYON_NUM_THREADS", threads.to_string())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)

@@ -25,7 +25,9 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 use xkd_protocol::frame::{encode, read_frame, write_frame, FrameError, MAX_FRAME_BYTES};
 use xkd_protocol::transport::{server_endpoint, ServerIdentity, CLOSE_LOST, CLOSE_REJECTED};
-use xkd_protocol::{CoordinatorMsg, Join, Reject, WorkerMsg, PROTOCOL_VERSION};
+use xkd_protocol::{
+    CoordinatorMsg, Join, Reject, WorkerMsg, NCCL_UNIQUE_ID_BYTES, PROTOCOL_VERSION,
+};
 
 /// A join is a few hundred bytes; a small limit here keeps unauthenticated peers from making
 /// us buffer a full-size frame.
@@ -443,6 +445,53 @@ impl Cluster {
         self.events.recv().await
     }
 
+    /// The NCCL rendezvous of a generation whose assignments said `CollectiveKind::Nccl`:
+    /// waits for rank 0's `CollectiveId` and sends those bytes to every rank, rank 0 included,
+    /// so each rank builds its communicator from the same id. Fails (and the caller restarts
+    /// the generation or gives up) when rank 0 does not send one within `timeout`, when a
+    /// rank is lost or sends anything else first, or when the id has the wrong length:
+    /// nothing waits forever on a communicator that cannot form.
+    pub async fn hand_off_collective_id(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let id = loop {
+            let event = timeout_at(deadline, self.next_event()).await.map_err(|_| {
+                anyhow!("rank 0 did not send its NCCL unique id within {timeout:?}")
+            })?;
+            match event {
+                Some(Event::Msg {
+                    rank: 0,
+                    msg: WorkerMsg::CollectiveId { id },
+                }) => break id,
+                Some(Event::Msg {
+                    msg: WorkerMsg::Heartbeat { .. },
+                    ..
+                }) => continue,
+                Some(Event::Msg {
+                    rank,
+                    msg: WorkerMsg::Failed { error, .. },
+                }) => bail!("rank {rank} failed before the NCCL communicator formed: {error}"),
+                Some(Event::Msg { rank, msg }) => bail!(
+                    "rank {rank} sent {} while the coordinator waited for rank 0's NCCL unique id",
+                    msg_name(&msg)
+                ),
+                Some(Event::Lost { rank, reason }) => {
+                    bail!("rank {rank} was lost before the NCCL unique id was handed on: {reason}")
+                }
+                None => bail!("every worker was lost before the NCCL unique id was handed on"),
+            }
+        };
+        ensure!(
+            id.len() == NCCL_UNIQUE_ID_BYTES,
+            "rank 0 sent an NCCL unique id of {} bytes; NCCL's is {NCCL_UNIQUE_ID_BYTES}",
+            id.len()
+        );
+        debug!(
+            bytes = id.len(),
+            "handing rank 0's NCCL unique id to every rank"
+        );
+        self.broadcast(&CoordinatorMsg::CollectiveId { id }).await
+    }
+
     fn link(&self, rank: u32) -> anyhow::Result<&Arc<Link>> {
         self.links
             .get(rank as usize)
@@ -480,6 +529,20 @@ impl Link {
 
 /// Forwards what `rank` sends until it goes silent for `heartbeat_timeout`, breaks the
 /// protocol, or disconnects; then closes its connection and reports it lost, once.
+/// A message's variant name, for errors that must not print a whole task result.
+fn msg_name(msg: &WorkerMsg) -> &'static str {
+    match msg {
+        WorkerMsg::Join(_) => "Join",
+        WorkerMsg::Heartbeat { .. } => "Heartbeat",
+        WorkerMsg::Step(_) => "Step",
+        WorkerMsg::Saved(_) => "Saved",
+        WorkerMsg::SaveFailed { .. } => "SaveFailed",
+        WorkerMsg::Done { .. } => "Done",
+        WorkerMsg::Failed { .. } => "Failed",
+        WorkerMsg::CollectiveId { .. } => "CollectiveId",
+    }
+}
+
 async fn watch(
     rank: u32,
     mut recv: RecvStream,

@@ -11,7 +11,10 @@ use tokio::time::{timeout, Instant};
 use xkd_coordinator::server::{Cluster, ControlServer, Event, JOIN_TIMEOUT};
 use xkd_protocol::frame::{encode, read_frame, write_frame, MAX_FRAME_BYTES};
 use xkd_protocol::transport::{client_endpoint, CLOSE_LOST, CLOSE_REJECTED, SERVER_NAME};
-use xkd_protocol::{Assignment, CoordinatorMsg, Join, Reject, WorkerMsg, PROTOCOL_VERSION};
+use xkd_protocol::{
+    Assignment, CollectiveKind, CoordinatorMsg, Join, Reject, WorkerMsg, NCCL_UNIQUE_ID_BYTES,
+    PROTOCOL_VERSION,
+};
 
 const TOKEN: &str = "s3cret-join-token";
 /// Upper bound for any one test: a bug fails the test instead of hanging it.
@@ -103,6 +106,7 @@ fn assignment() -> CoordinatorMsg {
         rank: 0,
         world_size: 1,
         peers: vec!["127.0.0.1:7000".into()],
+        collective: CollectiveKind::TcpRing,
         config_toml: "seed = 7\n".into(),
         config_digest: "abc".into(),
         out_dir: "/tmp/out".into(),
@@ -356,6 +360,100 @@ async fn malformed_frame_after_joining_is_lost() {
             other => panic!("expected rank 0 lost, got {other:?}"),
         }
         worker.expect_closed_with(CLOSE_LOST).await;
+    })
+    .await;
+}
+
+/// Joins `world` workers; returns the server (kept alive), the cluster and the clients by rank.
+async fn cluster_of(world: usize) -> (ControlServer, Cluster, Vec<Client>) {
+    let (addr, cert, gather) =
+        gathering(world, Duration::from_secs(10), Duration::from_secs(10)).await;
+    let mut clients = Vec::new();
+    for _ in 0..world {
+        clients.push(Client::joined(addr, &cert).await);
+    }
+    let (server, cluster) = gather.await.unwrap();
+    (server, cluster.unwrap(), clients)
+}
+
+fn nccl_id(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+#[tokio::test]
+async fn rank_zeros_nccl_id_is_handed_to_every_rank() {
+    bounded(async {
+        let (_server, mut cluster, mut clients) = cluster_of(3).await;
+        let id = nccl_id(NCCL_UNIQUE_ID_BYTES);
+        // Heartbeats before the id are ignored; only rank 0's id is handed on.
+        clients[1].send_msg(&WorkerMsg::Heartbeat { seq: 1 }).await;
+        clients[0]
+            .send_msg(&WorkerMsg::CollectiveId { id: id.clone() })
+            .await;
+        cluster
+            .hand_off_collective_id(Duration::from_secs(5))
+            .await
+            .unwrap();
+        for (rank, client) in clients.iter_mut().enumerate() {
+            match client.recv_msg().await {
+                CoordinatorMsg::CollectiveId { id: got } => assert_eq!(got, id, "rank {rank}"),
+                other => panic!("rank {rank}: expected the NCCL id, got {other:?}"),
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_bad_nccl_hand_off_fails_naming_the_cause() {
+    bounded(async {
+        let wait = Duration::from_secs(5);
+        // An id of the wrong length.
+        let (_s, mut cluster, mut clients) = cluster_of(2).await;
+        clients[0]
+            .send_msg(&WorkerMsg::CollectiveId { id: nccl_id(16) })
+            .await;
+        let e = format!(
+            "{:#}",
+            cluster.hand_off_collective_id(wait).await.unwrap_err()
+        );
+        assert!(e.contains("16 bytes") && e.contains("128"), "{e}");
+
+        // An id from a rank other than 0.
+        let (_s, mut cluster, mut clients) = cluster_of(2).await;
+        clients[1]
+            .send_msg(&WorkerMsg::CollectiveId {
+                id: nccl_id(NCCL_UNIQUE_ID_BYTES),
+            })
+            .await;
+        let e = format!(
+            "{:#}",
+            cluster.hand_off_collective_id(wait).await.unwrap_err()
+        );
+        assert!(e.contains("rank 1 sent CollectiveId"), "{e}");
+
+        // Rank 0 gone before sending one.
+        let (_s, mut cluster, mut clients) = cluster_of(2).await;
+        clients.remove(0).conn.close(0u32.into(), b"gone");
+        let e = format!(
+            "{:#}",
+            cluster.hand_off_collective_id(wait).await.unwrap_err()
+        );
+        assert!(e.contains("rank 0 was lost"), "{e}");
+
+        // Rank 0 silent (heartbeats only): the wait ends at the timeout.
+        let (_s, mut cluster, mut clients) = cluster_of(1).await;
+        clients[0].send_msg(&WorkerMsg::Heartbeat { seq: 1 }).await;
+        let started = Instant::now();
+        let e = format!(
+            "{:#}",
+            cluster
+                .hand_off_collective_id(Duration::from_millis(300))
+                .await
+                .unwrap_err()
+        );
+        assert!(e.contains("did not send its NCCL unique id"), "{e}");
+        assert!(started.elapsed() >= Duration::from_millis(300));
     })
     .await;
 }

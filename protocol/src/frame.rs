@@ -205,8 +205,10 @@ mod tests {
             lr: 1e-3,
             grad_norm: 2.0,
             samples_per_s: 100.0,
+            tokens_per_s: 3000.0,
             ms_teacher: 1.0,
             ms_student: 2.0,
+            ms_loss: 0.5,
             ms_allreduce: 3.0,
             ms_optimizer: 4.0,
         }
@@ -296,6 +298,9 @@ mod tests {
                 task: 4,
                 error: "boom".into(),
             },
+            WorkerMsg::CollectiveId {
+                id: (0..NCCL_UNIQUE_ID_BYTES as u8).collect(),
+            },
         ]
     }
 
@@ -316,6 +321,7 @@ mod tests {
                 rank: 1,
                 world_size: 2,
                 peers: vec!["a:1".into(), "b:2".into()],
+                collective: CollectiveKind::Nccl,
                 config_toml: "seed = 1\n".into(),
                 config_digest: "d".into(),
                 out_dir: "/out".into(),
@@ -348,6 +354,9 @@ mod tests {
             },
             CoordinatorMsg::Restart {
                 reason: "rank 1 lost".into(),
+            },
+            CoordinatorMsg::CollectiveId {
+                id: vec![255; NCCL_UNIQUE_ID_BYTES],
             },
         ];
         msgs.extend(rejects.into_iter().map(CoordinatorMsg::Reject));

@@ -6,7 +6,7 @@ use crate::config::Modality;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the encoding of any message changes.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// What a worker sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +34,26 @@ pub enum WorkerMsg {
         task: u64,
         error: String,
     },
+    /// Rank 0's NCCL unique id (`NCCL_UNIQUE_ID_BYTES` opaque bytes), sent once after an
+    /// `Assignment` with `CollectiveKind::Nccl`; the coordinator hands it to every rank.
+    CollectiveId {
+        id: Vec<u8>,
+    },
+}
+
+/// Length of an NCCL unique id (`ncclUniqueId`): the coordinator refuses any other length
+/// rather than hand on bytes no rank could build a communicator from.
+pub const NCCL_UNIQUE_ID_BYTES: usize = 128;
+
+/// Which gradient collective the ranks of a generation form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CollectiveKind {
+    /// The CPU ring all-reduce over TCP, between the `collective_addr`s of the `Join`s.
+    TcpRing,
+    /// NCCL on the ranks' GPUs: rank 0 creates the unique id and sends it as
+    /// `WorkerMsg::CollectiveId`; every rank (rank 0 too) waits for
+    /// `CoordinatorMsg::CollectiveId` before building its communicator.
+    Nccl,
 }
 
 /// What the coordinator sends.
@@ -56,6 +76,10 @@ pub enum CoordinatorMsg {
     Restart {
         reason: String,
     },
+    /// Rank 0's NCCL unique id, to every rank of the generation (see `CollectiveKind::Nccl`).
+    CollectiveId {
+        id: Vec<u8>,
+    },
 }
 
 /// Exit status of a worker told to `Restart` (EX_TEMPFAIL): launchers start it again.
@@ -77,8 +101,9 @@ pub struct Assignment {
     pub run_id: String,
     pub rank: u32,
     pub world_size: u32,
-    /// Collective addresses of every rank, indexed by rank.
+    /// Collective addresses of every rank, indexed by rank (used by `CollectiveKind::TcpRing`).
     pub peers: Vec<String>,
+    pub collective: CollectiveKind,
     /// The resolved config as TOML; workers parse it, never re-resolve it.
     pub config_toml: String,
     pub config_digest: String,
@@ -249,8 +274,14 @@ pub struct StepReport {
     pub lr: f64,
     pub grad_norm: f64,
     pub samples_per_s: f64,
+    /// Student tokens (prompt with its modality tokens) per second over all ranks.
+    pub tokens_per_s: f64,
+    /// Phases of the step, in ms (the device is synchronised at their boundaries on a GPU, so
+    /// they are device time, not launch time): frozen forwards (with their batches), the
+    /// student's forward and backward, the distillation loss, the all-reduce and the update.
     pub ms_teacher: f64,
     pub ms_student: f64,
+    pub ms_loss: f64,
     pub ms_allreduce: f64,
     pub ms_optimizer: f64,
 }

@@ -13,7 +13,7 @@
 
 use anyhow::{ensure, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 /// Bytes of one gradient element (f32).
 const ELEM_BYTES: usize = 4;
@@ -74,35 +74,47 @@ impl Buckets {
         &self.sizes
     }
 
-    /// The gradients of `vars` packed into one buffer per bucket. A parameter with no gradient
-    /// (not reached by this step's loss) contributes zeros, so every rank sends the same
-    /// number of elements whatever its batch touched.
-    pub fn flatten(&self, vars: &[(String, Var)], grads: &GradStore) -> Result<Vec<Vec<f32>>> {
+    /// The gradients of `vars` packed into one flat f32 tensor per bucket, on the parameters'
+    /// device (a GPU's buckets never visit the host). A parameter with no gradient (not
+    /// reached by this step's loss) contributes zeros, so every rank sends the same number of
+    /// elements whatever its batch touched.
+    pub fn flatten(&self, vars: &[(String, Var)], grads: &GradStore) -> Result<Vec<Tensor>> {
         self.check(vars)?;
-        let mut buffers: Vec<Vec<f32>> =
-            self.sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
+        let mut parts: Vec<Vec<Tensor>> = vec![Vec::new(); self.sizes.len()];
         for ((_, var), slot) in vars.iter().zip(&self.slots) {
-            let buffer = &mut buffers[slot.bucket];
-            match grads.get(var.as_tensor()) {
-                Some(g) => buffer.extend(g.flatten_all()?.to_vec1::<f32>()?),
-                None => buffer.resize(slot.offset + slot.len, 0.0),
-            }
+            let part = match grads.get(var.as_tensor()) {
+                Some(g) => g.flatten_all()?.to_dtype(DType::F32)?,
+                None => Tensor::zeros(slot.len, DType::F32, var.device())?,
+            };
+            parts[slot.bucket].push(part);
         }
-        Ok(buffers)
+        Ok(parts
+            .iter()
+            .map(|p| Tensor::cat(p, 0))
+            .collect::<candle_core::Result<_>>()?)
     }
 
-    /// Put the (averaged) buffers back into `grads` as one tensor per parameter, with the
-    /// parameter's shape and on its device, replacing what was there.
+    /// Put the (averaged) buckets back into `grads`, one tensor per parameter with the
+    /// parameter's shape (a view into its bucket, no copy), replacing what was there.
     pub fn unflatten(
         &self,
         vars: &[(String, Var)],
-        buffers: &[Vec<f32>],
+        buffers: &[Tensor],
         grads: &mut GradStore,
     ) -> Result<()> {
         self.check(vars)?;
+        ensure!(
+            buffers.len() == self.sizes.len()
+                && buffers
+                    .iter()
+                    .zip(&self.sizes)
+                    .all(|(b, &n)| b.dims() == [n]),
+            "gradient buckets do not match the layout"
+        );
         for ((_, var), slot) in vars.iter().zip(&self.slots) {
-            let values = &buffers[slot.bucket][slot.offset..slot.offset + slot.len];
-            let g = Tensor::from_slice(values, var.shape(), var.device())?;
+            let g = buffers[slot.bucket]
+                .narrow(0, slot.offset, slot.len)?
+                .reshape(var.shape())?;
             grads.insert(var.as_tensor(), g);
         }
         Ok(())
@@ -127,7 +139,7 @@ impl Buckets {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     /// Parameters of mixed shapes: a scalar, 1-D, 2-D, 3-D, and one of 300 elements that is
     /// larger than the 64-element buckets the tests use.
@@ -194,7 +206,7 @@ mod tests {
         let buckets = Buckets::for_vars(&vars, 64 * ELEM_BYTES);
         assert_eq!(buckets.sizes(), &[42, 300, 7]);
         let buffers = buckets.flatten(&vars, &grads(&vars, usize::MAX)).unwrap();
-        let lens: Vec<usize> = buffers.iter().map(Vec::len).collect();
+        let lens: Vec<usize> = buffers.iter().map(|b| b.elem_count()).collect();
         assert_eq!(lens, buckets.sizes());
         for (bucket, &n) in buckets.sizes().iter().enumerate() {
             let members = buckets.slots.iter().filter(|s| s.bucket == bucket).count();

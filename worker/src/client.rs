@@ -111,6 +111,28 @@ impl ControlLink {
         }
     }
 
+    /// This rank's part of the NCCL rendezvous (`CollectiveKind::Nccl`): rank 0 sends the id
+    /// `make_id` creates; every rank, rank 0 included, then takes the coordinator's copy, so
+    /// all of them build their communicator from the bytes that crossed the wire.
+    pub async fn collective_id(
+        &mut self,
+        rank: u32,
+        make_id: impl FnOnce() -> anyhow::Result<Vec<u8>>,
+    ) -> anyhow::Result<Vec<u8>> {
+        if rank == 0 {
+            let id = make_id().context("creating the NCCL unique id")?;
+            self.sender.send(WorkerMsg::CollectiveId { id })?;
+        }
+        match self.recv().await? {
+            Some(CoordinatorMsg::CollectiveId { id }) => Ok(id),
+            Some(CoordinatorMsg::Shutdown { reason } | CoordinatorMsg::Restart { reason }) => {
+                bail!("the coordinator ended this generation before NCCL formed: {reason}")
+            }
+            Some(other) => bail!("expected rank 0's NCCL unique id, got {other:?}"),
+            None => bail!("the coordinator closed the link before handing on the NCCL unique id"),
+        }
+    }
+
     /// Tells a normal close by the coordinator from a failure.
     fn ended(&self, error: FrameError) -> anyhow::Result<Option<CoordinatorMsg>> {
         match self.conn.close_reason() {
@@ -228,6 +250,7 @@ mod wire_tests {
             rank: 0,
             world_size: 1,
             peers: vec!["127.0.0.1:1".into()],
+            collective: xkd_protocol::CollectiveKind::TcpRing,
             config_toml: String::new(),
             config_digest: String::new(),
             out_dir: "/tmp".into(),

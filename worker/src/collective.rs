@@ -1,9 +1,9 @@
 //! The gradient collective: every rank hands in its local gradients and gets back the mean over
 //! all ranks.
 //!
-//! On GPUs this will be NCCL; on CPU a ring all-reduce over TCP stands in (see DESIGN.md,
-//! "Control plane and data plane"). Both sit behind [`Collective`] so the training step does not
-//! care which one it talks to.
+//! On GPUs it is NCCL (`crate::nccl`, the `cuda` feature); on CPU a ring all-reduce over TCP
+//! stands in (see DESIGN.md, "Control plane and data plane"). Both sit behind [`Collective`] so
+//! the training step does not care which one it talks to.
 //!
 //! The CPU ring is the classic bandwidth-optimal one: the buffer is split into W chunks, a
 //! reduce-scatter of W-1 steps leaves each rank owning one fully summed chunk, the owner divides
@@ -11,6 +11,7 @@
 //! chunk is summed in a fixed ring order and only the owner divides, every rank ends with
 //! bit-identical values and a run repeats bit-for-bit.
 
+use candle_core::Tensor;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Range;
@@ -36,6 +37,21 @@ pub trait Collective: Send {
     /// Replace `data` on every rank by the elementwise mean over ranks. Every rank ends with
     /// bit-identical values, and the result is a deterministic function of the inputs.
     fn all_reduce_mean(&mut self, data: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Replace each of `buckets` (flat f32 tensors of the same lengths on every rank) by its
+    /// elementwise mean over ranks, on the bucket's device, with the guarantees of
+    /// `all_reduce_mean`. This default goes through host memory one bucket at a time (the CPU
+    /// ring); the NCCL collective averages on the GPU, all buckets in one NCCL group.
+    fn all_reduce_buckets(&mut self, buckets: &mut [Tensor]) -> Result<(), CollectiveError> {
+        let rank = self.rank();
+        let tensor = |source| CollectiveError::Tensor { rank, source };
+        for bucket in buckets.iter_mut() {
+            let mut host = bucket.to_vec1::<f32>().map_err(tensor)?;
+            self.all_reduce_mean(&mut host)?;
+            let n = host.len();
+            *bucket = Tensor::from_vec(host, n, bucket.device()).map_err(tensor)?;
+        }
+        Ok(())
+    }
     /// Block until every rank has called barrier.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
 }
@@ -101,8 +117,24 @@ pub enum CollectiveError {
     },
     #[error("rank {rank}: the thread sending to rank {peer} panicked")]
     SenderPanicked { rank: usize, peer: usize },
-    #[error("rank {rank}: an earlier collective failed, the ring is no longer usable")]
+    #[error("rank {rank}: an earlier collective failed, the collective is no longer usable")]
     Poisoned { rank: usize },
+    #[error("rank {rank}: moving a gradient bucket: {source}")]
+    Tensor {
+        rank: usize,
+        source: candle_core::Error,
+    },
+    #[error("rank {rank}: NCCL {op} failed: {detail}")]
+    Nccl {
+        rank: usize,
+        op: &'static str,
+        detail: String,
+    },
+    #[error(
+        "rank {rank}: the NCCL all-reduce did not finish within {timeout:?} (a rank is gone or \
+         stuck); the communicator was aborted"
+    )]
+    Timeout { rank: usize, timeout: Duration },
 }
 
 /// World size 1: nothing to talk to, so the mean is the data itself.

@@ -10,6 +10,8 @@ pub mod collective;
 pub mod data;
 pub mod features;
 pub mod model;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod optim;
 pub mod saver;
 pub mod session;

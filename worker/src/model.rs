@@ -125,11 +125,14 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
+        // Statistics in f32 whatever the model's dtype (a no-op for f32 models).
+        let x32 = x.to_dtype(DType::F32)?;
+        let mean = x32.mean_keepdim(D::Minus1)?;
+        let centred = x32.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
         normed
+            .to_dtype(x.dtype())?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
     }
@@ -151,8 +154,10 @@ impl RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        x.broadcast_div(&(ms + 1e-6)?.sqrt()?)?
+        let x32 = x.to_dtype(DType::F32)?;
+        let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        x32.broadcast_div(&(ms + 1e-6)?.sqrt()?)?
+            .to_dtype(x.dtype())?
             .broadcast_mul(&self.weight)
     }
 }
@@ -188,6 +193,13 @@ impl Rope {
         Ok(Self {
             cos: angles.cos()?,
             sin: angles.sin()?,
+        })
+    }
+
+    fn into_dtype(self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            cos: self.cos.to_dtype(dtype)?,
+            sin: self.sin.to_dtype(dtype)?,
         })
     }
 
@@ -274,7 +286,8 @@ impl Attention {
         if let Some(mask) = mask {
             scores = scores.broadcast_add(mask)?;
         }
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let probs = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+            .to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, ()))?;
         self.o.forward(&out)
     }
@@ -393,7 +406,7 @@ impl AudioEncoder {
         let x = conv1d(mel, &self.conv1, 1)?.gelu()?; // [B, frames, H]
         let x = conv1d(&x, &self.conv2, 2)?.gelu()?; // [B, frames / 2, H]
         let (b, t, h) = x.dims3()?;
-        let x = x.broadcast_add(&sinusoids(t, h, x.device())?)?;
+        let x = x.broadcast_add(&sinusoids(t, h, x.device())?.to_dtype(x.dtype())?)?;
         let x = self.ln_post.forward(&run_stack(&self.layers, x)?)?;
         // Average-pool time into the fixed number of tokens the LM receives.
         let stride = t / self.tokens;
@@ -529,14 +542,15 @@ impl Lm {
             } else {
                 Some(linear_no_bias(h, vocab, vb.pp("lm_head"))?)
             },
-            rope: Rope::new(h / cfg.lm_heads, MAX_SEQ, cfg.rope_theta, vb.device())?,
+            rope: Rope::new(h / cfg.lm_heads, MAX_SEQ, cfg.rope_theta, vb.device())?
+                .into_dtype(vb.dtype())?,
         })
     }
 
     /// Logits at positions `at`: [B, at.len(), vocab].
     fn forward_at(&self, x: Tensor, at: &[usize]) -> Result<Tensor> {
         let (_, s, _) = x.dims3()?;
-        let mask = causal_mask(s, x.device())?;
+        let mask = causal_mask(s, x.device())?.to_dtype(x.dtype())?;
         let mut x = x;
         for layer in &self.layers {
             x = layer.forward(&x, &self.rope, &mask)?;
@@ -641,10 +655,13 @@ impl Model {
         Ok((pick(0)?, pick(1)?))
     }
 
+    /// Logits in f32 whatever the model's dtype: a frozen model may run in bf16 on a GPU
+    /// (`Rank::build_frozen`), and the features come in f32.
     fn forward_at(&self, features: &Tensor, prompts: &Tensor, at: &[usize]) -> Result<Tensor> {
+        let features = features.to_dtype(self.lm.embed.dtype())?;
         let mm = match &self.tower {
-            Tower::Audio(enc) => enc.forward(features)?,
-            Tower::Visual(enc) => enc.forward(features)?,
+            Tower::Audio(enc) => enc.forward(&features)?,
+            Tower::Visual(enc) => enc.forward(&features)?,
         };
         let (b, seq) = prompts.dims2()?;
         let h = mm.dim(2)?;
@@ -663,7 +680,7 @@ impl Model {
             ],
             1,
         )?;
-        self.lm.forward_at(x, at)
+        self.lm.forward_at(x, at)?.to_dtype(DType::F32)
     }
 }
 
@@ -781,6 +798,47 @@ mod tests {
             .collect();
         let seq = prompts.len() / b;
         (feats, Tensor::from_vec(prompts, (b, seq), &dev).unwrap())
+    }
+
+    /// A frozen model loaded in bf16 (as the teacher is on a GPU) gives f32 logits close to the
+    /// f32 model's: every op runs in bf16 except the norms' and softmax's statistics.
+    #[test]
+    fn a_bf16_copy_gives_the_f32_models_logits_within_bf16_precision() {
+        for modality in [Modality::Audio, Modality::Visual] {
+            let (varmap, model) = build(modality);
+            let tensors: std::collections::HashMap<String, Tensor> = varmap
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect();
+            let vb = VarBuilder::from_tensors(tensors, DType::BF16, &Device::Cpu);
+            let half = Model::new(modality, &tiny(), SHAPE, Vocab::new(12), vb).unwrap();
+            let (f, p) = inputs(&model, 3);
+            let want = model.forward(&f, &p).unwrap();
+            let got = half.forward(&f, &p).unwrap();
+            assert_eq!(got.dtype(), DType::F32);
+            let scale = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = (got - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            // bf16 keeps 8 significant bits (2^-8 = 0.4%); a few layers of rounding stay
+            // well under 5% of the largest logit, and a dtype bug is far outside it.
+            assert!(diff <= 0.05 * scale, "{modality:?}: {diff} vs {scale}");
+            assert!(diff > 0.0, "{modality:?}: the bf16 model is not in bf16");
+        }
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! the peers it names, then run each task it orders and report back.
 
 use crate::client::{self, LinkSender};
-use crate::collective::RingListener;
+use crate::collective::{Collective, RingListener};
 use crate::data;
-use crate::train::Rank;
+use crate::train::{self, Rank};
 use anyhow::{bail, Context, Result};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -12,8 +12,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use xkd_protocol::config::Config;
 use xkd_protocol::{
-    CoordinatorMsg, DataSummary, Join, SplitClips, Task, TaskKind, TaskResult, WorkerMsg,
-    PROTOCOL_VERSION,
+    CollectiveKind, CoordinatorMsg, DataSummary, Join, SplitClips, Task, TaskKind, TaskResult,
+    WorkerMsg, PROTOCOL_VERSION,
 };
 
 pub struct WorkerArgs {
@@ -74,12 +74,22 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
         link.sender(),
         Duration::from_millis(config.control.heartbeat_ms),
     );
-    let peers = assignment.peers.clone();
     let timeout = Duration::from_millis(config.control.heartbeat_timeout_ms.max(10_000));
-    let ring =
-        tokio::task::spawn_blocking(move || listener.connect(rank as usize, &peers, timeout))
-            .await??;
-    let mut state = Some(Rank::new(config, rank, world, Box::new(ring))?);
+    let device = train::device(config.run.device_choice())?;
+    let collective: Box<dyn Collective> = match assignment.collective {
+        CollectiveKind::TcpRing => {
+            let peers = assignment.peers.clone();
+            let connect = move || listener.connect(rank as usize, &peers, timeout);
+            Box::new(tokio::task::spawn_blocking(connect).await??)
+        }
+        CollectiveKind::Nccl => {
+            drop(listener);
+            let setup = Duration::from_millis(config.control.join_timeout_ms);
+            let ranks = (rank, world);
+            nccl_collective(&mut link, &device, ranks, timeout, setup).await?
+        }
+    };
+    let mut state = Some(Rank::with_device(config, rank, world, device, collective));
     let sender = link.sender();
     let exit = loop {
         let msg = tokio::select! {
@@ -165,13 +175,50 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
                 tracing::warn!(reason, "restart ordered");
                 break Exit::Restart;
             }
-            CoordinatorMsg::Assignment(_) | CoordinatorMsg::Reject(_) => {
+            CoordinatorMsg::Assignment(_)
+            | CoordinatorMsg::Reject(_)
+            | CoordinatorMsg::CollectiveId { .. } => {
                 bail!("unexpected message after assignment: {msg:?}")
             }
         }
     };
     heartbeat.abort();
     Ok(exit)
+}
+
+/// Forms this rank's NCCL communicator: the unique id goes through the coordinator
+/// (`ControlLink::collective_id`), then NCCL's bootstrap runs on a blocking thread under
+/// `setup`, so a rank that never arrives fails this worker instead of hanging it (an
+/// abandoned bootstrap thread is not waited for at exit).
+#[cfg(feature = "cuda")]
+async fn nccl_collective(
+    link: &mut client::ControlLink,
+    device: &candle_core::Device,
+    (rank, world): (u32, u32),
+    timeout: Duration,
+    setup: Duration,
+) -> Result<Box<dyn Collective>> {
+    let id = link.collective_id(rank, crate::nccl::unique_id).await?;
+    let device = device.clone();
+    let connect = tokio::task::spawn_blocking(move || {
+        crate::nccl::Nccl::connect(&device, rank as usize, world as usize, &id, timeout)
+    });
+    let nccl = tokio::time::timeout(setup, connect)
+        .await
+        .map_err(|_| anyhow::anyhow!("the NCCL communicator did not form within {setup:?}"))???;
+    tracing::info!(rank, world, "NCCL communicator formed");
+    Ok(Box::new(nccl))
+}
+
+#[cfg(not(feature = "cuda"))]
+async fn nccl_collective(
+    _link: &mut client::ControlLink,
+    _device: &candle_core::Device,
+    _ranks: (u32, u32),
+    _timeout: Duration,
+    _setup: Duration,
+) -> Result<Box<dyn Collective>> {
+    bail!("the coordinator asked for NCCL (a CUDA run.device), but this worker was built without the `cuda` feature")
 }
 
 fn execute(rank: &mut Rank, task: &Task, tx: &LinkSender) -> Result<TaskResult> {

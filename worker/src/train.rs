@@ -50,10 +50,21 @@ impl Rank {
         world: u32,
         collective: Box<dyn Collective>,
     ) -> Result<Rank> {
+        let device = device(config.run.device_choice())?;
+        Ok(Rank::with_device(config, rank, world, device, collective))
+    }
+
+    /// A rank on a device already opened (the NCCL collective needs it before the rank).
+    pub fn with_device(
+        config: Config,
+        rank: u32,
+        world: u32,
+        device: Device,
+        collective: Box<dyn Collective>,
+    ) -> Rank {
         let f = &config.features;
         let mel = LogMel::new(config.data.sample_rate, f.n_fft, f.hop, f.n_mels);
-        let device = device(config.run.device_choice())?;
-        Ok(Rank {
+        Rank {
             config,
             rank,
             world,
@@ -62,7 +73,7 @@ impl Rank {
             stop: Arc::new(AtomicBool::new(false)),
             cache: FeatureCache::new(mel),
             device,
-        })
+        }
     }
 
     pub fn manifest(&self) -> Result<&Manifest> {
@@ -107,6 +118,31 @@ impl Rank {
             None => model::init_params(&varmap, seed)?,
         }
         Ok((varmap, model))
+    }
+
+    /// A frozen model (the teacher, the pre-distillation student) loaded from `path`: in bf16
+    /// on a GPU, where frozen weights are the bulk of the memory and their forward the bulk of
+    /// a step; in f32 on CPU, where bf16 matmuls are slower than f32 ones. Its logits are f32.
+    fn build_frozen(&self, modality: Modality, path: &str) -> Result<Model> {
+        let dtype = if self.device.is_cuda() {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        let tensors = candle_core::safetensors::load(path, &self.device)
+            .with_context(|| format!("loading frozen {modality:?} model from {path}"))?;
+        let parameters: usize = tensors.values().map(Tensor::elem_count).sum();
+        tracing::info!(
+            rank = self.rank,
+            ?modality,
+            parameters,
+            ?dtype,
+            "frozen model"
+        );
+        let vb = VarBuilder::from_tensors(tensors, dtype, &self.device);
+        let cfg = self.config.model(modality);
+        Model::new(modality, cfg, self.input_shape(), self.vocab()?, vb)
+            .with_context(|| format!("building frozen {modality:?} model from {path}"))
     }
 
     /// Features, prompts and answers of a batch of clips.
@@ -226,13 +262,44 @@ pub fn cuda_compiled() -> bool {
     candle_core::utils::cuda_is_available()
 }
 
-/// The candle device `run.device` names. Without CUDA compiled in, candle refuses a CUDA
-/// device here; the `xkd` binary checks `cuda_compiled` before that, at startup.
+/// The candle device `run.device` names, for this process (`gpu_ordinal` with its
+/// environment). Without CUDA compiled in, candle refuses a CUDA device here; the `xkd` binary
+/// checks `cuda_compiled` before that, at startup.
 pub fn device(choice: DeviceChoice) -> Result<Device> {
+    match gpu_ordinal(choice, |name| std::env::var(name).ok())? {
+        None => Ok(Device::Cpu),
+        Some(n) => Device::new_cuda(n)
+            .with_context(|| format!("opening GPU {n} for run.device = {choice}")),
+    }
+}
+
+/// Which GPU a worker takes (`None` on CPU). `cuda:N` is GPU N. `cuda` is the one GPU its
+/// launcher left visible when it left exactly one (`CUDA_VISIBLE_DEVICES` with one entry, as
+/// Slurm's `--gpus-per-task=1` or a one-GPU pod does; CUDA numbers it 0), else the worker's
+/// local rank on its node: `XKD_LOCAL_RANK` (set by `xkd run` for its workers), `LOCAL_RANK`
+/// (torchrun's and many launchers' name), or Slurm's `SLURM_LOCALID`, else 0.
+pub fn gpu_ordinal(
+    choice: DeviceChoice,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<usize>> {
     match choice {
-        DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Cuda(n) => Device::new_cuda(n.unwrap_or(0))
-            .with_context(|| format!("opening run.device = {choice}")),
+        DeviceChoice::Cpu => Ok(None),
+        DeviceChoice::Cuda(Some(n)) => Ok(Some(n)),
+        DeviceChoice::Cuda(None) => {
+            let visible = env("CUDA_VISIBLE_DEVICES").unwrap_or_default();
+            if !visible.trim().is_empty() && visible.split(',').count() == 1 {
+                return Ok(Some(0));
+            }
+            for name in ["XKD_LOCAL_RANK", "LOCAL_RANK", "SLURM_LOCALID"] {
+                if let Some(value) = env(name) {
+                    let n = value.trim().parse().with_context(|| {
+                        format!("{name}={value:?} is not a local rank (a number from 0)")
+                    })?;
+                    return Ok(Some(n));
+                }
+            }
+            Ok(Some(0))
+        }
     }
 }
 
@@ -265,27 +332,60 @@ fn all_reduce_grads(
     stop: bool,
 ) -> Result<(f64, bool)> {
     let mut buffers = buckets.flatten(vars, grads)?;
-    if buffers.is_empty() {
-        buffers.push(Vec::new());
+    let device = vars
+        .first()
+        .map_or(Device::Cpu, |(_, v)| v.device().clone());
+    let vote = Tensor::new(&[if stop { 1f32 } else { 0f32 }], &device)?;
+    match buffers.last_mut() {
+        Some(last) => *last = Tensor::cat(&[&*last, &vote], 0)?,
+        None => buffers.push(vote),
     }
-    let last = buffers.len() - 1;
-    buffers[last].push(if stop { 1.0 } else { 0.0 });
-    for buffer in &mut buffers {
-        collective.all_reduce_mean(buffer)?;
+    collective.all_reduce_buckets(&mut buffers)?;
+    let last = buffers.pop().expect("the vote's bucket");
+    let n = last.elem_count() - 1;
+    let stop = last.get(n)?.to_scalar::<f32>()? > 0.0;
+    if !buckets.sizes().is_empty() {
+        buffers.push(last.narrow(0, 0, n)?);
     }
-    let stop = buffers[last].pop().is_some_and(|vote| vote > 0.0);
-    let norm = buffers
-        .iter()
-        .flatten()
-        .map(|g| (*g as f64).powi(2))
-        .sum::<f64>()
-        .sqrt();
+    let mut norm = 0f64;
+    for b in &buffers {
+        norm += b
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+    }
+    let norm = norm.sqrt();
     if clip > 0.0 && norm > clip {
-        let scale = (clip / norm) as f32;
-        buffers.iter_mut().flatten().for_each(|g| *g *= scale);
+        let scale = clip / norm;
+        for b in &mut buffers {
+            *b = b.affine(scale, 0.0)?;
+        }
     }
     buckets.unflatten(vars, &buffers, grads)?;
     Ok((norm, stop))
+}
+
+/// Where a step's time went before its backward pass, in ms (see `StepReport`).
+#[derive(Debug, Default, Clone, Copy)]
+struct Timings {
+    /// Frozen forwards, with building both batches.
+    teacher: f64,
+    /// The distillation loss's forward (its backward is a scale inside the student's).
+    loss: f64,
+    /// Tokens of this rank's student sequences (prompt with the modality tokens in it).
+    tokens: usize,
+}
+
+/// Now, once the device has finished what was queued: on a GPU, timing a phase without the
+/// synchronisation would measure kernel launches, not the kernels. A no-op wait on CPU.
+fn clock(device: &Device) -> Result<Instant> {
+    device.synchronize()?;
+    Ok(Instant::now())
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// Linear warm-up, then cosine decay to a tenth of the peak.
@@ -326,6 +426,9 @@ impl Rank {
         let (varmap, student) = self.build_model(task.modality, task.init.as_deref(), task.seed)?;
         let anchors = self.anchors(task)?;
         let vars = sorted_vars(&varmap);
+        let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+        let parameters: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+        tracing::info!(rank = self.rank, modality = ?task.modality, parameters, trainable, "student model");
         let buckets = Buckets::for_vars(&vars, self.config.collective.bucket_bytes());
         let params = ParamsAdamW {
             lr: task.lr,
@@ -354,12 +457,11 @@ impl Rank {
         for step in first..task.steps {
             let lr = learning_rate(step, task.steps, task.warmup_steps, task.lr);
             opt.set_learning_rate(lr);
-            let t0 = Instant::now();
-            let (loss, parts, ms_teacher) =
-                self.loss(task, &student, anchors.as_ref(), step - first)?;
+            let t0 = clock(&self.device)?;
+            let (loss, parts, times) = self.loss(task, &student, anchors.as_ref(), step - first)?;
             let mut grads = loss.backward()?;
-            let ms_student = t0.elapsed().as_secs_f64() * 1e3 - ms_teacher;
-            let t1 = Instant::now();
+            let t1 = clock(&self.device)?;
+            let ms_student = ms(t1 - t0) - times.teacher - times.loss;
             let (grad_norm, stop) = all_reduce_grads(
                 self.collective.as_mut(),
                 &buckets,
@@ -368,10 +470,10 @@ impl Rank {
                 task.grad_clip,
                 self.stop.load(Ordering::Relaxed),
             )?;
-            let ms_allreduce = t1.elapsed().as_secs_f64() * 1e3;
-            let t2 = Instant::now();
+            let t2 = clock(&self.device)?;
+            let ms_allreduce = ms(t2 - t1);
             opt.step(&grads)?;
-            let ms_optimizer = t2.elapsed().as_secs_f64() * 1e3;
+            let ms_optimizer = ms(clock(&self.device)? - t2);
             last_loss = loss.to_scalar::<f32>()? as f64;
             if !last_loss.is_finite() {
                 bail!("loss is {last_loss} at step {step}: training diverged");
@@ -390,8 +492,10 @@ impl Rank {
                     grad_norm,
                     samples_per_s: (task.batch + task.replay_batch) as f64 * self.world as f64
                         / elapsed,
-                    ms_teacher,
+                    tokens_per_s: (times.tokens * self.world as usize) as f64 / elapsed,
+                    ms_teacher: times.teacher,
                     ms_student,
+                    ms_loss: times.loss,
                     ms_allreduce,
                     ms_optimizer,
                 }));
@@ -435,8 +539,8 @@ impl Rank {
             .init
             .as_deref()
             .context("distillation needs the pretrained student as `init`")?;
-        let (_, teacher) = self.build_model(task.modality.other(), Some(teacher), task.seed)?;
-        let (_, student_before) = self.build_model(task.modality, Some(init), task.seed)?;
+        let teacher = self.build_frozen(task.modality.other(), teacher)?;
+        let student_before = self.build_frozen(task.modality, init)?;
         Ok(Some(Anchors {
             teacher,
             student_before,
@@ -451,7 +555,7 @@ impl Rank {
         student: &Model,
         anchors: Option<&Anchors>,
         step: u64,
-    ) -> Result<(Tensor, (f64, f64), f64)> {
+    ) -> Result<(Tensor, (f64, f64), Timings)> {
         let clips = task.plan.samples(self.rank, self.world, step, task.batch);
         let Some(anchors) = anchors else {
             let b = self.batch(task.modality, &clips, task.seed)?;
@@ -470,7 +574,12 @@ impl Rank {
                 loss = (loss + (caption_loss * task.caption_weight)?)?;
             }
             let v = loss.to_scalar::<f32>()? as f64;
-            return Ok((loss, (0.0, v), 0.0));
+            let tokens = b.prompts.elem_count();
+            let times = Timings {
+                tokens,
+                ..Timings::default()
+            };
+            return Ok((loss, (0.0, v), times));
         };
         let Objective::Distill {
             alpha,
@@ -491,7 +600,7 @@ impl Rank {
         };
         let (n_main, n_replay) = (clips.len(), replay.len());
         let all: Vec<Sample> = clips.iter().chain(&replay).copied().collect();
-        let t0 = Instant::now();
+        let t0 = clock(&self.device)?;
         let s_batch = self.batch(task.modality, &all, task.seed)?;
         let t_batch = self.batch(task.modality.other(), &clips, task.seed)?;
         let restrict = |logits: Tensor| -> Result<Tensor> {
@@ -517,10 +626,11 @@ impl Rank {
         }
         let answer_targets = Tensor::cat(&answer_targets, 0)?.detach();
         let caption_targets = Tensor::cat(&caption_targets, 0)?.detach();
-        let ms_teacher = t0.elapsed().as_secs_f64() * 1e3;
+        let teacher = ms(clock(&self.device)? - t0);
         let (s_answer, s_caption) =
             student.forward_with_caption(&s_batch.features, &s_batch.prompts)?;
         let s_answer = restrict(s_answer)?;
+        let t_loss = clock(&self.device)?;
         // CE target: the true letter, or the teacher's choice in label-free mode.
         let answers: Vec<u32> = if label_free {
             letters_of(&t_answer, &student.vocab, full_vocab)?
@@ -593,7 +703,17 @@ impl Rank {
         let total = (&answer.total + &caption.total)?;
         let kl = (answer.kl.to_scalar::<f32>()? + caption.kl.to_scalar::<f32>()?) as f64;
         let ce = answer.ce.to_scalar::<f32>()? as f64;
-        Ok((total, (kl, ce), ms_teacher))
+        let loss = ms(clock(&self.device)? - t_loss);
+        let tokens = s_batch.prompts.elem_count();
+        Ok((
+            total,
+            (kl, ce),
+            Timings {
+                teacher,
+                loss,
+                tokens,
+            },
+        ))
     }
 
     /// Predict this rank's share of the plan's clips.
@@ -726,6 +846,38 @@ pub fn load_params(path: &Path) -> Result<Vec<(String, Vec<f32>)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ordinal(choice: &str, vars: &[(&str, &str)]) -> Result<Option<usize>> {
+        let env = |name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        };
+        gpu_ordinal(choice.parse().unwrap(), env)
+    }
+
+    #[test]
+    fn a_worker_takes_its_local_ranks_gpu_unless_told_or_shown_one() {
+        assert_eq!(ordinal("cpu", &[("LOCAL_RANK", "3")]).unwrap(), None);
+        assert_eq!(ordinal("cuda:5", &[("LOCAL_RANK", "3")]).unwrap(), Some(5));
+        assert_eq!(ordinal("cuda", &[]).unwrap(), Some(0));
+        // Local rank: xkd run's variable first, then the launchers' names.
+        let all = [
+            ("XKD_LOCAL_RANK", "2"),
+            ("LOCAL_RANK", "3"),
+            ("SLURM_LOCALID", "4"),
+        ];
+        assert_eq!(ordinal("cuda", &all).unwrap(), Some(2));
+        assert_eq!(ordinal("cuda", &all[1..]).unwrap(), Some(3));
+        assert_eq!(ordinal("cuda", &all[2..]).unwrap(), Some(4));
+        // A launcher that left one GPU visible: CUDA calls it 0 whatever the local rank.
+        let one = [("CUDA_VISIBLE_DEVICES", "6"), ("SLURM_LOCALID", "1")];
+        assert_eq!(ordinal("cuda", &one).unwrap(), Some(0));
+        let four = [("CUDA_VISIBLE_DEVICES", "0,1,2,3"), ("SLURM_LOCALID", "1")];
+        assert_eq!(ordinal("cuda", &four).unwrap(), Some(1));
+        let e = format!("{:#}", ordinal("cuda", &[("LOCAL_RANK", "x")]).unwrap_err());
+        assert!(e.contains("LOCAL_RANK") && e.contains("\"x\""), "{e}");
+    }
 
     #[test]
     fn schedule_warms_up_then_decays_to_a_tenth() {

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The GPU path on one GPU, in two steps on two machines (as kernels/gpu-check.sh):
+#
+#   tests/gpu/check.sh build   on a CPU machine with Rust (no GPU needed): builds `xkd` with the
+#                              `cuda` feature (candle on CUDA, NCCL, the fused-loss kernels) and
+#                              the kernel check with the pip CUDA 13.0 toolchain, stripped and
+#                              xz-compressed into gpu-bundle/ (git-ignored; well under 64 MiB).
+#   tests/gpu/check.sh         on a machine with one H100 or H200, the NVIDIA driver and the
+#                              CUDA 13 libraries with NCCL (a CUDA install or PyTorch's nvidia
+#                              wheels); no Rust, no network. In under 6 minutes it
+#                              1. runs the fused KL kernel check (kernels/gpu-check.sh; the
+#                                 default and the row kernel unless XKD_GPU_CHECK_KERNELS says),
+#                              2. runs `xkd run` on the tiny default models with
+#                                 run.device = "cuda" (one worker: NCCL at world size 1) and the
+#                                 same run on the CPU, and compares the loss of every logged step
+#                                 (pretraining and distillation): relative difference <= 1e-2,
+#                              3. times distillation between a larger random-weight pair of the
+#                                 Qwen2-shaped stand-in families and prints samples/s, tokens/s
+#                                 and the share of step time in each phase.
+#                              It prints one table per part; paste them into tests/gpu/RESULTS.md.
+# Exit status: non-zero if any part fails or a loss differs by more than the tolerance.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+bundle=$root/gpu-bundle
+if [ "${1:-}" = build ]; then
+    "$root/kernels/gpu-check.sh" build
+    . "$root/kernels/cuda-env.sh" || exit 1
+    # NCCL for the link step only (the GPU machine has its own libnccl.so.2): its pip wheel.
+    if ! "$XKD_CUDA_VENV/bin/python" -c 'import nvidia.nccl' 2>/dev/null; then
+        "$XKD_CUDA_VENV/bin/pip" install -q --disable-pip-version-check nvidia-nccl-cu13==2.27.7
+    fi
+    nccl=$("$XKD_CUDA_VENV/bin/python" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))')
+    ln -sf "$nccl/libnccl.so.2" "$XKD_CUDA_VENV/link/libnccl.so"
+    cargo build --release --features cuda --bin xkd
+    strip -o "$bundle/xkd" "$CARGO_TARGET_DIR/release/xkd"
+    xz -T0 -6 -f "$bundle/xkd"
+    ls -la "$bundle"
+    exit 0
+fi
+[ -f "$bundle/xkd.xz" ] || {
+    echo "no $bundle/xkd.xz: run 'tests/gpu/check.sh build' on a machine with Rust first" >&2
+    exit 2
+}
+work=$(mktemp -d)
+xkd=$work/xkd
+python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$bundle/xkd.xz" "$xkd"
+chmod +x "$xkd"
+echo "== 1/3 fused KL kernel check"
+XKD_GPU_CHECK_KERNELS=${XKD_GPU_CHECK_KERNELS:-row,split-c1-t512-nohint} "$root/kernels/gpu-check.sh"
+# kernels/gpu-check.sh found the CUDA libraries; the same search for xkd (NCCL included).
+libs=$(python3 -c 'import glob, os, nvidia; print(":".join(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib"))))' 2>/dev/null || true)
+export LD_LIBRARY_PATH=${libs:+$libs:}/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+
+# A short run of the whole job; every step logged. $1 = device, $2 = output folder, rest = --set.
+short_run() {
+    local device=$1 out=$2
+    shift 2
+    timeout 150 "$xkd" run --workers 1 --out "$out" --log-format json \
+        --set run.device="$device" --set run.cache_dir="$out/cache" --set run.run_id=gpu-check \
+        --set log.every=1 --set checkpoint.every_steps=1000 \
+        --set heuristic.top_k=3 --set heuristic.teacher_floor=0 "$@" \
+        > "$out.log" 2>&1 || { tail -n 30 "$out.log"; return 1; }
+}
+
+echo "== 2/3 loss curve: run.device = cuda (NCCL, world size 1) against cpu"
+tiny=(--set pretrain.steps=40 --set distill.steps=30)
+short_run cuda "$work/tiny-cuda" "${tiny[@]}"
+short_run cpu "$work/tiny-cpu" "${tiny[@]}"
+python3 - "$work/tiny-cuda/metrics.jsonl" "$work/tiny-cpu/metrics.jsonl" <<'PY'
+import json, sys
+def curve(path):
+    rows = [json.loads(l) for l in open(path)]
+    return {(r["stage"], r["step"]): r["loss"] for r in rows if r.get("rank") == 0 and "loss" in r}
+gpu, cpu = curve(sys.argv[1]), curve(sys.argv[2])
+assert gpu.keys() == cpu.keys() and gpu, f"different steps logged: {len(gpu)} vs {len(cpu)}"
+worst = {}
+for key in sorted(gpu):
+    rel = abs(gpu[key] - cpu[key]) / max(abs(cpu[key]), 1e-12)
+    stage = key[0]
+    if rel >= worst.get(stage, (0.0, None))[0]:
+        worst[stage] = (rel, key[1])
+print(f"| stage | steps | worst relative difference | at step | cuda loss | cpu loss |")
+print(f"|---|---:|---:|---:|---:|---:|")
+bad = False
+for stage, (rel, step) in worst.items():
+    n = sum(1 for k in gpu if k[0] == stage)
+    print(f"| {stage} | {n} | {rel:.2e} | {step} | {gpu[(stage, step)]:.6f} | {cpu[(stage, step)]:.6f} |")
+    bad |= rel > 1e-2
+print("loss curves " + ("DIFFER by more than 1e-2" if bad else "match within 1e-2"))
+sys.exit(1 if bad else 0)
+PY
+
+echo "== 3/3 throughput: a larger random-weight pair of the stand-in families (cuda, one worker)"
+size=()
+for m in audio_model visual_model; do
+    size+=(--set "$m.encoder_hidden=1024" --set "$m.encoder_layers=6" --set "$m.encoder_heads=16"
+        --set "$m.lm_hidden=1024" --set "$m.lm_layers=12" --set "$m.lm_heads=16"
+        --set "$m.lm_kv_heads=4" --set "$m.lm_intermediate=4096")
+done
+short_run cuda "$work/large" "${size[@]}" --set pretrain.steps=2 --set distill.steps=25 \
+    --set distill.batch=32
+python3 - "$work/large/metrics.jsonl" "$work/large/logs/worker-0.log" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+steps = [r for r in rows if r.get("rank") == 0 and r["stage"] == "distill"]
+steps = [r for r in steps if r["step"] > 5]  # the first steps warm up the allocator and cuBLAS
+assert steps, "no distillation steps logged"
+mean = lambda k: sum(r[k] for r in steps) / len(steps)
+phases = ["ms_teacher", "ms_student", "ms_loss", "ms_allreduce", "ms_optimizer"]
+total = sum(mean(k) for k in phases)
+for line in open(sys.argv[2]):
+    try:
+        r = json.loads(line)
+    except ValueError:
+        continue
+    if r.get("message") in ("student model", "frozen model") and r.get("rank") == 0:
+        print(r["message"], {k: r[k] for k in ("modality", "parameters", "trainable", "dtype") if k in r})
+print(f"distillation steps averaged: {len(steps)} (from step 6), {total:.1f} ms per step")
+print("| samples/s | tokens/s | " + " | ".join(p[3:] for p in phases) + " |")
+print("|---:|---:|" + "---:|" * len(phases))
+print(f"| {mean('samples_per_s'):.0f} | {mean('tokens_per_s'):.0f} | "
+      + " | ".join(f"{100 * mean(p) / total:.1f}%" for p in phases) + " |")
+PY
+echo "== done"

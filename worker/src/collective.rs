@@ -154,6 +154,10 @@ impl Collective for Solo {
         Ok(())
     }
 
+    fn all_reduce_buckets(&mut self, _buckets: &mut [Tensor]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         Ok(())
     }

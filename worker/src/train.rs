@@ -347,13 +347,11 @@ fn all_reduce_grads(
     if !buckets.sizes().is_empty() {
         buffers.push(last.narrow(0, 0, n)?);
     }
+    // Squares summed in f32 within a bucket (on its device), buckets summed in f64: precise
+    // enough for clipping, and no f64 copy of the gradients.
     let mut norm = 0f64;
     for b in &buffers {
-        norm += b
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        norm += b.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
     }
     let norm = norm.sqrt();
     if clip > 0.0 && norm > clip {

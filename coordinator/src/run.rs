@@ -13,6 +13,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use xkd_protocol::config::{section_digest, Config, DeviceChoice, Modality};
@@ -286,8 +287,11 @@ struct Driver {
     next_task: u64,
     metrics: std::fs::File,
     stage: String,
-    /// Commits the checkpoints of the task that saves them (distillation).
-    checkpoints: Option<Checkpoints>,
+    /// Commits the checkpoints of the task that saves them (distillation). Shared with the
+    /// background commits (`queue_commit`).
+    checkpoints: Option<Arc<tokio::sync::Mutex<Checkpoints>>>,
+    /// The last commit queued; each waits for the one before, so commits keep step order.
+    commits: Option<tokio::task::JoinHandle<()>>,
     restarts: u32,
     sigterm: Signal,
     /// SIGTERM was received: the run is winding down.
@@ -319,7 +323,8 @@ impl Driver {
             next_task: 0,
             metrics,
             stage: "setup".into(),
-            checkpoints,
+            checkpoints: checkpoints.map(|c| Arc::new(tokio::sync::Mutex::new(c))),
+            commits: None,
             restarts: 0,
             sigterm,
             terminating: false,
@@ -437,8 +442,40 @@ impl Driver {
 
     /// Send `kind` to `ranks` and wait until each has answered, or until a worker is lost or
     /// fails, or SIGTERM comes. On SIGTERM a checkpointed training task is told to stop and
-    /// its last checkpoint is committed before this returns `Preempted`.
+    /// its last checkpoint is committed before this returns `Preempted`. Whatever the outcome,
+    /// every checkpoint the task saved is committed (or has failed to) before this returns.
     async fn try_order(
+        &mut self,
+        ranks: &[u32],
+        kind: TaskKind,
+    ) -> Result<Vec<TaskResult>, Interrupt> {
+        let outcome = self.order_and_wait(ranks, kind).await;
+        if let Some(commits) = self.commits.take() {
+            if let Err(e) = commits.await {
+                tracing::error!(error = %e, "a checkpoint commit panicked");
+            }
+        }
+        outcome
+    }
+
+    /// Commits `saved` in the background, after every commit queued before it: the event loop
+    /// goes on logging steps, watching workers and taking SIGTERM while the store is slow or
+    /// down (a commit retries for up to the store's retry window).
+    fn queue_commit(
+        &mut self,
+        checkpoints: Arc<tokio::sync::Mutex<Checkpoints>>,
+        saved: xkd_protocol::SavedCheckpoint,
+    ) {
+        let before = self.commits.take();
+        self.commits = Some(tokio::spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            checkpoints.lock().await.commit(&saved).await;
+        }));
+    }
+
+    async fn order_and_wait(
         &mut self,
         ranks: &[u32],
         kind: TaskKind,
@@ -498,8 +535,8 @@ impl Driver {
                         )))
                     }
                     WorkerMsg::Step(report) => self.log_step(&report)?,
-                    WorkerMsg::Saved(saved) if rank == 0 => match self.checkpoints.as_mut() {
-                        Some(c) => c.commit(&saved).await,
+                    WorkerMsg::Saved(saved) if rank == 0 => match self.checkpoints.clone() {
+                        Some(c) => self.queue_commit(c, saved),
                         None => tracing::warn!(step = saved.step, "unordered checkpoint ignored"),
                     },
                     WorkerMsg::SaveFailed { step, error, .. } => {
@@ -747,10 +784,10 @@ impl Driver {
         }
         let checkpoints = self
             .checkpoints
-            .as_mut()
+            .clone()
             .context("no checkpoint store was opened for this run")?;
         task.checkpoint = Some(CheckpointOrder {
-            url: checkpoints.url(),
+            url: checkpoints.lock().await.url(),
             run_id: self.run_id.clone(),
             every_steps: config.checkpoint.every_steps,
         });
@@ -759,9 +796,13 @@ impl Driver {
         // Each pass starts (or, after a restart, resumes) from the newest checkpoint that
         // verifies; a failed generation is restarted by `recover` and the loop goes on.
         loop {
-            let checkpoints = self.checkpoints.as_mut().expect("opened above");
             let mut attempt = task.clone();
-            if let Some(resumed) = checkpoints.resume_point(&recipe, &hard_classes).await? {
+            let resumed = checkpoints
+                .lock()
+                .await
+                .resume_point(&recipe, &hard_classes)
+                .await?;
+            if let Some(resumed) = resumed {
                 let s = &resumed.state;
                 let global = attempt.batch * self.world;
                 if s.batch_per_rank * s.world_size != global
@@ -793,7 +834,7 @@ impl Driver {
                     replay.cursor = s.replay_cursor;
                 }
             }
-            checkpoints.begin(checkpoint::Context {
+            checkpoints.lock().await.begin(checkpoint::Context {
                 // `try_order` numbers the task it sends next.
                 task_id: self.next_task + 1,
                 task: attempt.clone(),
@@ -805,7 +846,7 @@ impl Driver {
             let outcome = self
                 .try_order(&all, TaskKind::Train(Box::new(attempt)))
                 .await;
-            let last = self.checkpoints.as_mut().and_then(|c| c.end());
+            let last = checkpoints.lock().await.end();
             match outcome {
                 Ok(results) => return Ok((one_summary(results)?, last)),
                 Err(interrupt) => self.recover(interrupt).await?,

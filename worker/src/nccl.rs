@@ -12,9 +12,9 @@
 //! restarts the generation and the dropped communicator is aborted.
 
 use crate::collective::{Collective, CollectiveError};
-use candle_core::op::BackpropOp;
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::cuda_backend::cudarc::nccl::{group_end, group_start, Comm, Id, ReduceOp};
+use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, Device, Storage, Tensor};
 use std::time::{Duration, Instant};
 use xkd_protocol::NCCL_UNIQUE_ID_BYTES;

@@ -212,7 +212,10 @@ fn a_preempted_worker_checkpoints_and_the_run_goes_on_bit_identical() {
     let (_, want) = reference();
     let out = fresh("worker-term");
     let log = out.with_extension("log");
-    let mut run = Background::start(&run_args(&out, &recipe("worker-term"), &[]), &[], &log);
+    // No restart allowed: a worker's own preemption is not a failure and is not counted.
+    let mut sets = recipe("worker-term");
+    sets.push("control.max_restarts=0".into());
+    let mut run = Background::start(&run_args(&out, &sets, &[]), &[], &log);
     let pid = worker_pid(&mut run, 1);
     signal_after_first_checkpoint(&mut run, pid, "-TERM");
     let (code, text) = run.wait(LIMIT);
@@ -224,6 +227,7 @@ fn a_preempted_worker_checkpoints_and_the_run_goes_on_bit_identical() {
         restarts[0]["error"].as_str().unwrap().contains("preempted"),
         "{text}"
     );
+    assert_eq!(restarts[0]["counted"], false, "{text}");
     // Every rank stopped at the same step and rank 0 checkpointed it; the new generation
     // resumed there.
     let resumed = find(&records, "resuming distillation from checkpoint");

@@ -262,8 +262,12 @@ impl Generations {
 
 /// Why a task did not come back with results.
 enum Interrupt {
-    /// A worker was lost, failed, or was preempted on its own: restart the workers.
+    /// A worker was lost or failed: restart the workers (counted in `control.max_restarts`).
     Failed(anyhow::Error),
+    /// A worker was preempted on its own (its SIGTERM) and left in order, after every rank
+    /// stopped at one step and that step's checkpoint was committed: restart the workers
+    /// without counting it, since nothing failed and the run lost no step.
+    Replaced(anyhow::Error),
     /// SIGTERM to the coordinator: stop the run (after a checkpoint, if one was running).
     Preempted,
     /// Something restarting will not mend (a file the coordinator cannot write).
@@ -387,11 +391,13 @@ impl Driver {
     }
 
     /// Restarts the workers after `Interrupt::Failed` (counting restarts; a restart that
-    /// fails counts too); any other interrupt ends the run.
+    /// fails counts too) or `Interrupt::Replaced` (not counted); any other interrupt ends the
+    /// run.
     async fn recover(&mut self, interrupt: Interrupt) -> Result<()> {
+        let mut counted = true;
         let mut error = match interrupt {
             // After SIGTERM nothing is restarted: the run is winding down.
-            Interrupt::Failed(e) if self.terminating => {
+            Interrupt::Failed(e) | Interrupt::Replaced(e) if self.terminating => {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "a worker failed while the run stops"
@@ -399,28 +405,40 @@ impl Driver {
                 return Err(Preempted.into());
             }
             Interrupt::Failed(e) => e,
+            Interrupt::Replaced(e) => {
+                counted = false;
+                e
+            }
             Interrupt::Preempted => return Err(Preempted.into()),
             Interrupt::Fatal(e) => return Err(e),
         };
         loop {
             let max = self.config.control.max_restarts;
-            if self.restarts >= max {
+            if counted && self.restarts >= max {
                 return Err(error.context(format!(
                     "{} failed and the run has used its {max} restarts (control.max_restarts)",
                     self.stage
                 )));
             }
-            self.restarts += 1;
+            if counted {
+                self.restarts += 1;
+            }
             tracing::warn!(
                 stage = %self.stage,
                 restart = self.restarts,
                 max_restarts = max,
+                counted,
                 error = format!("{error:#}"),
                 "restarting the workers"
             );
+            counted = true;
             match self.regroup(&format!("{error:#}")).await {
                 Ok(()) => return Ok(()),
                 Err(Interrupt::Failed(e)) => error = e,
+                Err(Interrupt::Replaced(e)) => {
+                    counted = false;
+                    error = e;
+                }
                 Err(Interrupt::Preempted) => return Err(Preempted.into()),
                 Err(Interrupt::Fatal(e)) => return Err(e),
             }
@@ -564,13 +582,13 @@ impl Driver {
             TaskResult::Trained(s) if s.stopped => Some(s.steps),
             _ => None,
         }) {
-            return Err(Interrupt::Failed(anyhow!(
+            return Err(Interrupt::Replaced(anyhow!(
                 "a worker was preempted during {}; training stopped at step {step}",
                 self.stage
             )));
         }
         if !departed.is_empty() {
-            return Err(Interrupt::Failed(anyhow!("{}", departed.join("; "))));
+            return Err(Interrupt::Replaced(anyhow!("{}", departed.join("; "))));
         }
         Ok(results)
     }

@@ -38,7 +38,8 @@ Stored per case: the processor outputs (log-mel input_features [n, 128, 200] and
 mask from WhisperFeatureExtractor; pixel_values patches and grid_thw from Qwen2VLImageProcessor
 for one image and one 4-frame video), the input_ids with every placeholder expanded, the
 position ids (3-D M-RoPE ids for Qwen2-VL), the modality embeddings that replace the
-placeholders, the logits at every position, and the gradient of the scalar loss
+placeholders, the processor's output for two crops it must resize (up and down), the logits
+at every position, and the gradient of the scalar loss
 sum(logits * loss_weights) (loss_weights: fixed standard-normal tensor, stored) with respect to
 q_proj.weight and v_proj.weight of LM layers 0 and 1.
 
@@ -83,6 +84,9 @@ IMAGE_TOKEN, VIDEO_TOKEN = 993, 994
 SOUNDS = ["animals/mammals/elephant.ogg", "animals/mammals/bovines/cow.ogg"]
 IMAGE = ("animals/mammals/elephant.png", (112, 84))  # (width, height), multiples of 28
 VIDEO = ("animals/mammals/bovines/cow.png", 56, 4)  # frame side, frames
+# Crops of IMAGE at its own size (left, upper, right, lower) that the processor must resize:
+# 70x45 -> 56x56 (up; 70 / 28 = 2.5 rounds to even) and 120x40 -> 112x28 (down both ways).
+RESIZE_CROPS = {"resize_up": (50, 40, 120, 85), "resize_down": (20, 60, 140, 100)}
 
 GRAD_LAYERS = (0, 1)
 PERTURB = 0.05
@@ -217,6 +221,24 @@ def load_rgb(stamps, rel, size, offset=0):
     return np.asarray(im.resize(size, Image.BICUBIC), dtype=np.uint8)
 
 
+def crop_rgb(stamps, rel, box):
+    im = Image.open(os.path.join(stamps, rel)).convert("RGBA")
+    white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+    return np.asarray(Image.alpha_composite(white, im).convert("RGB").crop(box), dtype=np.uint8)
+
+
+def resize_cases(stamps, processor):
+    """The processor on pictures it has to resize (bicubic, as PIL does it)."""
+    out = {}
+    for name, box in RESIZE_CROPS.items():
+        rgb = crop_rgb(stamps, IMAGE[0], box)
+        res = processor(images=[rgb], return_tensors="pt")
+        out[f"{name}_rgb"] = rgb
+        out[f"{name}_pixel_values"] = res["pixel_values"]
+        out[f"{name}_grid_thw"] = res["image_grid_thw"]
+    return out
+
+
 def random_ids(rng, n):
     return list(rng.integers(0, 980, size=n))
 
@@ -329,6 +351,7 @@ def vl_case(stamps, out_dir):
         "input_ids": input_ids, "position_ids": position_ids,
         "image_embeds": image_embeds, "video_embeds": video_embeds,
         "logits": logits, "loss_weights": weights, **grads,
+        **resize_cases(stamps, processor),
     }
     write_case(os.path.join(out_dir, "qwen2_vl_case.safetensors"), tensors, {
         "image": IMAGE[0], "video": f"{rel} x{count}, crop shifted 4 px per frame",

@@ -222,6 +222,29 @@ fn qwen2_vl_patches_match_the_image_processor() {
     }
 }
 
+/// Pictures whose size is not a multiple of 28: the processor resizes them with Pillow's
+/// bicubic filter (one up, one down), and so must we, byte for byte.
+#[test]
+fn qwen2_vl_processor_resizes_as_pillow_does() {
+    let c = case(VL_CASE);
+    for name in ["resize_up", "resize_down"] {
+        let rgb = &c[&format!("{name}_rgb")];
+        let (h, w, _) = rgb.dims3().unwrap();
+        let bytes: Vec<u8> = rgb.flatten_all().unwrap().to_vec1().unwrap();
+        let (data, grid) = processor().preprocess(&[&bytes], h, w).unwrap();
+        assert_eq!(
+            grid.to_vec(),
+            to_usizes(&c[&format!("{name}_grid_thw")]),
+            "{name} grid"
+        );
+        let want = &c[&format!("{name}_pixel_values")];
+        let got = Tensor::from_vec(data, want.shape(), &Device::Cpu).unwrap();
+        let err = max_abs(&(got - want).unwrap());
+        eprintln!("{name} {h}x{w} -> grid {grid:?}: patches max abs error {err:.3e}");
+        assert!(err <= 1e-4, "{name}: patches max abs error {err}");
+    }
+}
+
 fn vl_inputs(c: &HashMap<String, Tensor>) -> (VisionInput, VisionInput) {
     let grid = |k: &str| {
         let v = to_usizes(&c[k]);

@@ -8,6 +8,7 @@
 pub mod audio;
 pub mod config;
 pub mod decoder;
+pub mod resize;
 pub mod vision;
 pub mod weights;
 

@@ -10,6 +10,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use super::config::{Qwen2VlConfig, VisionConfig};
 use super::decoder::{inverse_frequencies, scatter_placeholders, Decoder, Position};
+use super::resize::resize_bicubic;
 use super::weights::{read_config, LoadError, Weights};
 use crate::nn::{activation, apply_rotary, softmax, LayerNorm};
 
@@ -109,17 +110,37 @@ impl ImageProcessor {
         Ok((hb as usize, wb as usize))
     }
 
+    /// Resizes `frames` (`h x w x 3` bytes each) to the size `smart_resize` gives, as the
+    /// reference does (Pillow's bicubic), then cuts them into patches (`patches`).
+    pub fn preprocess(
+        &self,
+        frames: &[&[u8]],
+        h: usize,
+        w: usize,
+    ) -> Result<(Vec<f32>, [usize; 3])> {
+        let (rh, rw) = self.smart_resize(h, w)?;
+        if frames.iter().any(|f| f.len() != h * w * 3) {
+            candle_core::bail!("frames must be {h} x {w} x 3 bytes each");
+        }
+        let resized: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|f| resize_bicubic(f, h, w, rh, rw))
+            .collect();
+        let refs: Vec<&[u8]> = resized.iter().map(Vec::as_slice).collect();
+        self.patches(&refs, rh, rw)
+    }
+
     /// Patches `[t/2 * h/14 * w/14, 3 * 2 * 14 * 14]` and their grid for `frames` RGB frames
     /// (`h x w x 3` bytes each; one frame for an image, which is repeated to fill the temporal
     /// patch, as the last frame of a video with an odd count is). The frames must already have
-    /// the size `smart_resize` gives: the bicubic resize itself is not implemented here.
+    /// the size `smart_resize` gives (`preprocess` resizes them first).
     pub fn patches(&self, frames: &[&[u8]], h: usize, w: usize) -> Result<(Vec<f32>, [usize; 3])> {
         let (p, m, tp) = (self.patch_size, self.merge_size, self.temporal_patch_size);
         if frames.is_empty() || frames.iter().any(|f| f.len() != h * w * 3) {
             candle_core::bail!("frames must be {h} x {w} x 3 bytes each");
         }
         if self.smart_resize(h, w)? != (h, w) {
-            candle_core::bail!("{h}x{w} would be resized; resizing is not implemented");
+            candle_core::bail!("{h}x{w} is not a processor size; use preprocess");
         }
         let t = frames.len().div_ceil(tp) * tp;
         let normed: Vec<Vec<f32>> = (0..t)

@@ -158,6 +158,59 @@ fn qwen2_audio_gradients_match_transformers() {
     }
 }
 
+/// Rows `[..n]` of `[1, S, V]` logits at positions `0..n`.
+fn head(t: &Tensor, row: usize, n: usize) -> Tensor {
+    t.narrow(0, row, 1).unwrap().narrow(1, 0, n).unwrap()
+}
+
+/// `[B, S]` ids of `rows`, right-padded with token 0 to the longest.
+fn right_padded(rows: &[Vec<u32>]) -> Tensor {
+    let s = rows.iter().map(Vec::len).max().unwrap();
+    let flat: Vec<u32> = rows
+        .iter()
+        .flat_map(|r| r.iter().copied().chain(std::iter::repeat(0)).take(s))
+        .collect();
+    Tensor::from_vec(flat, (rows.len(), s), &Device::Cpu).unwrap()
+}
+
+/// A batch of prompts of different lengths, right-padded: under the causal mask the padding
+/// comes after every real token, so each prompt's logits are those it has alone.
+#[test]
+fn qwen2_audio_right_padded_batch_gives_each_prompts_own_logits() {
+    let c = case(AUDIO_CASE);
+    let (model, _) = audio_model(&[]);
+    let (features, valid) = audio_inputs(&c);
+    let full: Vec<u32> = ids(&c["input_ids"])
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    // The first clip's prompt only: up to three tokens after its placeholders.
+    let short = full[..60].to_vec();
+    let batch_features = Tensor::cat(&[&features, &features.narrow(0, 0, 1).unwrap()], 0).unwrap();
+    let batch_valid = [valid[0], valid[1], valid[0]];
+    let logits = model
+        .forward(
+            &right_padded(&[full.clone(), short.clone()]),
+            &batch_features,
+            &batch_valid,
+        )
+        .unwrap();
+    let alone = model
+        .forward(
+            &right_padded(std::slice::from_ref(&short)),
+            &features.narrow(0, 0, 1).unwrap(),
+            &valid[..1],
+        )
+        .unwrap();
+    let (at, err) = worst_position(&head(&logits, 0, full.len()), &c["logits"]);
+    eprintln!("padded batch, long prompt: worst position {at}, relative error {err:.3e}");
+    assert!(err <= 1e-4, "long prompt at {at}: {err}");
+    let (at, err) = worst_position(&head(&logits, 1, short.len()), &alone);
+    eprintln!("padded batch, short prompt vs alone: worst position {at}, relative error {err:.3e}");
+    assert!(err <= 1e-5, "short prompt at {at}: {err}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Qwen2-VL
 
@@ -348,4 +401,44 @@ fn qwen2_vl_gradients_match_transformers() {
         eprintln!("qwen2-vl grad {name}: relative error {err:.3e}");
         assert!(err <= 1e-3, "{name}: gradient relative error {err}");
     }
+}
+
+/// The same for Qwen2-VL, whose position ids come from the prompt: an image-only prompt padded
+/// next to the image-and-video prompt keeps its own logits.
+#[test]
+fn qwen2_vl_right_padded_batch_gives_each_prompts_own_logits() {
+    let c = case(VL_CASE);
+    let (model, _) = vl_model(&[]);
+    let (image, video) = vl_inputs(&c);
+    let full: Vec<u32> = ids(&c["input_ids"])
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let end = full.iter().position(|&t| t == 991).unwrap(); // the image's vision_end
+    let short = full[..end + 3].to_vec();
+    let two_images = VisionInput {
+        patches: Tensor::cat(&[&image.patches, &image.patches], 0).unwrap(),
+        grids: vec![image.grids[0], image.grids[0]],
+    };
+    let logits = model
+        .forward(
+            &right_padded(&[full.clone(), short.clone()]),
+            Some(&two_images),
+            Some(&video),
+        )
+        .unwrap();
+    let alone = model
+        .forward(
+            &right_padded(std::slice::from_ref(&short)),
+            Some(&image),
+            None,
+        )
+        .unwrap();
+    let (at, err) = worst_position(&head(&logits, 0, full.len()), &c["logits"]);
+    eprintln!("padded batch, long prompt: worst position {at}, relative error {err:.3e}");
+    assert!(err <= 1e-4, "long prompt at {at}: {err}");
+    let (at, err) = worst_position(&head(&logits, 1, short.len()), &alone);
+    eprintln!("padded batch, short prompt vs alone: worst position {at}, relative error {err:.3e}");
+    assert!(err <= 1e-5, "short prompt at {at}: {err}");
 }

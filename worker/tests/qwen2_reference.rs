@@ -442,3 +442,34 @@ fn qwen2_vl_right_padded_batch_gives_each_prompts_own_logits() {
     eprintln!("padded batch, short prompt vs alone: worst position {at}, relative error {err:.3e}");
     assert!(err <= 1e-5, "short prompt at {at}: {err}");
 }
+
+/// A frozen teacher runs in bf16 on a GPU: both families load in bf16 and give f32 logits close
+/// to the reference (bf16 keeps 8 significant bits; a few layers of rounding stay well under 5%
+/// of the largest logit, while a dtype or cast bug is far outside it).
+#[test]
+fn both_families_run_in_bf16_within_bf16_precision() {
+    let c = case(AUDIO_CASE);
+    let dir = fixtures().join(AUDIO_DIR);
+    let weights = Weights::load(&dir, DType::BF16, &Device::Cpu).unwrap();
+    let model = Qwen2Audio::load(&dir, &weights).unwrap();
+    let (features, valid) = audio_inputs(&c);
+    let logits = model
+        .forward(&ids(&c["input_ids"]), &features, &valid)
+        .unwrap();
+    assert_eq!(logits.dtype(), DType::F32);
+    let err = relative(&logits, &c["logits"]);
+    eprintln!("qwen2-audio bf16 logits: relative error {err:.3e}");
+    assert!(err > 0.0 && err <= 0.05, "audio bf16: {err}");
+
+    let c = case(VL_CASE);
+    let dir = fixtures().join(VL_DIR);
+    let weights = Weights::load(&dir, DType::BF16, &Device::Cpu).unwrap();
+    let model = Qwen2Vl::load(&dir, &weights).unwrap();
+    let (image, video) = vl_inputs(&c);
+    let logits = model
+        .forward(&ids(&c["input_ids"]), Some(&image), Some(&video))
+        .unwrap();
+    let err = relative(&logits, &c["logits"]);
+    eprintln!("qwen2-vl bf16 logits: relative error {err:.3e}");
+    assert!(err > 0.0 && err <= 0.05, "vl bf16: {err}");
+}

@@ -67,6 +67,18 @@ impl LogMel {
         log_compress(mels)
     }
 
+    /// Whisper's fixed window: the clip cut or zero-padded to `window` samples, its
+    /// `[frames(window), n_mels]` log-mel, and how many frames hold the clip (the feature
+    /// extractor's attention mask, `ceil(len / hop)`), as WhisperFeatureExtractor gives them
+    /// with `padding="max_length"`. The clamp to 8 decades below the maximum sees the padding
+    /// too, as there.
+    pub fn compute_window(&self, wav: &[f32], window: usize) -> (Vec<f32>, usize) {
+        let len = wav.len().min(window);
+        let mut padded = wav[..len].to_vec();
+        padded.resize(window, 0.0);
+        (self.compute(&padded), len.div_ceil(self.hop))
+    }
+
     /// Linear mel power, `[frames, n_mels]`.
     fn mel_power(&self, wav: &[f32]) -> Vec<f32> {
         let frames = self.frames(wav.len());

@@ -12,7 +12,9 @@ pub mod features;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod nn;
 pub mod optim;
+pub mod qwen;
 pub mod saver;
 pub mod session;
 pub mod train;

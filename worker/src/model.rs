@@ -10,6 +10,8 @@
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
+
+use crate::nn::{causal_mask, conv1d_k3, LayerNorm, RmsNorm};
 use xkd_protocol::config::{Modality, ModelConfig};
 
 /// The shared vocabulary of both stand-ins: a few prompt words, the ten option letters and one
@@ -107,60 +109,9 @@ pub fn question(seed: u64, clip: u32, visit: u64, label: u32, n_classes: usize) 
     Question { options, answer }
 }
 
-/// LayerNorm from differentiable ops (candle_nn's fast path has no backward).
-#[derive(Debug, Clone)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl LayerNorm {
-    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-            bias: vb.get(dim, "bias")?,
-        })
-    }
-}
-
-impl Module for LayerNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Statistics in f32 whatever the model's dtype (a no-op for f32 models).
-        let x32 = x.to_dtype(DType::F32)?;
-        let mean = x32.mean_keepdim(D::Minus1)?;
-        let centred = x32.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-        normed
-            .to_dtype(x.dtype())?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
-    }
-}
-
-/// RMSNorm from differentiable ops.
-#[derive(Debug, Clone)]
-struct RmsNorm {
-    weight: Tensor,
-}
-
-impl RmsNorm {
-    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(dim, "weight")?,
-        })
-    }
-}
-
-impl Module for RmsNorm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x32 = x.to_dtype(DType::F32)?;
-        let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
-        x32.broadcast_div(&(ms + 1e-6)?.sqrt()?)?
-            .to_dtype(x.dtype())?
-            .broadcast_mul(&self.weight)
-    }
-}
+/// The stand-ins' norm epsilons (Whisper's LayerNorm, Qwen2's RMSNorm).
+const LN_EPS: f64 = 1e-5;
+const RMS_EPS: f64 = 1e-6;
 
 fn linear(i: usize, o: usize, vb: VarBuilder) -> Result<Linear> {
     candle_nn::linear(i, o, vb)
@@ -306,9 +257,9 @@ struct EncoderLayer {
 impl EncoderLayer {
     fn new(hidden: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            ln1: LayerNorm::new(hidden, vb.pp("ln1"))?,
+            ln1: LayerNorm::new(hidden, LN_EPS, vb.pp("ln1"))?,
             attn: Attention::new(hidden, heads, heads, false, vb.pp("attn"))?,
-            ln2: LayerNorm::new(hidden, vb.pp("ln2"))?,
+            ln2: LayerNorm::new(hidden, LN_EPS, vb.pp("ln2"))?,
             fc1: linear(hidden, 4 * hidden, vb.pp("fc1"))?,
             fc2: linear(4 * hidden, hidden, vb.pp("fc2"))?,
         })
@@ -365,28 +316,8 @@ fn conv_params(cin: usize, cout: usize, vb: VarBuilder) -> Result<(Tensor, Tenso
     Ok((vb.get((cout, cin, 3), "weight")?, vb.get(cout, "bias")?))
 }
 
-/// Kernel-3, padding-1 convolution over time on `[B, T, C]`, written as unfold + matmul.
-/// candle's own conv1d backward gave rank-to-rank and run-to-run differences in the kernel
-/// gradient at stride 2 (caught by the data-parallel equivalence test); a matmul is exact
-/// enough and deterministic.
 fn conv1d(x: &Tensor, (w, b): &(Tensor, Tensor), stride: usize) -> Result<Tensor> {
-    let (batch, t, c) = x.dims3()?;
-    let (out, _, k) = w.dims3()?;
-    let t_out = (t + 2 - k) / stride + 1;
-    // Zero-pad one step on the left, and enough on the right for the strided reads below.
-    let padded = x.pad_with_zeros(1, 1, 1 + stride)?;
-    let taps: Vec<Tensor> = (0..k)
-        .map(|j| {
-            padded
-                .narrow(1, j, stride * t_out)?
-                .reshape((batch, t_out, stride, c))?
-                .narrow(2, 0, 1)?
-                .squeeze(2)
-        })
-        .collect::<Result<_>>()?;
-    let unfolded = Tensor::cat(&taps, 2)?; // [B, T', k*C], tap-major
-    let kernel = w.permute((0, 2, 1))?.reshape((out, k * c))?;
-    unfolded.broadcast_matmul(&kernel.t()?)?.broadcast_add(b)
+    conv1d_k3(x, w, b, stride)
 }
 
 impl AudioEncoder {
@@ -396,7 +327,7 @@ impl AudioEncoder {
             conv1: conv_params(n_mels, h, vb.pp("conv1"))?,
             conv2: conv_params(h, h, vb.pp("conv2"))?,
             layers: encoder_stack(cfg, vb.pp("layers"))?,
-            ln_post: LayerNorm::new(h, vb.pp("ln_post"))?,
+            ln_post: LayerNorm::new(h, LN_EPS, vb.pp("ln_post"))?,
             projector: linear(h, cfg.lm_hidden, vb.pp("projector"))?,
             tokens: cfg.modality_tokens,
         })
@@ -446,7 +377,7 @@ impl VisualEncoder {
             patch_embed: linear_no_bias(3 * TEMPORAL_PATCH * p * p, h, vb.pp("patch_embed"))?,
             pos: vb.get((patches, h), "pos_embed")?,
             layers: encoder_stack(cfg, vb.pp("layers"))?,
-            merger_ln: LayerNorm::new(h, vb.pp("merger.ln_q"))?,
+            merger_ln: LayerNorm::new(h, LN_EPS, vb.pp("merger.ln_q"))?,
             merger_fc1: linear(4 * h, 4 * h, vb.pp("merger.mlp.0"))?,
             merger_fc2: linear(4 * h, cfg.lm_hidden, vb.pp("merger.mlp.2"))?,
             patch: p,
@@ -495,9 +426,9 @@ impl DecoderLayer {
     fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let (h, i) = (cfg.lm_hidden, cfg.lm_intermediate);
         Ok(Self {
-            input_norm: RmsNorm::new(h, vb.pp("input_layernorm"))?,
+            input_norm: RmsNorm::new(h, RMS_EPS, vb.pp("input_layernorm"))?,
             attn: Attention::new(h, cfg.lm_heads, cfg.lm_kv_heads, true, vb.pp("self_attn"))?,
-            post_norm: RmsNorm::new(h, vb.pp("post_attention_layernorm"))?,
+            post_norm: RmsNorm::new(h, RMS_EPS, vb.pp("post_attention_layernorm"))?,
             gate: linear_no_bias(h, i, vb.pp("mlp.gate_proj"))?,
             up: linear_no_bias(h, i, vb.pp("mlp.up_proj"))?,
             down: linear_no_bias(i, h, vb.pp("mlp.down_proj"))?,
@@ -536,7 +467,7 @@ impl Lm {
             layers: (0..cfg.lm_layers)
                 .map(|i| DecoderLayer::new(cfg, vb.pp(format!("model.layers.{i}"))))
                 .collect::<Result<_>>()?,
-            norm: RmsNorm::new(h, vb.pp("model.norm"))?,
+            norm: RmsNorm::new(h, RMS_EPS, vb.pp("model.norm"))?,
             head: if cfg.tie_embeddings {
                 None
             } else {
@@ -565,14 +496,6 @@ impl Lm {
             None => h.broadcast_matmul(&self.embed.t()?),
         }
     }
-}
-
-fn causal_mask(s: usize, dev: &Device) -> Result<Tensor> {
-    // A large negative rather than -inf: keeps softmax's backward free of NaN.
-    let v: Vec<f32> = (0..s * s)
-        .map(|i| if i % s > i / s { -1e9 } else { 0.0 })
-        .collect();
-    Tensor::from_vec(v, (s, s), dev)
 }
 
 #[derive(Debug, Clone)]
@@ -905,16 +828,5 @@ mod tests {
         let answers: std::collections::HashSet<usize> =
             (0..50).map(|c| question(9, c, 0, 0, 24).answer).collect();
         assert!(answers.len() > 5, "answer position must vary");
-    }
-
-    #[test]
-    fn causal_mask_hides_the_future() {
-        let m = causal_mask(3, &Device::Cpu)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        assert_eq!(m[0][1], -1e9);
-        assert_eq!(m[1][0], 0.0);
-        assert_eq!(m[2][2], 0.0);
     }
 }

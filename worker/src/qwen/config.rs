@@ -1,0 +1,374 @@
+//! The `config.json` of Hugging Face Qwen2-Audio and Qwen2-VL checkpoints.
+//!
+//! transformers writes only the keys that differ from its config classes' defaults (the
+//! published Qwen2-Audio-7B `text_config`, for one, leaves out hidden size, layer and head
+//! counts), so every key here falls back to the default of the class that would read it:
+//! `Qwen2Config` for Qwen2-Audio's text model, `Qwen2VLConfig` for Qwen2-VL (whose text keys sit
+//! at the top level), `Qwen2AudioEncoderConfig` and `Qwen2VLVisionConfig` for the towers.
+
+use serde::Deserialize;
+
+/// The decoder LM (Qwen2) of either family, resolved against its class defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub hidden_act: String,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub tie_word_embeddings: bool,
+    /// M-RoPE: how many of the `head_dim / 2` rotary frequencies follow the temporal, height
+    /// and width position ids. `None` is plain RoPE (one position id per token).
+    pub mrope_section: Option<Vec<usize>>,
+}
+
+impl TextConfig {
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Structural checks a checkpoint's config must pass before a model is built from it.
+    pub fn validate(&self) -> Result<(), String> {
+        let h = self.num_attention_heads;
+        if h == 0 || !self.hidden_size.is_multiple_of(h) {
+            return Err(format!(
+                "hidden_size {} not divisible by {h} heads",
+                self.hidden_size
+            ));
+        }
+        let kv = self.num_key_value_heads;
+        if kv == 0 || !h.is_multiple_of(kv) {
+            return Err(format!(
+                "{h} attention heads not divisible by {kv} key/value heads"
+            ));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(format!("head_dim {} is odd", self.head_dim()));
+        }
+        if let Some(sections) = &self.mrope_section {
+            let sum: usize = sections.iter().sum();
+            if sections.len() != 3 || sum != self.head_dim() / 2 {
+                return Err(format!(
+                    "mrope_section {sections:?} must be 3 numbers summing to head_dim / 2 = {}",
+                    self.head_dim() / 2
+                ));
+            }
+        }
+        if self.hidden_act != "silu" {
+            return Err(format!("hidden_act {:?}: Qwen2 uses silu", self.hidden_act));
+        }
+        Ok(())
+    }
+}
+
+/// The text keys as they appear in a config file, every one optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct RawText {
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    hidden_act: Option<String>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    tie_word_embeddings: Option<bool>,
+    rope_scaling: Option<RopeScaling>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct RopeScaling {
+    mrope_section: Option<Vec<usize>>,
+}
+
+impl RawText {
+    fn resolve(self, d: TextConfig) -> TextConfig {
+        let heads = self.num_attention_heads.unwrap_or(d.num_attention_heads);
+        TextConfig {
+            vocab_size: self.vocab_size.unwrap_or(d.vocab_size),
+            hidden_size: self.hidden_size.unwrap_or(d.hidden_size),
+            intermediate_size: self.intermediate_size.unwrap_or(d.intermediate_size),
+            num_hidden_layers: self.num_hidden_layers.unwrap_or(d.num_hidden_layers),
+            num_attention_heads: heads,
+            // Qwen2Config: a missing (null) kv head count means one per attention head.
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(heads),
+            hidden_act: self.hidden_act.unwrap_or(d.hidden_act),
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(d.rms_norm_eps),
+            rope_theta: self.rope_theta.unwrap_or(d.rope_theta),
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(d.tie_word_embeddings),
+            mrope_section: self.rope_scaling.and_then(|r| r.mrope_section),
+        }
+    }
+}
+
+/// `Qwen2Config()`'s defaults (transformers 4.51).
+fn qwen2_defaults() -> TextConfig {
+    TextConfig {
+        vocab_size: 151936,
+        hidden_size: 4096,
+        intermediate_size: 22016,
+        num_hidden_layers: 32,
+        num_attention_heads: 32,
+        num_key_value_heads: 32,
+        hidden_act: "silu".into(),
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000.0,
+        tie_word_embeddings: false,
+        mrope_section: None,
+    }
+}
+
+/// `Qwen2VLConfig()`'s text defaults (transformers 4.51).
+fn qwen2_vl_defaults() -> TextConfig {
+    TextConfig {
+        vocab_size: 152064,
+        hidden_size: 8192,
+        intermediate_size: 29568,
+        num_hidden_layers: 80,
+        num_attention_heads: 64,
+        num_key_value_heads: 8,
+        hidden_act: "silu".into(),
+        rms_norm_eps: 1e-5,
+        rope_theta: 1000000.0,
+        tie_word_embeddings: false,
+        mrope_section: None,
+    }
+}
+
+/// Qwen2-Audio's Whisper-style encoder (`Qwen2AudioEncoderConfig`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct AudioEncoderConfig {
+    pub num_mel_bins: usize,
+    pub d_model: usize,
+    pub encoder_layers: usize,
+    pub encoder_attention_heads: usize,
+    pub encoder_ffn_dim: usize,
+    pub activation_function: String,
+    pub max_source_positions: usize,
+    pub scale_embedding: bool,
+}
+
+impl Default for AudioEncoderConfig {
+    fn default() -> Self {
+        Self {
+            num_mel_bins: 128,
+            d_model: 1280,
+            encoder_layers: 32,
+            encoder_attention_heads: 20,
+            encoder_ffn_dim: 5120,
+            activation_function: "gelu".into(),
+            max_source_positions: 1500,
+            scale_embedding: false,
+        }
+    }
+}
+
+/// Qwen2-Audio (`Qwen2AudioConfig`): audio encoder, projector, Qwen2 LM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Qwen2AudioConfig {
+    pub audio: AudioEncoderConfig,
+    pub text: TextConfig,
+    pub audio_token_index: u32,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawAudio {
+    #[serde(default)]
+    audio_config: AudioEncoderConfig,
+    #[serde(default)]
+    text_config: RawText,
+    #[serde(default = "default_audio_token")]
+    audio_token_index: u32,
+}
+
+fn default_audio_token() -> u32 {
+    151646
+}
+
+impl Qwen2AudioConfig {
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let raw: RawAudio = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let cfg = Self {
+            audio: raw.audio_config,
+            text: raw.text_config.resolve(qwen2_defaults()),
+            audio_token_index: raw.audio_token_index,
+        };
+        cfg.text.validate()?;
+        let a = &cfg.audio;
+        if a.encoder_attention_heads == 0 || !a.d_model.is_multiple_of(a.encoder_attention_heads) {
+            return Err(format!(
+                "audio d_model {} not divisible by {} heads",
+                a.d_model, a.encoder_attention_heads
+            ));
+        }
+        if a.scale_embedding {
+            return Err(
+                "audio scale_embedding = true is not supported (Qwen2-Audio has false)".into(),
+            );
+        }
+        Ok(cfg)
+    }
+}
+
+/// Qwen2-VL's vision transformer (`Qwen2VLVisionConfig`). `hidden_size` is the merger's output,
+/// the LM's width; `embed_dim` the ViT's own. The original checkpoints spell two keys
+/// `in_chans` and `spatial_patch_size`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct VisionConfig {
+    pub depth: usize,
+    pub embed_dim: usize,
+    pub hidden_size: usize,
+    pub hidden_act: String,
+    pub mlp_ratio: f64,
+    pub num_heads: usize,
+    #[serde(alias = "in_chans")]
+    pub in_channels: usize,
+    #[serde(alias = "spatial_patch_size")]
+    pub patch_size: usize,
+    pub spatial_merge_size: usize,
+    pub temporal_patch_size: usize,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        Self {
+            depth: 32,
+            embed_dim: 1280,
+            hidden_size: 3584,
+            hidden_act: "quick_gelu".into(),
+            mlp_ratio: 4.0,
+            num_heads: 16,
+            in_channels: 3,
+            patch_size: 14,
+            spatial_merge_size: 2,
+            temporal_patch_size: 2,
+        }
+    }
+}
+
+impl VisionConfig {
+    pub fn head_dim(&self) -> usize {
+        self.embed_dim / self.num_heads
+    }
+
+    /// Length of one flattened patch: channels x temporal patch x patch x patch.
+    pub fn patch_len(&self) -> usize {
+        self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
+}
+
+/// Qwen2-VL (`Qwen2VLConfig`): the text keys at the top level, the ViT under `vision_config`,
+/// and the special token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Qwen2VlConfig {
+    pub text: TextConfig,
+    pub vision: VisionConfig,
+    pub image_token_id: u32,
+    pub video_token_id: u32,
+    pub vision_start_token_id: u32,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawVl {
+    #[serde(flatten)]
+    text: RawText,
+    #[serde(default)]
+    vision_config: VisionConfig,
+    #[serde(default = "default_image_token")]
+    image_token_id: u32,
+    #[serde(default = "default_video_token")]
+    video_token_id: u32,
+    #[serde(default = "default_vision_start")]
+    vision_start_token_id: u32,
+}
+
+fn default_image_token() -> u32 {
+    151655
+}
+fn default_video_token() -> u32 {
+    151656
+}
+fn default_vision_start() -> u32 {
+    151652
+}
+
+impl Qwen2VlConfig {
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let raw: RawVl = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let cfg = Self {
+            text: raw.text.resolve(qwen2_vl_defaults()),
+            vision: raw.vision_config,
+            image_token_id: raw.image_token_id,
+            video_token_id: raw.video_token_id,
+            vision_start_token_id: raw.vision_start_token_id,
+        };
+        cfg.text.validate()?;
+        if cfg.text.mrope_section.is_none() {
+            return Err("Qwen2-VL config has no rope_scaling.mrope_section".into());
+        }
+        let v = &cfg.vision;
+        if v.num_heads == 0 || !v.embed_dim.is_multiple_of(v.num_heads) {
+            return Err(format!(
+                "vision embed_dim {} not divisible by {} heads",
+                v.embed_dim, v.num_heads
+            ));
+        }
+        if !v.head_dim().is_multiple_of(4) {
+            return Err(format!(
+                "vision head_dim {} must be a multiple of 4 (2-D rotary)",
+                v.head_dim()
+            ));
+        }
+        if v.hidden_size != cfg.text.hidden_size {
+            return Err(format!(
+                "vision hidden_size {} differs from the LM's {}",
+                v.hidden_size, cfg.text.hidden_size
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The published Qwen2-Audio-7B config leaves the text model's sizes to Qwen2Config's
+    /// defaults; they must come out as the 7B model's.
+    #[test]
+    fn missing_keys_take_the_class_defaults() {
+        let json = r#"{"audio_config": {"model_type": "qwen2_audio_encoder"},
+            "text_config": {"intermediate_size": 11008, "rms_norm_eps": 1e-05,
+                            "vocab_size": 156032, "model_type": "qwen2"}}"#;
+        let cfg = Qwen2AudioConfig::from_json(json).unwrap();
+        assert_eq!(cfg.text.hidden_size, 4096);
+        assert_eq!(cfg.text.num_key_value_heads, 32);
+        assert_eq!(cfg.text.rope_theta, 10000.0);
+        assert_eq!(cfg.text.vocab_size, 156032);
+        assert_eq!(cfg.audio.d_model, 1280);
+        assert_eq!(cfg.audio_token_index, 151646);
+        assert_eq!(cfg.text.mrope_section, None);
+    }
+
+    #[test]
+    fn qwen2_vl_reads_the_original_spelling_and_rejects_bad_sections() {
+        let json = r#"{"hidden_size": 1536, "num_attention_heads": 12, "num_key_value_heads": 2,
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+            "vision_config": {"in_chans": 3, "spatial_patch_size": 14, "hidden_size": 1536}}"#;
+        let cfg = Qwen2VlConfig::from_json(json).unwrap();
+        assert_eq!(cfg.text.mrope_section, Some(vec![16, 24, 24]));
+        assert_eq!(cfg.vision.patch_len(), 3 * 2 * 14 * 14);
+        assert_eq!(cfg.image_token_id, 151655);
+        let bad = json.replace("[16, 24, 24]", "[16, 24, 16]");
+        assert!(Qwen2VlConfig::from_json(&bad)
+            .unwrap_err()
+            .contains("mrope_section"));
+    }
+}

@@ -1,0 +1,18 @@
+//! The real model families, Qwen2-Audio and Qwen2-VL, loaded from Hugging Face model
+//! directories under the checkpoints' own parameter names, and built only from differentiable
+//! candle ops (`crate::nn`), so any parameter can be trained.
+//!
+//! Checked number for number against transformers by `worker/tests/qwen2_reference.rs`, on the
+//! tiny random checkpoints and inputs that `tests/reference/make_qwen2_fixtures.py` writes.
+
+pub mod audio;
+pub mod config;
+pub mod decoder;
+pub mod resize;
+pub mod vision;
+pub mod weights;
+
+pub use audio::Qwen2Audio;
+pub use config::{Qwen2AudioConfig, Qwen2VlConfig, TextConfig};
+pub use vision::{ImageProcessor, Qwen2Vl, VisionInput};
+pub use weights::{LoadError, Weights};

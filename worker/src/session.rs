@@ -1,5 +1,6 @@
-//! A worker process from join to shutdown: join the coordinator, open the gradient ring with
-//! the peers it names, then run each task it orders and report back.
+//! A worker process from join to shutdown: join the coordinator, form the gradient collective
+//! its assignment names (the TCP ring with the peers it lists, or NCCL from rank 0's unique
+//! id), then run each task it orders and report back.
 
 use crate::client::{self, LinkSender};
 use crate::collective::{Collective, RingListener};

@@ -15,11 +15,14 @@ use candle_nn::{Linear, VarBuilder};
 
 use super::config::{AudioEncoderConfig, Qwen2AudioConfig};
 use super::decoder::{scatter_placeholders, sequential_positions, Decoder};
+use super::lora::{LoraAdapters, LoraConfig, LoraTarget};
 use super::weights::{read_config, LoadError, Weights};
 use crate::nn::{activation, conv1d_k3, softmax, LayerNorm};
 
 /// Whisper's LayerNorm epsilon (PyTorch's default).
 const LN_EPS: f64 = 1e-5;
+/// Where the language model sits in the checkpoint (and in PEFT's module paths).
+const LM_PREFIX: &str = "language_model.";
 
 /// Encoder frames and LM tokens of a clip with `mel_frames` valid log-mel frames (transformers'
 /// `_get_feat_extract_output_lengths`): the stride-2 conv, then the pool by 2.
@@ -229,7 +232,7 @@ impl Qwen2Audio {
                 config.text.hidden_size,
                 vb.pp("multi_modal_projector.linear"),
             )?,
-            lm: Decoder::new(&config.text, vb.pp("language_model"))?,
+            lm: Decoder::new(&config.text, vb.pp(LM_PREFIX.trim_end_matches('.')))?,
             config,
         })
     }
@@ -243,6 +246,30 @@ impl Qwen2Audio {
     /// Builds the model from a directory's config and weights.
     pub fn load(dir: &Path, weights: &Weights) -> std::result::Result<Self, LoadError> {
         Ok(Self::new(Self::read_config(dir)?, weights.var_builder())?)
+    }
+
+    /// The language model's projections `lora` targets (audio tower excluded).
+    pub fn lora_targets(&mut self, lora: &LoraConfig) -> Result<Vec<LoraTarget>> {
+        self.lm.lora_targets(lora, LM_PREFIX)
+    }
+
+    /// Fresh adapters (`A` drawn from `seed`, `B` zero) on the projections `lora` targets.
+    pub fn init_lora(&mut self, lora: LoraConfig, seed: u64) -> Result<LoraAdapters> {
+        let targets = self.lora_targets(&lora)?;
+        let device = self.lm.device();
+        let adapters = LoraAdapters::init(lora, LM_PREFIX, &targets, seed, &device)?;
+        self.lm.attach_lora(&adapters, LM_PREFIX)?;
+        Ok(adapters)
+    }
+
+    /// Puts saved or fresh adapters on the language model.
+    pub fn attach_lora(&mut self, adapters: &LoraAdapters) -> Result<()> {
+        self.lm.attach_lora(adapters, LM_PREFIX)
+    }
+
+    /// Training mode turns LoRA dropout on.
+    pub fn set_training(&mut self, training: bool) {
+        self.lm.set_training(training);
     }
 
     pub fn encoder(&self) -> &AudioEncoder {

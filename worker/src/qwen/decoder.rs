@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::TextConfig;
+use super::lora::{LoraAdapters, LoraConfig, LoraLinear, LoraTarget};
 use crate::nn::{apply_rotary, causal_mask, softmax, RmsNorm};
 
 /// A token's position ids: (temporal, height, width). Text tokens have all three equal.
@@ -23,10 +24,10 @@ pub fn sequential_positions(b: usize, s: usize) -> Vec<Vec<Position>> {
 
 #[derive(Debug, Clone)]
 struct SelfAttention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: LoraLinear,
+    k: LoraLinear,
+    v: LoraLinear,
+    o: LoraLinear,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -37,10 +38,10 @@ impl SelfAttention {
         let (h, d) = (cfg.hidden_size, cfg.head_dim());
         let (heads, kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         Ok(Self {
-            q: candle_nn::linear(h, heads * d, vb.pp("q_proj"))?,
-            k: candle_nn::linear(h, kv * d, vb.pp("k_proj"))?,
-            v: candle_nn::linear(h, kv * d, vb.pp("v_proj"))?,
-            o: candle_nn::linear_no_bias(heads * d, h, vb.pp("o_proj"))?,
+            q: LoraLinear::new(candle_nn::linear(h, heads * d, vb.pp("q_proj"))?),
+            k: LoraLinear::new(candle_nn::linear(h, kv * d, vb.pp("k_proj"))?),
+            v: LoraLinear::new(candle_nn::linear(h, kv * d, vb.pp("v_proj"))?),
+            o: LoraLinear::new(candle_nn::linear_no_bias(heads * d, h, vb.pp("o_proj"))?),
             heads,
             kv_heads: kv,
             head_dim: d,
@@ -97,9 +98,9 @@ struct DecoderLayer {
     input_norm: RmsNorm,
     attn: SelfAttention,
     post_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: LoraLinear,
+    up: LoraLinear,
+    down: LoraLinear,
 }
 
 impl DecoderLayer {
@@ -109,10 +110,23 @@ impl DecoderLayer {
             input_norm: RmsNorm::new(h, eps, vb.pp("input_layernorm"))?,
             attn: SelfAttention::new(cfg, vb.pp("self_attn"))?,
             post_norm: RmsNorm::new(h, eps, vb.pp("post_attention_layernorm"))?,
-            gate: candle_nn::linear_no_bias(h, i, vb.pp("mlp.gate_proj"))?,
-            up: candle_nn::linear_no_bias(h, i, vb.pp("mlp.up_proj"))?,
-            down: candle_nn::linear_no_bias(i, h, vb.pp("mlp.down_proj"))?,
+            gate: LoraLinear::new(candle_nn::linear_no_bias(h, i, vb.pp("mlp.gate_proj"))?),
+            up: LoraLinear::new(candle_nn::linear_no_bias(h, i, vb.pp("mlp.up_proj"))?),
+            down: LoraLinear::new(candle_nn::linear_no_bias(i, h, vb.pp("mlp.down_proj"))?),
         })
+    }
+
+    /// The projections by their path below the layer, in Hugging Face's names.
+    fn projections(&mut self) -> [(&'static str, &mut LoraLinear); 7] {
+        [
+            ("self_attn.q_proj", &mut self.attn.q),
+            ("self_attn.k_proj", &mut self.attn.k),
+            ("self_attn.v_proj", &mut self.attn.v),
+            ("self_attn.o_proj", &mut self.attn.o),
+            ("mlp.gate_proj", &mut self.gate),
+            ("mlp.up_proj", &mut self.up),
+            ("mlp.down_proj", &mut self.down),
+        ]
     }
 
     fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &Tensor) -> Result<Tensor> {
@@ -167,6 +181,70 @@ impl Decoder {
 
     pub fn dtype(&self) -> DType {
         self.embed.dtype()
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed.device().clone()
+    }
+
+    /// Each layer's projection, with its module path under `prefix` (the decoder's path in the
+    /// checkpoint).
+    fn projections(&mut self, prefix: &str) -> Vec<(String, &str, &mut LoraLinear)> {
+        self.layers
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(i, layer)| {
+                layer.projections().map(|(name, proj)| {
+                    let short = name.rsplit('.').next().unwrap_or(name);
+                    (format!("{prefix}model.layers.{i}.{name}"), short, proj)
+                })
+            })
+            .collect()
+    }
+
+    /// The projections `config` targets, with their module paths under `prefix`.
+    pub fn lora_targets(&mut self, config: &LoraConfig, prefix: &str) -> Result<Vec<LoraTarget>> {
+        self.projections(prefix)
+            .into_iter()
+            .filter(|(_, short, _)| config.targets(short))
+            .map(|(path, _, proj)| {
+                let (in_dim, out_dim) = proj.shape()?;
+                Ok(LoraTarget {
+                    path,
+                    in_dim,
+                    out_dim,
+                })
+            })
+            .collect()
+    }
+
+    /// Puts each adapter on its projection; an adapter whose path names no projection of
+    /// this decoder is an error, never silently dropped.
+    pub fn attach_lora(&mut self, adapters: &LoraAdapters, prefix: &str) -> Result<()> {
+        let mut attached = 0;
+        for (path, _, proj) in self.projections(prefix) {
+            if let Some(adapter) = adapters.get(&path) {
+                proj.attach(adapter.clone())?;
+                attached += 1;
+            }
+        }
+        if attached != adapters.len() {
+            let known: Vec<String> = self
+                .projections(prefix)
+                .into_iter()
+                .map(|(p, _, _)| p)
+                .collect();
+            let stray: Vec<&String> = adapters.paths().filter(|p| !known.contains(p)).collect();
+            candle_core::bail!("LoRA adapters for modules this model lacks: {stray:?}");
+        }
+        Ok(())
+    }
+
+    /// Training mode turns LoRA dropout on.
+    pub fn set_training(&mut self, training: bool) {
+        for (_, _, proj) in self.projections("") {
+            proj.set_training(training);
+        }
     }
 
     /// Token embeddings `[B, S, H]` of ids `[B, S]`.

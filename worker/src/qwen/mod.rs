@@ -8,11 +8,13 @@
 pub mod audio;
 pub mod config;
 pub mod decoder;
+pub mod lora;
 pub mod resize;
 pub mod vision;
 pub mod weights;
 
 pub use audio::Qwen2Audio;
 pub use config::{Qwen2AudioConfig, Qwen2VlConfig, TextConfig};
+pub use lora::{LoraAdapters, LoraConfig, LoraTarget};
 pub use vision::{ImageProcessor, Qwen2Vl, VisionInput};
 pub use weights::{LoadError, Weights};

@@ -10,6 +10,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use super::config::{Qwen2VlConfig, VisionConfig};
 use super::decoder::{inverse_frequencies, scatter_placeholders, Decoder, Position};
+use super::lora::{LoraAdapters, LoraConfig, LoraTarget};
 use super::resize::resize_bicubic;
 use super::weights::{read_config, LoadError, Weights};
 use crate::nn::{activation, apply_rotary, softmax, LayerNorm};
@@ -396,6 +397,30 @@ impl Qwen2Vl {
 
     pub fn load(dir: &Path, weights: &Weights) -> std::result::Result<Self, LoadError> {
         Ok(Self::new(Self::read_config(dir)?, weights.var_builder())?)
+    }
+
+    /// The language model's projections `lora` targets (vision tower excluded).
+    pub fn lora_targets(&mut self, lora: &LoraConfig) -> Result<Vec<LoraTarget>> {
+        self.lm.lora_targets(lora, "")
+    }
+
+    /// Fresh adapters (`A` drawn from `seed`, `B` zero) on the projections `lora` targets.
+    pub fn init_lora(&mut self, lora: LoraConfig, seed: u64) -> Result<LoraAdapters> {
+        let targets = self.lora_targets(&lora)?;
+        let device = self.lm.device();
+        let adapters = LoraAdapters::init(lora, "", &targets, seed, &device)?;
+        self.lm.attach_lora(&adapters, "")?;
+        Ok(adapters)
+    }
+
+    /// Puts saved or fresh adapters on the language model.
+    pub fn attach_lora(&mut self, adapters: &LoraAdapters) -> Result<()> {
+        self.lm.attach_lora(adapters, "")
+    }
+
+    /// Training mode turns LoRA dropout on.
+    pub fn set_training(&mut self, training: bool) {
+        self.lm.set_training(training);
     }
 
     pub fn visual(&self) -> &VisionTower {

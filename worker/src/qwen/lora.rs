@@ -1,0 +1,537 @@
+//! LoRA adapters on the Qwen2 decoder's projections, saved and loaded in PEFT's format.
+//!
+//! A targeted projection computes `W x + b + (alpha / r) * B A dropout(x)`. The base `W`, `b`
+//! stay plain tensors (frozen, in the model's dtype, bf16 on a GPU); `A` `[r, in]` and `B`
+//! `[out, r]` are f32 `Var`s, and the adapter path runs in f32 whatever the base dtype, so
+//! small updates are not rounded away. `A` starts as PEFT's default (kaiming-uniform with
+//! `a = sqrt(5)`, i.e. uniform in `±1 / sqrt(in)`) and `B` at zero, so a fresh adapter leaves
+//! the model's output unchanged.
+//!
+//! On disk: `adapter_model.safetensors` with PEFT's names,
+//! `base_model.model.<module path>.lora_{A,B}.weight` (the module path as in the Hugging Face
+//! checkpoint: `language_model.model.layers.0.self_attn.q_proj` for Qwen2-Audio,
+//! `model.layers.0.self_attn.q_proj` for Qwen2-VL), and `adapter_config.json`, whose
+//! `target_modules` is a regex PEFT full-matches against module paths, so only the language
+//! model's projections take adapters (the audio tower has `q_proj` too).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Result, Tensor, Var};
+use candle_nn::Linear;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::weights::LoadError;
+
+/// The decoder projections LoRA can target, by their Hugging Face names.
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const CONFIG_FILE: &str = "adapter_config.json";
+const KEY_PREFIX: &str = "base_model.model.";
+
+/// Which projections take adapters, and their shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank `r` of `B A`.
+    pub r: usize,
+    /// The update is scaled by `alpha / r`.
+    pub alpha: f64,
+    /// Dropout on the adapter's input, in training mode only.
+    #[serde(default)]
+    pub dropout: f32,
+    /// Projection names out of `PROJECTIONS`, e.g. `["q_proj", "v_proj"]`.
+    pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.r == 0 {
+            return Err("LoRA rank r must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("LoRA dropout {} is not in [0, 1)", self.dropout));
+        }
+        if self.target_modules.is_empty() {
+            return Err("LoRA target_modules is empty".into());
+        }
+        match self
+            .target_modules
+            .iter()
+            .find(|m| !PROJECTIONS.contains(&m.as_str()))
+        {
+            Some(m) => Err(format!("LoRA target {m:?} is none of {PROJECTIONS:?}")),
+            None => Ok(()),
+        }
+    }
+
+    pub fn targets(&self, projection: &str) -> bool {
+        self.target_modules.iter().any(|m| m == projection)
+    }
+
+    /// PEFT's `target_modules`: a regex full-matched against module paths, limited to the
+    /// decoder layers under `prefix` (the language model's path in the checkpoint).
+    fn peft_pattern(&self, prefix: &str) -> String {
+        let alternatives: Vec<&str> = PROJECTIONS
+            .iter()
+            .copied()
+            .filter(|p| self.targets(p))
+            .collect();
+        format!(
+            r"{}model\.layers\.\d+\.(self_attn|mlp)\.({})",
+            prefix.replace('.', r"\."),
+            alternatives.join("|")
+        )
+    }
+}
+
+/// One projection's adapter: `A` `[r, in]`, `B` `[out, r]`.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    a: Var,
+    b: Var,
+    scale: f64,
+    dropout: f32,
+}
+
+impl LoraAdapter {
+    pub fn a(&self) -> &Var {
+        &self.a
+    }
+
+    pub fn b(&self) -> &Var {
+        &self.b
+    }
+
+    /// `scale * B A dropout(x)` in f32, for `x` `[..., in]` of any dtype.
+    fn delta(&self, x: &Tensor, training: bool) -> Result<Tensor> {
+        let mut x = x.to_dtype(DType::F32)?;
+        if training && self.dropout > 0.0 {
+            x = candle_nn::ops::dropout(&x, self.dropout)?;
+        }
+        let h = x.broadcast_matmul(&self.a.as_tensor().t()?)?;
+        h.broadcast_matmul(&self.b.as_tensor().t()?)? * self.scale
+    }
+}
+
+/// A linear layer whose frozen base may carry a LoRA adapter.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    base: Linear,
+    adapter: Option<LoraAdapter>,
+    training: bool,
+}
+
+impl LoraLinear {
+    pub fn new(base: Linear) -> Self {
+        Self {
+            base,
+            adapter: None,
+            training: false,
+        }
+    }
+
+    /// `(in, out)` of the base weight.
+    pub fn shape(&self) -> Result<(usize, usize)> {
+        let (out, inp) = self.base.weight().dims2()?;
+        Ok((inp, out))
+    }
+
+    pub fn attach(&mut self, adapter: LoraAdapter) -> Result<()> {
+        let (inp, out) = self.shape()?;
+        let (a, b) = (adapter.a.dims(), adapter.b.dims());
+        if a.len() != 2 || b.len() != 2 || a[1] != inp || b[0] != out || a[0] != b[1] {
+            candle_core::bail!("LoRA A {a:?} and B {b:?} do not fit a {inp} -> {out} projection");
+        }
+        self.adapter = Some(adapter);
+        Ok(())
+    }
+
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+}
+
+impl Module for LoraLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        match &self.adapter {
+            None => Ok(y),
+            Some(adapter) => {
+                let delta = adapter.delta(x, self.training)?.to_dtype(y.dtype())?;
+                y + delta
+            }
+        }
+    }
+}
+
+/// A target projection of a model: its module path in the checkpoint and `(in, out)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraTarget {
+    pub path: String,
+    pub in_dim: usize,
+    pub out_dim: usize,
+}
+
+/// The adapters of one model, by module path.
+#[derive(Debug, Clone)]
+pub struct LoraAdapters {
+    pub config: LoraConfig,
+    /// The language model's path in the checkpoint (`language_model.` or empty).
+    prefix: String,
+    modules: BTreeMap<String, LoraAdapter>,
+}
+
+impl LoraAdapters {
+    /// Fresh adapters for `targets`: `A` from PEFT's default init, drawn from `seed` in the
+    /// order of the module paths, `B` zero.
+    pub fn init(
+        config: LoraConfig,
+        prefix: &str,
+        targets: &[LoraTarget],
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate().map_err(candle_core::Error::msg)?;
+        let mut sorted: Vec<&LoraTarget> = targets.iter().collect();
+        sorted.sort_by(|x, y| x.path.cmp(&y.path));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut modules = BTreeMap::new();
+        for t in sorted {
+            let bound = 1.0 / (t.in_dim as f32).sqrt();
+            let a: Vec<f32> = (0..config.r * t.in_dim)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            let a = Tensor::from_vec(a, (config.r, t.in_dim), device)?;
+            let b = Tensor::zeros((t.out_dim, config.r), DType::F32, device)?;
+            modules.insert(t.path.clone(), adapter(&config, a, b)?);
+        }
+        Ok(Self {
+            config,
+            prefix: prefix.into(),
+            modules,
+        })
+    }
+
+    pub fn get(&self, path: &str) -> Option<&LoraAdapter> {
+        self.modules.get(path)
+    }
+
+    pub fn len(&self) -> usize {
+        self.modules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty()
+    }
+
+    pub fn paths(&self) -> impl Iterator<Item = &String> {
+        self.modules.keys()
+    }
+
+    /// Every `A` and `B`, in module path order: what an optimiser trains.
+    pub fn vars(&self) -> Vec<Var> {
+        self.modules
+            .values()
+            .flat_map(|m| [m.a.clone(), m.b.clone()])
+            .collect()
+    }
+
+    /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir`, which PEFT's
+    /// `PeftModel.from_pretrained` loads onto `base_model` (a name or directory).
+    pub fn save(&self, dir: &Path, base_model: &str) -> std::result::Result<(), LoadError> {
+        std::fs::create_dir_all(dir).map_err(|source| LoadError::Io {
+            path: dir.into(),
+            source,
+        })?;
+        let mut tensors = std::collections::HashMap::new();
+        for (path, m) in &self.modules {
+            tensors.insert(peft_key(path, "A"), m.a.as_tensor().clone());
+            tensors.insert(peft_key(path, "B"), m.b.as_tensor().clone());
+        }
+        let file = dir.join(WEIGHTS_FILE);
+        candle_core::safetensors::save(&tensors, &file)
+            .map_err(|source| LoadError::Candle { path: file, source })?;
+        let json = serde_json::to_string_pretty(&self.peft_config(base_model))
+            .expect("a JSON value serialises");
+        let file = dir.join(CONFIG_FILE);
+        std::fs::write(&file, json).map_err(|source| LoadError::Io { path: file, source })
+    }
+
+    fn peft_config(&self, base_model: &str) -> serde_json::Value {
+        serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": null,
+            "base_model_name_or_path": base_model,
+            "r": self.config.r,
+            "lora_alpha": self.config.alpha,
+            "lora_dropout": self.config.dropout,
+            "target_modules": self.config.peft_pattern(&self.prefix),
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "use_rslora": false,
+            "use_dora": false,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+        })
+    }
+
+    /// Reads adapters that `save` wrote (or PEFT saved for the same targets) from `dir`.
+    pub fn load(dir: &Path, device: &Device) -> std::result::Result<Self, LoadError> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| LoadError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let raw: RawPeftConfig = serde_json::from_str(&text).map_err(|e| config_error(&path, e))?;
+        if raw.peft_type != "LORA" || raw.use_rslora || raw.use_dora {
+            return Err(config_error(
+                &path,
+                "only plain LoRA (no rsLoRA, no DoRA) loads",
+            ));
+        }
+        let file = dir.join(WEIGHTS_FILE);
+        let tensors =
+            candle_core::safetensors::load(&file, device).map_err(|source| LoadError::Candle {
+                path: file.clone(),
+                source,
+            })?;
+        let pairs = pair_tensors(&file, tensors)?;
+        let mut targets: Vec<String> = Vec::new();
+        for path in pairs.keys() {
+            let projection = path.rsplit('.').next().unwrap_or_default().to_string();
+            if !targets.contains(&projection) {
+                targets.push(projection);
+            }
+        }
+        targets.sort_by_key(|t| PROJECTIONS.iter().position(|p| p == t));
+        let config = LoraConfig {
+            r: raw.r,
+            alpha: raw.lora_alpha,
+            dropout: raw.lora_dropout,
+            target_modules: targets,
+        };
+        config.validate().map_err(|m| config_error(&path, m))?;
+        let prefix = pairs
+            .keys()
+            .next()
+            .and_then(|p| p.split_once("model.layers."))
+            .map(|(prefix, _)| prefix.to_string())
+            .unwrap_or_default();
+        let mut modules = BTreeMap::new();
+        for (module, (a, b)) in pairs {
+            if a.dim(0)? != config.r {
+                return Err(config_error(
+                    &file,
+                    format!("{module}: A is {:?}", a.dims()),
+                ));
+            }
+            modules.insert(module, adapter(&config, a, b)?);
+        }
+        Ok(Self {
+            config,
+            prefix,
+            modules,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawPeftConfig {
+    peft_type: String,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    lora_dropout: f32,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+}
+
+fn config_error(path: &Path, message: impl ToString) -> LoadError {
+    LoadError::Config {
+        path: path.into(),
+        message: message.to_string(),
+    }
+}
+
+fn adapter(config: &LoraConfig, a: Tensor, b: Tensor) -> Result<LoraAdapter> {
+    Ok(LoraAdapter {
+        a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
+        b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
+        scale: config.scale(),
+        dropout: config.dropout,
+    })
+}
+
+fn peft_key(path: &str, which: &str) -> String {
+    format!("{KEY_PREFIX}{path}.lora_{which}.weight")
+}
+
+/// Groups `base_model.model.<path>.lora_{A,B}.weight` into `(A, B)` by module path.
+fn pair_tensors(
+    file: &Path,
+    tensors: std::collections::HashMap<String, Tensor>,
+) -> std::result::Result<BTreeMap<String, (Tensor, Tensor)>, LoadError> {
+    let mut a = BTreeMap::new();
+    let mut b = BTreeMap::new();
+    for (name, t) in tensors {
+        let rest = name.strip_prefix(KEY_PREFIX);
+        if let Some(path) = rest.and_then(|r| r.strip_suffix(".lora_A.weight")) {
+            a.insert(path.to_string(), t);
+        } else if let Some(path) = rest.and_then(|r| r.strip_suffix(".lora_B.weight")) {
+            b.insert(path.to_string(), t);
+        } else {
+            return Err(config_error(file, format!("{name} is no LoRA A or B")));
+        }
+    }
+    let mut pairs = BTreeMap::new();
+    for (path, ta) in a {
+        let tb = b
+            .remove(&path)
+            .ok_or_else(|| config_error(file, format!("{path} has lora_A but no lora_B")))?;
+        pairs.insert(path, (ta, tb));
+    }
+    if let Some(path) = b.keys().next() {
+        return Err(config_error(
+            file,
+            format!("{path} has lora_B but no lora_A"),
+        ));
+    }
+    Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dropout: f32) -> LoraConfig {
+        LoraConfig {
+            r: 2,
+            alpha: 6.0,
+            dropout,
+            target_modules: vec!["q_proj".into()],
+        }
+    }
+
+    fn target() -> LoraTarget {
+        LoraTarget {
+            path: "model.layers.0.self_attn.q_proj".into(),
+            in_dim: 16,
+            out_dim: 3,
+        }
+    }
+
+    #[test]
+    fn config_reads_from_json_and_rejects_bad_values() {
+        let c: LoraConfig = serde_json::from_str(
+            r#"{"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.scale(), 2.0);
+        assert!(c.validate().is_ok());
+        assert!(LoraConfig { r: 0, ..c.clone() }.validate().is_err());
+        assert!(LoraConfig {
+            dropout: 1.0,
+            ..c.clone()
+        }
+        .validate()
+        .is_err());
+        let fc1 = LoraConfig {
+            target_modules: vec!["fc1".into()],
+            ..c
+        };
+        assert!(fc1.validate().is_err());
+        assert_eq!(
+            config(0.0).peft_pattern("language_model."),
+            r"language_model\.model\.layers\.\d+\.(self_attn|mlp)\.(q_proj)"
+        );
+    }
+
+    #[test]
+    fn a_starts_uniform_within_one_over_root_fan_in_and_b_at_zero() {
+        let dev = Device::Cpu;
+        let x = LoraAdapters::init(config(0.0), "", &[target()], 9, &dev).unwrap();
+        let y = LoraAdapters::init(config(0.0), "", &[target()], 9, &dev).unwrap();
+        let m = x.get(&target().path).unwrap();
+        let a: Vec<f32> = m.a().as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(m.a().dims(), [2, 16]);
+        assert!(a.iter().all(|v| v.abs() < 0.25), "bound 1/sqrt(16)");
+        assert!(a.iter().any(|v| v.abs() > 0.1), "spread over the range");
+        let again: Vec<f32> = y
+            .get(&target().path)
+            .unwrap()
+            .a()
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, again, "same seed, same A");
+        let b: Vec<f32> = m.b().as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(m.b().dims(), [3, 2]);
+        assert!(b.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn the_update_is_scaled_and_dropout_acts_in_training_only() {
+        let dev = Device::Cpu;
+        let adapters = LoraAdapters::init(config(0.5), "", &[target()], 9, &dev).unwrap();
+        let m = adapters.get(&target().path).unwrap();
+        m.b()
+            .set(&Tensor::ones((3, 2), DType::F32, &dev).unwrap())
+            .unwrap();
+        let base = Linear::new(Tensor::zeros((3, 16), DType::F32, &dev).unwrap(), None);
+        let mut proj = LoraLinear::new(base);
+        proj.attach(m.clone()).unwrap();
+        let x = Tensor::ones((1, 16), DType::F32, &dev).unwrap();
+        // Eval: 3 * B A x, every output equal to 3 * sum(A).
+        let want = (m.a().as_tensor().sum_all().unwrap() * 3.0).unwrap();
+        let got = proj.forward(&x).unwrap();
+        let want = want.to_scalar::<f32>().unwrap();
+        for v in got.flatten_all().unwrap().to_vec1::<f32>().unwrap() {
+            assert!((v - want).abs() < 1e-5, "{v} vs {want}");
+        }
+        assert_eq!(
+            proj.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
+            got.to_vec2::<f32>().unwrap()
+        );
+        proj.set_training(true);
+        let dropped = proj.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_ne!(
+            dropped,
+            got.to_vec2::<f32>().unwrap(),
+            "dropout in training"
+        );
+        let bad = LoraAdapters::init(
+            config(0.0),
+            "",
+            &[LoraTarget {
+                in_dim: 8,
+                ..target()
+            }],
+            9,
+            &dev,
+        )
+        .unwrap();
+        assert!(proj
+            .attach(bad.get(&target().path).unwrap().clone())
+            .is_err());
+    }
+}

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, SGD};
+use xkd_worker::qwen::lora::PROJECTIONS;
 use xkd_worker::qwen::{LoraConfig, Qwen2Audio, Qwen2Vl, VisionInput, Weights};
 
 const STEPS: usize = 3;
@@ -27,17 +28,7 @@ fn lora() -> LoraConfig {
         r: 4,
         alpha: 8.0,
         dropout: 0.0,
-        target_modules: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        target_modules: PROJECTIONS.map(String::from).to_vec(),
     }
 }
 

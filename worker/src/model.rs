@@ -11,7 +11,7 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::nn::{causal_mask, conv1d_k3, LayerNorm, RmsNorm};
+use crate::nn::{causal_mask, conv1d_k3, repeat_kv, LayerNorm, RmsNorm};
 use xkd_protocol::config::{Modality, ModelConfig};
 
 /// The shared vocabulary of both stand-ins: a few prompt words, the ten option letters and one
@@ -212,14 +212,7 @@ impl Attention {
 
     /// Repeat each KV head for the query heads that share it.
     fn expand_kv(&self, x: Tensor) -> Result<Tensor> {
-        let groups = self.heads / self.kv_heads;
-        if groups == 1 {
-            return Ok(x);
-        }
-        let (b, h, s, d) = x.dims4()?;
-        x.unsqueeze(2)?
-            .broadcast_as((b, h, groups, s, d))?
-            .reshape((b, h * groups, s, d))
+        repeat_kv(x, self.heads / self.kv_heads)
     }
 
     fn forward(&self, x: &Tensor, rope: Option<&Rope>, mask: Option<&Tensor>) -> Result<Tensor> {

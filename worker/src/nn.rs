@@ -139,6 +139,18 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         .broadcast_add(&rotate_half(x)?.broadcast_mul(sin)?)
 }
 
+/// Grouped-query attention's key/value heads `[B, H_kv, S, D]` repeated for the query heads
+/// that share them: each KV head serves `groups` consecutive query heads.
+pub fn repeat_kv(x: Tensor, groups: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(x);
+    }
+    let (b, h, s, d) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, h, groups, s, d))?
+        .reshape((b, h * groups, s, d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

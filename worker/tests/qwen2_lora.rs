@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, SGD};
+use xkd_worker::qwen::lora::PROJECTIONS;
 use xkd_worker::qwen::{LoraAdapters, LoraConfig, Qwen2Audio, Qwen2Vl, VisionInput, Weights};
 
 fn fixtures() -> PathBuf {
@@ -27,16 +28,6 @@ fn lora(targets: &[&str]) -> LoraConfig {
         target_modules: targets.iter().map(|t| t.to_string()).collect(),
     }
 }
-
-const ALL: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 fn max_abs(t: &Tensor) -> f32 {
     t.abs()
@@ -115,7 +106,7 @@ fn vl_logits(model: &Qwen2Vl, c: &HashMap<String, Tensor>) -> Tensor {
 fn a_fresh_adapter_leaves_the_logits_exactly_as_they_are() {
     let mut audio = Audio::load();
     let base = audio.logits();
-    let adapters = audio.model.init_lora(lora(&ALL), 1).unwrap();
+    let adapters = audio.model.init_lora(lora(&PROJECTIONS), 1).unwrap();
     assert_eq!(adapters.len(), 2 * 7, "two layers, seven projections");
     let diff = max_abs(&(audio.logits() - &base).unwrap());
     eprintln!("qwen2-audio, B = 0: max |lora - base| = {diff:e}");
@@ -126,7 +117,7 @@ fn a_fresh_adapter_leaves_the_logits_exactly_as_they_are() {
     let mut vl = Qwen2Vl::load(&dir, &weights).unwrap();
     let c = case("qwen2_vl_case.safetensors");
     let base = vl_logits(&vl, &c);
-    let adapters = vl.init_lora(lora(&ALL), 1).unwrap();
+    let adapters = vl.init_lora(lora(&PROJECTIONS), 1).unwrap();
     assert_eq!(adapters.len(), 2 * 7);
     let diff = max_abs(&(vl_logits(&vl, &c) - &base).unwrap());
     eprintln!("qwen2-vl, B = 0: max |lora - base| = {diff:e}");
@@ -196,7 +187,7 @@ fn the_gradient_reaches_a_and_b_and_no_base_weight() {
 fn saved_adapters_load_back_to_the_same_logits() {
     let mut audio = Audio::load();
     let base = audio.logits();
-    let adapters = audio.model.init_lora(lora(&ALL), 5).unwrap();
+    let adapters = audio.model.init_lora(lora(&PROJECTIONS), 5).unwrap();
     audio.train(&adapters);
     let trained = audio.logits();
     let moved = max_abs(&(&trained - &base).unwrap()) / max_abs(&base);

@@ -11,7 +11,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use super::config::TextConfig;
 use super::lora::{LoraAdapters, LoraConfig, LoraLinear, LoraTarget};
-use crate::nn::{apply_rotary, causal_mask, softmax, RmsNorm};
+use crate::nn::{apply_rotary, causal_mask, repeat_kv, softmax, RmsNorm};
 
 /// A token's position ids: (temporal, height, width). Text tokens have all three equal.
 pub type Position = [u32; 3];
@@ -56,18 +56,6 @@ impl SelfAttention {
             .contiguous()
     }
 
-    /// Each KV head serves `heads / kv_heads` consecutive query heads.
-    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
-        let groups = self.heads / self.kv_heads;
-        if groups == 1 {
-            return Ok(x);
-        }
-        let (b, h, s, d) = x.dims4()?;
-        x.unsqueeze(2)?
-            .broadcast_as((b, h, groups, s, d))?
-            .reshape((b, h * groups, s, d))
-    }
-
     fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: &Tensor) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (cos, sin) = rope;
@@ -81,8 +69,12 @@ impl SelfAttention {
             cos,
             sin,
         )?;
-        let k = self.repeat_kv(k)?;
-        let v = self.repeat_kv(self.heads_first(&self.v.forward(x)?, self.kv_heads)?)?;
+        let groups = self.heads / self.kv_heads;
+        let k = repeat_kv(k, groups)?;
+        let v = repeat_kv(
+            self.heads_first(&self.v.forward(x)?, self.kv_heads)?,
+            groups,
+        )?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
         let out = softmax(&scores)?.matmul(&v)?;

@@ -32,30 +32,31 @@ pub fn output_lengths(mel_frames: usize) -> (usize, usize) {
     (frames, tokens)
 }
 
-/// Expands each single `audio_token` of `prompt` into as many as its clip gives tokens.
-pub fn expand_audio_placeholders(
+/// Expands each single placeholder `token` of `prompt` (a clip's: `<|AUDIO|>`, `<|video_pad|>`)
+/// into as many as its clip gives the language model.
+pub fn expand_placeholders(
     prompt: &[u32],
-    audio_token: u32,
+    token: u32,
     tokens_per_clip: &[usize],
 ) -> Result<Vec<u32>> {
     let mut clips = tokens_per_clip.iter();
     let mut out = Vec::with_capacity(prompt.len() + tokens_per_clip.iter().sum::<usize>());
     for &id in prompt {
-        if id == audio_token {
+        if id == token {
             let Some(&n) = clips.next() else {
                 candle_core::bail!(
-                    "more audio placeholders than the {} clips",
+                    "more placeholders {token} than the {} clips",
                     tokens_per_clip.len()
                 );
             };
-            out.extend(std::iter::repeat_n(audio_token, n));
+            out.extend(std::iter::repeat_n(token, n));
         } else {
             out.push(id);
         }
     }
     if clips.next().is_some() {
         candle_core::bail!(
-            "fewer audio placeholders than the {} clips",
+            "fewer placeholders {token} than the {} clips",
             tokens_per_clip.len()
         );
     }
@@ -324,9 +325,9 @@ mod tests {
 
     #[test]
     fn placeholders_expand_per_clip() {
-        let ids = expand_audio_placeholders(&[1, 9, 2, 9, 3], 9, &[2, 3]).unwrap();
+        let ids = expand_placeholders(&[1, 9, 2, 9, 3], 9, &[2, 3]).unwrap();
         assert_eq!(ids, vec![1, 9, 9, 2, 9, 9, 9, 3]);
-        assert!(expand_audio_placeholders(&[1, 9], 9, &[2, 3]).is_err());
-        assert!(expand_audio_placeholders(&[9, 9, 9], 9, &[2, 3]).is_err());
+        assert!(expand_placeholders(&[1, 9], 9, &[2, 3]).is_err());
+        assert!(expand_placeholders(&[9, 9, 9], 9, &[2, 3]).is_err());
     }
 }

@@ -187,7 +187,12 @@ async fn stages(
     let before = d.evaluate(config, student_m, &student, eval).await?;
 
     d.stage = "distill".into();
-    let distilled = out_dir.join("student.safetensors");
+    // A stand-in student is saved whole; a Qwen2 student as its LoRA adapters, in PEFT's format.
+    let distilled = if config.model(student_m).family == "qwen2" {
+        out_dir.join("student-lora")
+    } else {
+        out_dir.join("student.safetensors")
+    };
     let (summary, final_checkpoint) = d
         .distill(config, &data, &decision, &teacher, &student, &distilled)
         .await?;
@@ -647,13 +652,22 @@ impl Driver {
     }
 
     /// The stand-in model of `modality` pretrained on its own pretraining split, from the
-    /// cache when a model of the same recipe is there.
+    /// cache when a model of the same recipe is there; a Qwen2 model's directory as given.
     async fn pretrained(
         &mut self,
         config: &Config,
         data: &DataSummary,
         modality: Modality,
     ) -> Result<String> {
+        let model = config.model(modality);
+        if model.family == "qwen2" {
+            tracing::info!(
+                model = model.dir,
+                "{} model: the given Qwen2 checkpoint",
+                modality.as_str()
+            );
+            return Ok(model.dir.clone());
+        }
         let key = section_digest(&(
             &data.dir,
             &config.data,

@@ -41,6 +41,7 @@ pub struct Config {
     pub pretrain: TrainConfig,
     pub heuristic: HeuristicConfig,
     pub distill: DistillConfig,
+    pub lora: LoraSection,
     pub checkpoint: CheckpointConfig,
     pub collective: CollectiveConfig,
     pub control: ControlConfig,
@@ -150,6 +151,13 @@ pub struct FeatureConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
+    /// `standin`: the tiny stand-in built from the keys below and pretrained by the run;
+    /// `qwen2`: the Hugging Face model directory `dir` (Qwen2-Audio for audio_model, Qwen2-VL
+    /// for visual_model), taken as pretrained; the keys below are then unused.
+    pub family: String,
+    /// The model directory of a `qwen2` model: config.json, safetensors, tokenizer.json,
+    /// preprocessor_config.json. Relative paths are taken from each process's working directory.
+    pub dir: String,
     /// Width of the modality encoder.
     pub encoder_hidden: usize,
     pub encoder_layers: usize,
@@ -262,6 +270,18 @@ impl Direction {
 }
 
 /// Checkpoints of the distillation stage.
+/// LoRA on the student's language model during distillation (`qwen2` students only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    /// Adapter rank; 0 trains every parameter of the student (stand-ins only).
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Projection names (`q_proj` ... `down_proj`) that get adapters.
+    pub target_modules: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointConfig {
@@ -586,6 +606,22 @@ impl Config {
             ("audio_model", &self.audio_model),
             ("visual_model", &self.visual_model),
         ] {
+            match m.family.as_str() {
+                "standin" => {}
+                "qwen2" if m.dir.is_empty() => {
+                    return Err(bad(
+                        &format!("{key}.dir"),
+                        "required when family = \"qwen2\"",
+                    ))
+                }
+                "qwen2" => continue,
+                _ => {
+                    return Err(bad(
+                        &format!("{key}.family"),
+                        "expected `standin` or `qwen2`",
+                    ))
+                }
+            }
             if m.encoder_hidden % m.encoder_heads != 0 || m.lm_hidden % m.lm_heads != 0 {
                 return Err(bad(
                     key,
@@ -596,7 +632,47 @@ impl Config {
                 return Err(bad(&format!("{key}.lm_kv_heads"), "must divide lm_heads"));
             }
         }
-        Ok(())
+        self.validate_qwen2()
+    }
+
+    /// What a run with a Qwen2 model needs: the KL over the option letters (the two families'
+    /// vocabularies differ), no caption distillation (a stand-in objective), and a LoRA
+    /// student exactly when the student is a Qwen2 model.
+    fn validate_qwen2(&self) -> Result<(), ConfigError> {
+        let student = self.model(self.student_modality());
+        let qwen2 = |m: &ModelConfig| m.family == "qwen2";
+        if qwen2(&self.audio_model) || qwen2(&self.visual_model) {
+            if self.distill.kl_over != "options" {
+                return Err(bad(
+                    "distill.kl_over",
+                    "must be `options` with a qwen2 model: the families' vocabularies differ",
+                ));
+            }
+            if self.distill.caption_weight != 0.0 {
+                return Err(bad(
+                    "distill.caption_weight",
+                    "must be 0 with a qwen2 model (caption distillation is the stand-ins' objective)",
+                ));
+            }
+        }
+        let student_key = match self.student_modality() {
+            Modality::Audio => "audio_model",
+            Modality::Visual => "visual_model",
+        };
+        match (qwen2(student), self.lora.r) {
+            (true, 0) => Err(bad(
+                "lora.r",
+                format!("must be at least 1: the student ({student_key}) is a qwen2 model, trained through LoRA"),
+            )),
+            (false, r) if r > 0 => Err(bad(
+                "lora.r",
+                format!("must be 0: LoRA needs a qwen2 student, and {student_key}.family is `{}`", student.family),
+            )),
+            _ if self.lora.r > 0 && self.lora.target_modules.is_empty() => {
+                Err(bad("lora.target_modules", "must name at least one projection"))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -692,5 +768,41 @@ mod tests {
         let e = Config::resolve(Some(&path), &[]).unwrap_err();
         assert!(e.to_string().contains("pretrain.steps_typo"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_qwen2_model_needs_its_dir_letter_kl_and_a_lora_student() {
+        let qwen2 = |extra: &[&str]| {
+            let mut sets: Vec<String> = [
+                "audio_model.family=\"qwen2\"",
+                "audio_model.dir=\"/models/qwen2-audio\"",
+                "distill.caption_weight=0",
+                "lora.r=8",
+            ]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
+            sets.dedup();
+            Config::resolve(None, &sets)
+        };
+        let c = qwen2(&[]).unwrap();
+        assert_eq!(c.lora.r, 8);
+        let refused = |extra: &[&str], key: &str| {
+            let e = qwen2(extra).unwrap_err().to_string();
+            assert!(e.contains(key), "{extra:?}: {e}");
+        };
+        refused(&["audio_model.dir=\"\""], "audio_model.dir");
+        refused(&["audio_model.family=\"llama\""], "audio_model.family");
+        refused(&["distill.caption_weight=1"], "distill.caption_weight");
+        refused(&["distill.kl_over=\"vocab\""], "distill.kl_over");
+        refused(&["lora.r=0"], "lora.r");
+        refused(&["lora.target_modules=[]"], "lora.target_modules");
+        // LoRA needs a qwen2 student: the audio_to_visual student here is a stand-in.
+        refused(&["distill.direction=\"audio_to_visual\""], "lora.r");
+        let e = Config::resolve(None, &["lora.r=4".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lora.r") && e.contains("standin"), "{e}");
     }
 }

@@ -5,6 +5,12 @@
 //! `sum(logits * loss_weights)` from PEFT's initialisation, so `B` and then `A` move.
 //!
 //!     cargo run --release -p xkd-worker --example lora_peft_fixture -- audio /tmp/lora-audio
+//!
+//! With a third argument, the adapter is not trained here but read from that directory (the
+//! `student-lora/` an `xkd run` with a Qwen2 student writes), and written out again with the
+//! logits it gives on the fixture inputs:
+//!
+//!     cargo run --release -p xkd-worker --example lora_peft_fixture -- audio /tmp/check runs/x/student-lora
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, SGD};
 use xkd_worker::qwen::lora::PROJECTIONS;
-use xkd_worker::qwen::{LoraConfig, Qwen2Audio, Qwen2Vl, VisionInput, Weights};
+use xkd_worker::qwen::{LoraAdapters, LoraConfig, Qwen2Audio, Qwen2Vl, VisionInput, Weights};
 
 const STEPS: usize = 3;
 const LEARNING_RATE: f64 = 0.05;
@@ -89,21 +95,37 @@ impl Model {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, family, out] = args.as_slice() else {
-        bail!("usage: lora_peft_fixture <audio|vl> <out dir>");
+    let (family, out, from) = match args.as_slice() {
+        [_, family, out] => (family, out, None),
+        [_, family, out, from] => (family, out, Some(Path::new(from))),
+        _ => bail!("usage: lora_peft_fixture <audio|vl> <out dir> [adapter dir]"),
     };
     let (mut model, dir, case) = Model::load(family)?;
     let base = model.logits(&case)?;
-    let adapters = match &mut model {
-        Model::Audio(m) => m.init_lora(lora(), SEED)?,
-        Model::Vl(m) => m.init_lora(lora(), SEED)?,
+    let adapters = match from {
+        Some(from) => {
+            let adapters = LoraAdapters::load(from, &Device::Cpu)
+                .with_context(|| format!("loading the adapter in {}", from.display()))?;
+            match &mut model {
+                Model::Audio(m) => m.attach_lora(&adapters)?,
+                Model::Vl(m) => m.attach_lora(&adapters)?,
+            }
+            adapters
+        }
+        None => {
+            let adapters = match &mut model {
+                Model::Audio(m) => m.init_lora(lora(), SEED)?,
+                Model::Vl(m) => m.init_lora(lora(), SEED)?,
+            };
+            let mut sgd = SGD::new(adapters.vars(), LEARNING_RATE)?;
+            for step in 0..STEPS {
+                let loss = (model.logits(&case)? * &case["loss_weights"])?.sum_all()?;
+                eprintln!("step {step}: loss {:.6}", loss.to_scalar::<f32>()?);
+                sgd.backward_step(&loss)?;
+            }
+            adapters
+        }
     };
-    let mut sgd = SGD::new(adapters.vars(), LEARNING_RATE)?;
-    for step in 0..STEPS {
-        let loss = (model.logits(&case)? * &case["loss_weights"])?.sum_all()?;
-        eprintln!("step {step}: loss {:.6}", loss.to_scalar::<f32>()?);
-        sgd.backward_step(&loss)?;
-    }
     let logits = model.logits(&case)?;
     let moved = ((&logits - &base)?.abs()?.max_all()?.to_scalar::<f32>()?)
         / base.abs()?.max_all()?.to_scalar::<f32>()?;

@@ -1182,7 +1182,19 @@ pub fn load_audio(path: &Path) -> anyhow::Result<Vec<f32>> {
 /// `[T, 3, H, W]` floats normalised with CLIP's per-channel mean and std. Every frame must have
 /// the same size; grey and alpha images are converted to RGB.
 pub fn load_frames(paths: &[PathBuf]) -> anyhow::Result<Vec<f32>> {
-    let mut out = Vec::new();
+    let (h, w, frames) = load_frames_rgb(paths)?;
+    let mut out = Vec::with_capacity(frames.len() * 3 * h * w);
+    for rgb in &frames {
+        push_normalised_chw(&mut out, w, h, rgb);
+    }
+    Ok(out)
+}
+
+/// (height, width, one `[H, W, 3]` byte buffer per frame): the frames as decoded, for a model
+/// whose own processor resizes and normalises them (Qwen2-VL). Every frame must have the same
+/// size; grey and alpha images are converted to RGB.
+pub fn load_frames_rgb(paths: &[PathBuf]) -> anyhow::Result<(usize, usize, Vec<Vec<u8>>)> {
+    let mut out = Vec::with_capacity(paths.len());
     let mut size: Option<(usize, usize)> = None;
     for path in paths {
         let (w, h, rgb) = read_png_rgb(path)?;
@@ -1196,9 +1208,10 @@ pub fn load_frames(paths: &[PathBuf]) -> anyhow::Result<Vec<f32>> {
             ),
             Some(_) => {}
         }
-        push_normalised_chw(&mut out, w, h, &rgb);
+        out.push(rgb);
     }
-    Ok(out)
+    let (w, h) = size.unwrap_or((0, 0));
+    Ok((h, w, out))
 }
 
 fn push_normalised_chw(out: &mut Vec<f32>, w: usize, h: usize, rgb: &[u8]) {

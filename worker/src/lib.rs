@@ -12,6 +12,7 @@ pub mod features;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+pub mod net;
 pub mod nn;
 pub mod optim;
 pub mod qwen;

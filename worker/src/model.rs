@@ -671,6 +671,8 @@ mod tests {
 
     fn tiny() -> ModelConfig {
         ModelConfig {
+            family: "standin".into(),
+            dir: String::new(),
             encoder_hidden: 16,
             encoder_layers: 1,
             encoder_heads: 2,

@@ -10,7 +10,9 @@ use crate::collective::Collective;
 use crate::data::{self, Manifest};
 use crate::features::LogMel;
 use crate::model::{self, InputShape, Model, Vocab, OPTIONS};
+use crate::net::{self, Net, Params};
 use crate::optim::AdamW;
+use crate::qwen::{Clip, LoraAdapters, LoraConfig, QwenModel};
 use crate::saver::{self, Saver, Sink};
 use anyhow::{bail, Context as _, Result};
 use candle_core::backprop::GradStore;
@@ -22,7 +24,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use xkd_kernels::{FusedLoss, LossParts};
+use xkd_kernels::FusedLoss;
+use xkd_kernels::LossParts;
 use xkd_protocol::config::{Config, DeviceChoice, Modality};
 use xkd_protocol::{
     ClipOutcome, EvalTask, Objective, Sample, StepReport, TrainSummary, TrainTask, WorkerMsg,
@@ -120,15 +123,97 @@ impl Rank {
         Ok((varmap, model))
     }
 
-    /// A frozen model (the teacher, the pre-distillation student) loaded from `path`: in bf16
-    /// on a GPU, where frozen weights are the bulk of the memory and their forward the bulk of
-    /// a step; in f32 on CPU, where bf16 matmuls are slower than f32 ones. Its logits are f32.
-    fn build_frozen(&self, modality: Modality, path: &str) -> Result<Model> {
-        let dtype = if self.device.is_cuda() {
+    /// The student of `task` and what it trains: a stand-in from `task.init` (or drawn from
+    /// the seed), trained whole; or a Qwen2 model from its directory with LoRA adapters, fresh
+    /// (`task.init` is the base directory) or saved ones (`task.init` is an adapter directory).
+    fn build_student(&self, task: &TrainTask) -> Result<(Params, Net)> {
+        if !net::is_qwen2(&self.config, task.modality) {
+            let (varmap, model) =
+                self.build_model(task.modality, task.init.as_deref(), task.seed)?;
+            return Ok((Params::Full(varmap), Net::StandIn(Box::new(model))));
+        }
+        if matches!(task.objective, Objective::Supervised) {
+            bail!(
+                "a qwen2 {} model is taken as pretrained; xkd does not pretrain it",
+                task.modality.as_str()
+            );
+        }
+        let base = self.config.model(task.modality).dir.clone();
+        // Base weights as a frozen model's (bf16 on a GPU); the adapters are f32 `Var`s.
+        let mut qwen = self.load_qwen(task.modality, self.frozen_dtype())?;
+        let adapters = match task.init.as_deref().filter(|p| net::is_adapter_dir(p)) {
+            Some(dir) => {
+                let adapters = LoraAdapters::load(Path::new(dir), &self.device)
+                    .with_context(|| format!("loading LoRA adapters from {dir}"))?;
+                qwen.attach_lora(&adapters)?;
+                adapters
+            }
+            None => {
+                let l = &self.config.lora;
+                let lora = LoraConfig {
+                    r: l.r,
+                    alpha: l.alpha,
+                    dropout: l.dropout as f32,
+                    target_modules: l.target_modules.clone(),
+                };
+                qwen.init_lora(lora, task.seed)?
+            }
+        };
+        qwen.set_training(true);
+        Ok((Params::Lora { adapters, base }, Net::Qwen(Box::new(qwen))))
+    }
+
+    /// The Qwen2 model of `modality` from its configured directory, weights in `dtype`.
+    fn load_qwen(&self, modality: Modality, dtype: DType) -> Result<QwenModel> {
+        let dir = &self.config.model(modality).dir;
+        let qwen = QwenModel::load(Path::new(dir), net::family(modality), dtype, &self.device)
+            .with_context(|| format!("loading the {} model from {dir}", modality.as_str()))?;
+        if let Some(rate) = qwen.sampling_rate() {
+            if rate != self.config.data.sample_rate {
+                bail!(
+                    "{dir} takes audio at {rate} Hz but data.sample_rate is {}",
+                    self.config.data.sample_rate
+                );
+            }
+        }
+        Ok(qwen)
+    }
+
+    /// A model to evaluate or to read targets from (`frozen`): a stand-in loaded from `path`,
+    /// or the configured Qwen2 model with the adapters in `path` when it is an adapter
+    /// directory.
+    fn build_net(&self, modality: Modality, path: &str, seed: u64, frozen: bool) -> Result<Net> {
+        let dtype = self.frozen_dtype();
+        if !net::is_qwen2(&self.config, modality) {
+            return Ok(Net::StandIn(Box::new(if frozen {
+                self.build_frozen(modality, path)?
+            } else {
+                self.build_model(modality, Some(path), seed)?.1
+            })));
+        }
+        let mut qwen = self.load_qwen(modality, if frozen { dtype } else { DType::F32 })?;
+        if net::is_adapter_dir(path) {
+            let adapters = LoraAdapters::load(Path::new(path), &self.device)
+                .with_context(|| format!("loading LoRA adapters from {path}"))?;
+            qwen.attach_lora(&adapters)?;
+        }
+        Ok(Net::Qwen(Box::new(qwen)))
+    }
+
+    /// bf16 on a GPU, where frozen weights are the bulk of the memory and their forward the
+    /// bulk of a step; f32 on CPU, where bf16 matmuls are slower than f32 ones.
+    fn frozen_dtype(&self) -> DType {
+        if self.device.is_cuda() {
             DType::BF16
         } else {
             DType::F32
-        };
+        }
+    }
+
+    /// A frozen stand-in (the teacher, the pre-distillation student) loaded from `path`, in
+    /// `frozen_dtype`. Its logits are f32.
+    fn build_frozen(&self, modality: Modality, path: &str) -> Result<Model> {
+        let dtype = self.frozen_dtype();
         let tensors = candle_core::safetensors::load(path, &self.device)
             .with_context(|| format!("loading frozen {modality:?} model from {path}"))?;
         let parameters: usize = tensors.values().map(Tensor::elem_count).sum();
@@ -155,11 +240,7 @@ impl Rank {
         let mut answers = Vec::new();
         let mut labels = Vec::new();
         for &Sample { clip, epoch } in samples {
-            let record = manifest
-                .clips
-                .get(clip as usize)
-                .filter(|r| r.id == clip)
-                .with_context(|| format!("clip {clip} is not in the manifest"))?;
+            let record = clip_record(manifest, clip)?;
             features.extend_from_slice(self.cache.get(manifest, record, modality)?);
             let q = model::question(seed, clip, epoch, record.label, manifest.classes.len());
             prompts.extend(vocab.prompt(&q.options, mm_tokens));
@@ -189,6 +270,76 @@ impl Rank {
     }
 }
 
+/// The option letters' logits of a batch of clips, with what scoring them needs.
+struct Answers {
+    /// `[B, 10]`.
+    letters: Tensor,
+    answer_idx: Vec<u32>,
+    labels: Vec<(u32, [u32; OPTIONS])>,
+    /// Prompt tokens of the batch.
+    tokens: usize,
+}
+
+impl Rank {
+    /// `net`'s letter logits for `samples` of `modality`, each asked its question.
+    fn answers(
+        &mut self,
+        net: &Net,
+        modality: Modality,
+        samples: &[Sample],
+        seed: u64,
+    ) -> Result<Answers> {
+        let qwen = match net {
+            Net::StandIn(model) => {
+                let b = self.batch(modality, samples, seed)?;
+                let letters =
+                    letter_logits(&model.forward(&b.features, &b.prompts)?, &model.vocab)?;
+                return Ok(Answers {
+                    letters,
+                    tokens: b.prompts.elem_count(),
+                    answer_idx: b.answer_idx,
+                    labels: b.labels,
+                });
+            }
+            Net::Qwen(qwen) => qwen,
+        };
+        let manifest = self.manifest.as_ref().context("dataset not loaded")?;
+        let n_classes = manifest.classes.len();
+        let (mut answer_idx, mut labels, mut options) = (Vec::new(), Vec::new(), Vec::new());
+        for &Sample { clip, epoch } in samples {
+            let record = clip_record(manifest, clip)?;
+            self.cache.raw(manifest, record, modality)?;
+            let q = model::question(seed, clip, epoch, record.label, n_classes);
+            options.push(
+                q.options
+                    .map(|c| manifest.classes[c as usize].as_str())
+                    .to_vec(),
+            );
+            answer_idx.push(q.answer as u32);
+            labels.push((record.label, q.options));
+        }
+        let clips: Vec<Clip> = samples
+            .iter()
+            .map(|s| self.cache.clip(s.clip, modality))
+            .collect::<Result<_>>()?;
+        let (letters, tokens) = qwen.letter_logits(&clips, &options, &self.device)?;
+        Ok(Answers {
+            letters,
+            answer_idx,
+            labels,
+            tokens,
+        })
+    }
+}
+
+fn clip_record(manifest: &Manifest, clip: u32) -> Result<&data::ClipRecord> {
+    manifest
+        .clips
+        .get(clip as usize)
+        .filter(|r| r.id == clip)
+        .with_context(|| format!("clip {clip} is not in the manifest"))
+}
+
 /// Modality tokens a model of `modality` hands its LM under `config`.
 fn mm_tokens(config: &Config, modality: Modality) -> usize {
     let m = config.model(modality);
@@ -210,11 +361,14 @@ struct Batch {
     labels: Vec<(u32, [u32; OPTIONS])>,
 }
 
-/// Decoded features per clip and modality, loaded once per rank.
+/// Decoded features per clip and modality, loaded once per rank: the stand-ins' features, and
+/// the raw samples and frames a Qwen2 model's own processor takes.
 struct FeatureCache {
     mel: LogMel,
     audio: HashMap<u32, Vec<f32>>,
     visual: HashMap<u32, Vec<f32>>,
+    raw_audio: HashMap<u32, Vec<f32>>,
+    raw_frames: HashMap<u32, (usize, usize, Vec<Vec<u8>>)>,
 }
 
 impl FeatureCache {
@@ -223,7 +377,49 @@ impl FeatureCache {
             mel,
             audio: HashMap::new(),
             visual: HashMap::new(),
+            raw_audio: HashMap::new(),
+            raw_frames: HashMap::new(),
         }
+    }
+
+    /// Loads clip `record`'s samples or frames as decoded, once.
+    fn raw(
+        &mut self,
+        manifest: &Manifest,
+        record: &data::ClipRecord,
+        modality: Modality,
+    ) -> Result<()> {
+        let dir = &manifest.dir;
+        match modality {
+            Modality::Audio => {
+                if let Entry::Vacant(e) = self.raw_audio.entry(record.id) {
+                    e.insert(data::load_audio(&dir.join(&record.audio))?);
+                }
+            }
+            Modality::Visual => {
+                if let Entry::Vacant(e) = self.raw_frames.entry(record.id) {
+                    let paths: Vec<PathBuf> = record.frames.iter().map(|f| dir.join(f)).collect();
+                    e.insert(data::load_frames_rgb(&paths)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A clip `raw` has loaded.
+    fn clip(&self, clip: u32, modality: Modality) -> Result<Clip<'_>> {
+        let missing = || anyhow::anyhow!("clip {clip} was not loaded");
+        Ok(match modality {
+            Modality::Audio => Clip::Audio(self.raw_audio.get(&clip).ok_or_else(missing)?),
+            Modality::Visual => {
+                let (h, w, frames) = self.raw_frames.get(&clip).ok_or_else(missing)?;
+                Clip::Video {
+                    frames,
+                    h: *h,
+                    w: *w,
+                }
+            }
+        })
     }
 
     fn samples(&self, config: &Config) -> usize {
@@ -301,18 +497,6 @@ pub fn gpu_ordinal(
             Ok(Some(0))
         }
     }
-}
-
-/// Trainable parameters in name order: the flattening order every rank shares.
-fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
-    let data = varmap.data().lock().expect("varmap lock");
-    let mut vars: Vec<(String, Var)> = data
-        .iter()
-        .filter(|(k, _)| !model::is_frozen(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    vars
 }
 
 /// Average gradients over ranks bucket by bucket (`Buckets`), then clip their global norm to
@@ -410,8 +594,8 @@ fn letter_logits(logits: &Tensor, vocab: &Vocab) -> Result<Tensor> {
 
 /// Frozen models a distillation step reads: the teacher and the pre-distillation student.
 struct Anchors {
-    teacher: Model,
-    student_before: Model,
+    teacher: Net,
+    student_before: Net,
 }
 
 impl Rank {
@@ -427,19 +611,19 @@ impl Rank {
     ) -> Result<TrainSummary> {
         let start = Instant::now();
         let send: Sink = Arc::new(send);
-        let (varmap, student) = self.build_model(task.modality, task.init.as_deref(), task.seed)?;
+        let (params, student) = self.build_student(task)?;
         let anchors = self.anchors(task)?;
-        let vars = sorted_vars(&varmap);
+        let vars = params.trainable();
         let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-        let parameters: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+        let parameters: usize = params.named().iter().map(|(_, v)| v.elem_count()).sum();
         tracing::info!(rank = self.rank, modality = ?task.modality, parameters, trainable, "student model");
         let buckets = Buckets::for_vars(&vars, self.config.collective.bucket_bytes());
-        let params = ParamsAdamW {
+        let hyper = ParamsAdamW {
             lr: task.lr,
             weight_decay: task.weight_decay,
             ..Default::default()
         };
-        let mut opt = AdamW::new(&vars, params)?;
+        let mut opt = AdamW::new(&vars, hyper)?;
         let first = task.resume_from.unwrap_or(0);
         if let Some(step) = task.resume_from {
             let order = task
@@ -447,7 +631,7 @@ impl Rank {
                 .as_ref()
                 .context("resume_from names a checkpoint but the task has no store")?;
             let (student, optimizer) = saver::read_checkpoint(order, step)?;
-            restore(&varmap, &mut opt, &student, &optimizer)
+            restore(&params, &mut opt, &student, &optimizer)
                 .with_context(|| format!("restoring checkpoint {step} of {}", order.url))?;
             tracing::info!(rank = self.rank, step, "resumed from checkpoint");
         }
@@ -510,7 +694,7 @@ impl Rank {
                 .as_mut()
                 .filter(|s| stopped || s.due(taken, task.steps))
             {
-                let (student, optimizer) = snapshot(&varmap, &opt)?;
+                let (student, optimizer) = snapshot(&params, &opt)?;
                 saver.save(taken, student, optimizer);
             }
             if stopped {
@@ -521,9 +705,9 @@ impl Rank {
         if let Some(mut saver) = saver.take() {
             saver.wait();
         }
-        let digest = digest_params(&varmap)?;
+        let digest = digest_params(&params)?;
         if self.rank == 0 && !stopped {
-            save_atomically(&varmap, Path::new(&task.save))?;
+            params.save(Path::new(&task.save))?;
         }
         self.collective.barrier()?;
         Ok(TrainSummary {
@@ -543,8 +727,8 @@ impl Rank {
             .init
             .as_deref()
             .context("distillation needs the pretrained student as `init`")?;
-        let teacher = self.build_frozen(task.modality.other(), teacher)?;
-        let student_before = self.build_frozen(task.modality, init)?;
+        let teacher = self.build_net(task.modality.other(), teacher, task.seed, true)?;
+        let student_before = self.build_net(task.modality, init, task.seed, true)?;
         Ok(Some(Anchors {
             teacher,
             student_before,
@@ -556,12 +740,35 @@ impl Rank {
     fn loss(
         &mut self,
         task: &TrainTask,
-        student: &Model,
+        student: &Net,
         anchors: Option<&Anchors>,
         step: u64,
     ) -> Result<(Tensor, (f64, f64), Timings)> {
+        match (student, anchors) {
+            (Net::StandIn(s), None) => self.standin_loss(task, s, None, step),
+            (
+                Net::StandIn(s),
+                Some(Anchors {
+                    teacher: Net::StandIn(t),
+                    student_before: Net::StandIn(b),
+                }),
+            ) => self.standin_loss(task, s, Some((t, b)), step),
+            (_, Some(anchors)) => self.letters_loss(task, student, anchors, step),
+            (Net::Qwen(_), None) => bail!("a qwen2 model is only distilled, not pretrained"),
+        }
+    }
+
+    /// The stand-ins' loss: supervised (pretraining, with the caption loss) or distillation
+    /// from `anchors` (teacher, pre-distillation student) over the answer and the caption.
+    fn standin_loss(
+        &mut self,
+        task: &TrainTask,
+        student: &Model,
+        anchors: Option<(&Model, &Model)>,
+        step: u64,
+    ) -> Result<(Tensor, (f64, f64), Timings)> {
         let clips = task.plan.samples(self.rank, self.world, step, task.batch);
-        let Some(anchors) = anchors else {
+        let Some((teacher, student_before)) = anchors else {
             let b = self.batch(task.modality, &clips, task.seed)?;
             let (logits, caption) = student.forward_with_caption(&b.features, &b.prompts)?;
             let letters = Tensor::new(student.vocab.letters().as_slice(), &self.device)?;
@@ -616,15 +823,14 @@ impl Rank {
         };
         // Targets: the teacher on the hard-class rows, the frozen pre-distillation student on
         // the replay rows; answer logits and caption logits of each.
-        let (t_answer, t_caption) = anchors
-            .teacher
-            .forward_with_caption(&t_batch.features, &t_batch.prompts)?;
+        let (t_answer, t_caption) =
+            teacher.forward_with_caption(&t_batch.features, &t_batch.prompts)?;
         let t_answer = restrict(t_answer)?;
         let (mut answer_targets, mut caption_targets) = (vec![t_answer.clone()], vec![t_caption]);
         if n_replay > 0 {
             let rf = s_batch.features.narrow(0, n_main, n_replay)?;
             let rp = s_batch.prompts.narrow(0, n_main, n_replay)?;
-            let (a_answer, a_caption) = anchors.student_before.forward_with_caption(&rf, &rp)?;
+            let (a_answer, a_caption) = student_before.forward_with_caption(&rf, &rp)?;
             answer_targets.push(restrict(a_answer)?);
             caption_targets.push(a_caption);
         }
@@ -653,43 +859,16 @@ impl Rank {
                 }
             })
             .collect();
-        // The fused loss takes one alpha per call, so the answer loss is two calls: the
-        // hard-class rows (alpha, with targets) and the replay rows (pure KL towards the frozen
-        // student). Row weights of n_part / n_all make both divide by the whole batch, as one
-        // call over all rows would.
-        let n_all = (n_main + n_replay) as f32;
-        let weights = |n: usize, w: f32| Tensor::new(vec![w; n], &self.device);
         let targets = Tensor::new(targets.as_slice(), &self.device)?;
-        let part = |x: &Tensor, start: usize, len: usize| x.narrow(0, start, len);
-        let mut answer = xkd_kernels::fused_distill_loss(
-            &part(&s_answer, 0, n_main)?,
-            &part(&answer_targets, 0, n_main)?,
-            &FusedLoss {
-                temperature,
-                alpha,
-                shared_vocab: None,
-                targets: Some(part(&targets, 0, n_main)?),
-                weights: Some(weights(n_main, n_main as f32 / n_all)?),
-            },
+        let answer = answer_loss(
+            &s_answer,
+            &answer_targets,
+            &targets,
+            (n_main, n_replay),
+            temperature,
+            alpha,
         )?;
-        if n_replay > 0 {
-            let replay = xkd_kernels::fused_distill_loss(
-                &part(&s_answer, n_main, n_replay)?,
-                &part(&answer_targets, n_main, n_replay)?,
-                &FusedLoss {
-                    temperature,
-                    alpha: 1.0,
-                    shared_vocab: None,
-                    targets: None,
-                    weights: Some(weights(n_replay, n_replay as f32 / n_all)?),
-                },
-            )?;
-            answer = LossParts {
-                total: (&answer.total + &replay.total)?,
-                kl: (&answer.kl + &replay.kl)?,
-                ce: answer.ce,
-            };
-        }
+        let weights = |n: usize, w: f32| Tensor::new(vec![w; n], &self.device);
         // The teacher's caption (its next-token distribution right after its own modality
         // tokens) is distilled too: it tells the student's encoder which class it heard
         // directly, not only through the answer letter.
@@ -720,9 +899,78 @@ impl Rank {
         ))
     }
 
+    /// Distillation through the option letters only, for any pair of models (a Qwen2 teacher
+    /// or student among them): the teacher's letter logits on the hard-class rows and the
+    /// frozen pre-distillation student's on the replay rows are the targets of the student's.
+    /// No caption term (the config refuses a caption weight with a Qwen2 model).
+    fn letters_loss(
+        &mut self,
+        task: &TrainTask,
+        student: &Net,
+        anchors: &Anchors,
+        step: u64,
+    ) -> Result<(Tensor, (f64, f64), Timings)> {
+        let Objective::Distill {
+            alpha,
+            temperature,
+            label_free,
+            ..
+        } = task.objective
+        else {
+            bail!("letters_loss is a distillation loss");
+        };
+        let clips = task.plan.samples(self.rank, self.world, step, task.batch);
+        let replay = match &task.replay {
+            Some(plan) if task.replay_batch > 0 => {
+                plan.samples(self.rank, self.world, step, task.replay_batch)
+            }
+            _ => Vec::new(),
+        };
+        let (n_main, n_replay) = (clips.len(), replay.len());
+        let all: Vec<Sample> = clips.iter().chain(&replay).copied().collect();
+        let t0 = clock(&self.device)?;
+        let seed = task.seed;
+        let teacher = self.answers(&anchors.teacher, task.modality.other(), &clips, seed)?;
+        let mut targets = vec![teacher.letters.clone()];
+        if n_replay > 0 {
+            let before = self.answers(&anchors.student_before, task.modality, &replay, seed)?;
+            targets.push(before.letters);
+        }
+        let answer_targets = Tensor::cat(&targets, 0)?.detach();
+        let teacher_ms = ms(clock(&self.device)? - t0);
+        let s = self.answers(student, task.modality, &all, seed)?;
+        let t_loss = clock(&self.device)?;
+        let answers: Vec<u32> = if label_free {
+            teacher.letters.argmax(D::Minus1)?.to_vec1::<u32>()?
+        } else {
+            s.answer_idx[..n_main].to_vec()
+        };
+        let answers = Tensor::new(answers.as_slice(), &self.device)?;
+        let loss = answer_loss(
+            &s.letters,
+            &answer_targets,
+            &answers,
+            (n_main, n_replay),
+            temperature,
+            alpha,
+        )?;
+        let kl = loss.kl.to_scalar::<f32>()? as f64;
+        let ce = loss.ce.to_scalar::<f32>()? as f64;
+        let loss_ms = ms(clock(&self.device)? - t_loss);
+        Ok((
+            loss.total,
+            (kl, ce),
+            Timings {
+                teacher: teacher_ms,
+                loss: loss_ms,
+                tokens: s.tokens,
+            },
+        ))
+    }
+
     /// Predict this rank's share of the plan's clips.
     pub fn evaluate(&mut self, task: &EvalTask) -> Result<Vec<ClipOutcome>> {
-        let (_, model) = self.build_model(task.modality, Some(&task.model), task.seed)?;
+        let net = self.build_net(task.modality, &task.model, task.seed, false)?;
         let mine: Vec<Sample> = task
             .plan
             .pass(self.rank, self.world)
@@ -731,15 +979,63 @@ impl Rank {
             .collect();
         let mut out = Vec::with_capacity(mine.len());
         for chunk in mine.chunks(64) {
-            let b = self.batch(task.modality, chunk, task.seed)?;
-            let letters = letter_logits(&model.forward(&b.features, &b.prompts)?, &model.vocab)?;
-            let probs = candle_nn::ops::softmax(&letters, D::Minus1)?.to_vec2::<f32>()?;
+            let a = self.answers(&net, task.modality, chunk, task.seed)?;
+            let probs = candle_nn::ops::softmax(&a.letters, D::Minus1)?.to_vec2::<f32>()?;
             for (i, p) in probs.iter().enumerate() {
-                out.push(outcome(chunk[i].clip, &b, i, p));
+                out.push(outcome(chunk[i].clip, &a, i, p));
             }
         }
         Ok(out)
     }
+}
+
+/// The answer's loss over a distillation batch: its first `n_main` rows (the hard classes)
+/// against the teacher with `alpha` and the CE `targets`, the `n_replay` rows after them against
+/// the frozen pre-distillation student, pure KL. The fused loss takes one alpha per call, so
+/// these are two calls; row weights of n_part / n_all make both divide by the whole batch, as
+/// one call over all rows would.
+fn answer_loss(
+    s_answer: &Tensor,
+    answer_targets: &Tensor,
+    targets: &Tensor,
+    (n_main, n_replay): (usize, usize),
+    temperature: f64,
+    alpha: f64,
+) -> Result<LossParts> {
+    let device = s_answer.device();
+    let n_all = (n_main + n_replay) as f32;
+    let weights = |n: usize, w: f32| Tensor::new(vec![w; n], device);
+    let part = |x: &Tensor, start: usize, len: usize| x.narrow(0, start, len);
+    let mut answer = xkd_kernels::fused_distill_loss(
+        &part(s_answer, 0, n_main)?,
+        &part(answer_targets, 0, n_main)?,
+        &FusedLoss {
+            temperature,
+            alpha,
+            shared_vocab: None,
+            targets: Some(part(targets, 0, n_main)?),
+            weights: Some(weights(n_main, n_main as f32 / n_all)?),
+        },
+    )?;
+    if n_replay > 0 {
+        let replay = xkd_kernels::fused_distill_loss(
+            &part(s_answer, n_main, n_replay)?,
+            &part(answer_targets, n_main, n_replay)?,
+            &FusedLoss {
+                temperature,
+                alpha: 1.0,
+                shared_vocab: None,
+                targets: None,
+                weights: Some(weights(n_replay, n_replay as f32 / n_all)?),
+            },
+        )?;
+        answer = LossParts {
+            total: (&answer.total + &replay.total)?,
+            kl: (&answer.kl + &replay.kl)?,
+            ce: answer.ce,
+        };
+    }
+    Ok(answer)
 }
 
 /// The ten letter logits of `logits`, which hold the whole vocabulary when `full`.
@@ -751,7 +1047,7 @@ fn letters_of(logits: &Tensor, vocab: &Vocab, full: bool) -> Result<Tensor> {
     }
 }
 
-fn outcome(clip: u32, b: &Batch, i: usize, p: &[f32]) -> ClipOutcome {
+fn outcome(clip: u32, b: &Answers, i: usize, p: &[f32]) -> ClipOutcome {
     let (label, options) = b.labels[i];
     let best = p
         .iter()
@@ -771,46 +1067,33 @@ fn outcome(clip: u32, b: &Batch, i: usize, p: &[f32]) -> ClipOutcome {
     }
 }
 
-/// Every tensor of a model (frozen ones too: the file is the whole model), in name order.
-fn model_tensors(varmap: &VarMap) -> Vec<(String, Tensor)> {
-    let data = varmap.data().lock().expect("varmap lock");
-    let mut tensors: Vec<(String, Tensor)> = data
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    tensors
-}
-
-/// The parameter digest of the whole model (`xkd_checkpoint::digest_tensors`): the same value
-/// `xkd checkpoint digest` prints for a checkpoint of these parameters.
-pub fn digest_params(varmap: &VarMap) -> Result<String> {
-    let raw = saver::raw_tensors(&model_tensors(varmap))?;
+/// The parameter digest of the whole model, or of the adapters
+/// (`xkd_checkpoint::digest_tensors`): the same value `xkd checkpoint digest` prints for a
+/// checkpoint of these parameters.
+fn digest_params(params: &Params) -> Result<String> {
+    let raw = saver::raw_tensors(&params.tensors())?;
     Ok(saver::digest(&raw).sha256)
 }
 
-/// The model and the optimizer state, encoded as `student.safetensors` and
+/// The student's parameters and the optimizer state, encoded as `student.safetensors` and
 /// `optimizer.safetensors`: copied out now, so later steps cannot change what is uploaded.
-fn snapshot(varmap: &VarMap, opt: &AdamW) -> Result<(bytes::Bytes, bytes::Bytes)> {
-    let student = saver::encode(&saver::raw_tensors(&model_tensors(varmap))?)?;
+fn snapshot(params: &Params, opt: &AdamW) -> Result<(bytes::Bytes, bytes::Bytes)> {
+    let student = saver::encode(&saver::raw_tensors(&params.tensors())?)?;
     let optimizer = saver::encode(&saver::raw_tensors(&opt.export()?)?)?;
     Ok((student, optimizer))
 }
 
-/// Puts a checkpoint's tensors back: every tensor of the model from `student` (names and
-/// shapes must match exactly, nothing missing, nothing extra) and the optimizer state.
-fn restore(varmap: &VarMap, opt: &mut AdamW, student: &[u8], optimizer: &[u8]) -> Result<()> {
+/// Puts a checkpoint's tensors back: every parameter from `student` (names and shapes must
+/// match exactly, nothing missing, nothing extra) and the optimizer state.
+fn restore(params: &Params, opt: &mut AdamW, student: &[u8], optimizer: &[u8]) -> Result<()> {
     let mut saved = candle_core::safetensors::load_buffer(student, &Device::Cpu)
         .context("reading student.safetensors")?;
-    {
-        let data = varmap.data().lock().expect("varmap lock");
-        for (name, var) in data.iter() {
-            let t = saved
-                .remove(name)
-                .with_context(|| format!("student.safetensors lacks `{name}`"))?;
-            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)
-                .with_context(|| format!("`{name}` in student.safetensors"))?;
-        }
+    for (name, var) in params.named() {
+        let t = saved
+            .remove(&name)
+            .with_context(|| format!("student.safetensors lacks `{name}`"))?;
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)
+            .with_context(|| format!("`{name}` in student.safetensors"))?;
     }
     if let Some(extra) = saved.keys().next() {
         bail!("student.safetensors holds `{extra}`, which this model does not have");
@@ -819,20 +1102,6 @@ fn restore(varmap: &VarMap, opt: &mut AdamW, student: &[u8], optimizer: &[u8]) -
         .context("reading optimizer.safetensors")?;
     opt.import(state.into_iter().collect())
         .context("optimizer.safetensors")
-}
-
-/// Write to a temporary sibling, then rename: a reader never sees half a file.
-fn save_atomically(varmap: &VarMap, path: &Path) -> Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    varmap
-        .save(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    Ok(())
 }
 
 /// Parameters of a saved model as name -> values, for tests and digests.

@@ -243,6 +243,23 @@ impl LoraAdapters {
         self.modules.keys()
     }
 
+    /// Every `A` and `B` under its name in this crate's checkpoints, `{path}.lora_A.weight`
+    /// and `{path}.lora_B.weight`, in name order.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let mut out: Vec<(String, Var)> = self
+            .modules
+            .iter()
+            .flat_map(|(path, m)| {
+                [
+                    (format!("{path}.lora_A.weight"), m.a.clone()),
+                    (format!("{path}.lora_B.weight"), m.b.clone()),
+                ]
+            })
+            .collect();
+        out.sort_by(|x, y| x.0.cmp(&y.0));
+        out
+    }
+
     /// Every `A` and `B`, in module path order: what an optimiser trains.
     pub fn vars(&self) -> Vec<Var> {
         self.modules

@@ -5,6 +5,7 @@
 //! Checked number for number against transformers by `worker/tests/qwen2_reference.rs`, on the
 //! tiny random checkpoints and inputs that `tests/reference/make_qwen2_fixtures.py` writes.
 
+pub mod answer;
 pub mod audio;
 pub mod config;
 pub mod decoder;
@@ -14,6 +15,7 @@ pub mod resize;
 pub mod vision;
 pub mod weights;
 
+pub use answer::{Clip, QwenModel};
 pub use audio::Qwen2Audio;
 pub use config::{Qwen2AudioConfig, Qwen2VlConfig, TextConfig};
 pub use lora::{LoraAdapters, LoraConfig, LoraTarget};

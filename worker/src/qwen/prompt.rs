@@ -115,6 +115,11 @@ impl ChatPrompt {
         &self.letters
     }
 
+    /// The id of `token` in this vocabulary.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
     /// The clip's placeholder id.
     pub fn placeholder(&self) -> u32 {
         self.placeholder

@@ -1,0 +1,125 @@
+//! Distillation between the real model families, as a user runs it: `xkd run --config
+//! configs/tiny-qwen2.toml` with two worker processes on the tiny random Qwen2-Audio and
+//! Qwen2-VL checkpoints of tests/reference/fixtures, the student trained through LoRA.
+//!
+//! What must hold: the KL between the teacher's and the student's answer distributions falls;
+//! the adapters land in `<out>/student-lora` in PEFT's layout, equal to the last committed
+//! checkpoint's tensors and no longer zero in `B`; and the reverse direction (a Qwen2-VL
+//! student) runs too. That PEFT computes the same logits from such an adapter is checked by
+//! tests/reference/check_peft_adapter.py (see its docstring), which needs PyTorch.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(out: &Path, sets: &[&str]) -> Value {
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen2-cache");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xkd"));
+    cmd.current_dir(root())
+        .args(["run", "--config", "configs/tiny-qwen2.toml", "--out"])
+        .arg(out)
+        .args(["--set", &format!("run.cache_dir=\"{}\"", cache.display())]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let status = cmd.status().expect("xkd starts");
+    assert!(status.success(), "xkd run {sets:?} failed: {status}");
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
+/// Rank 0's KL per distillation step, in step order.
+fn kl_curve(out: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|m| m["stage"] == "distill" && m["rank"] == 0)
+        .map(|m| m["kl"].as_f64().unwrap())
+        .collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// name -> raw little-endian bytes of every tensor in a safetensors file.
+fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| (name, t.data().to_vec()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_lora_student_of_one_family_learns_from_the_other_and_saves_peft_adapters() {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen2-distill");
+    let _ = std::fs::remove_dir_all(&base);
+
+    // Qwen2-VL teacher -> Qwen2-Audio student.
+    let out = base.join("visual_to_audio");
+    let report = run(&out, &[]);
+    assert_eq!(report["direction"], "visual_to_audio");
+    let kl = kl_curve(&out);
+    assert_eq!(kl.len(), 60, "one KL per step (log.every = 1)");
+    let (first, last) = (mean(&kl[..10]), mean(&kl[kl.len() - 10..]));
+    assert!(
+        last < 0.5 * first,
+        "KL did not fall: first ten steps {first:.4}, last ten {last:.4}"
+    );
+
+    // The adapters: PEFT's two files, naming the base model, equal to the final checkpoint.
+    let adapter = out.join("student-lora");
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["r"], 8);
+    assert!(config["base_model_name_or_path"]
+        .as_str()
+        .unwrap()
+        .ends_with("qwen2-audio-tiny"));
+    let saved = tensors(&adapter.join("adapter_model.safetensors"));
+    assert_eq!(
+        saved.len(),
+        2 * 2 * 4,
+        "A and B on q, k, v, o of both layers"
+    );
+    let url = report["final_checkpoint"].as_str().expect("checkpoint URL");
+    assert!(url.ends_with("/ckpt/0000000060"), "{url}");
+    let ckpt = Path::new(url.trim_start_matches("file://")).join("student.safetensors");
+    let committed: Vec<(String, Vec<u8>)> = tensors(&ckpt)
+        .into_iter()
+        .map(|(name, data)| (format!("base_model.model.{name}"), data))
+        .collect();
+    assert_eq!(saved, committed, "the saved adapter is the last checkpoint");
+    for (name, data) in &saved {
+        if name.contains("lora_B") {
+            assert!(data.iter().any(|&b| b != 0), "{name} is still zero");
+        }
+    }
+
+    // Qwen2-Audio teacher -> Qwen2-VL student.
+    let out = base.join("audio_to_visual");
+    let report = run(
+        &out,
+        &["distill.direction=audio_to_visual", "distill.steps=10"],
+    );
+    assert_eq!(report["direction"], "audio_to_visual");
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("student-lora/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(config["base_model_name_or_path"]
+        .as_str()
+        .unwrap()
+        .ends_with("qwen2-vl-tiny"));
+}

@@ -1,0 +1,244 @@
+//! A Qwen2 model answering xkd's multiple-choice question about clips: each clip prepared as the
+//! family's reference processor does (Whisper log-mel in the checkpoint's window with its valid
+//! length; Qwen2-VL's resize and patches for a video), the question in the family's chat
+//! format, and the logits of the ten option letters at the position after the prompt.
+//!
+//! A batch's prompts differ in length (the option names do), so they are right-padded with the
+//! tokenizer's `<|endoftext|>`: under the causal mask a row's logits up to its last real token
+//! do not see the padding, and each row is read at its own last token.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Result, Tensor};
+use serde::Deserialize;
+
+use super::{ChatPrompt, Family, ImageProcessor, LoraAdapters, LoraConfig, Qwen2Audio, Qwen2Vl};
+use super::{LoadError, VisionInput, Weights};
+use crate::features::LogMel;
+
+/// One clip as it comes from the dataset.
+pub enum Clip<'a> {
+    /// Mono samples at the model's sampling rate.
+    Audio(&'a [f32]),
+    /// RGB frames, `h x w x 3` bytes each.
+    Video {
+        frames: &'a [Vec<u8>],
+        h: usize,
+        w: usize,
+    },
+}
+
+/// WhisperFeatureExtractor's settings in `preprocessor_config.json`.
+#[derive(Debug, Deserialize)]
+struct AudioProcessor {
+    feature_size: usize,
+    sampling_rate: u32,
+    hop_length: usize,
+    n_fft: usize,
+    n_samples: usize,
+}
+
+enum Model {
+    Audio {
+        model: Qwen2Audio,
+        mel: LogMel,
+        sampling_rate: u32,
+        window: usize,
+    },
+    Vl {
+        model: Qwen2Vl,
+        processor: ImageProcessor,
+    },
+}
+
+/// A Qwen2-Audio or Qwen2-VL model with its tokenizer and processor.
+pub struct QwenModel {
+    model: Model,
+    prompt: ChatPrompt,
+    pad: u32,
+}
+
+fn read(dir: &Path, name: &str) -> std::result::Result<(std::path::PathBuf, String), LoadError> {
+    let path = dir.join(name);
+    let text = std::fs::read_to_string(&path).map_err(|source| LoadError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok((path, text))
+}
+
+impl QwenModel {
+    /// Loads a Hugging Face model directory: `config.json`, the weights (in `dtype`),
+    /// `tokenizer.json` and `preprocessor_config.json`.
+    pub fn load(
+        dir: &Path,
+        family: Family,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, LoadError> {
+        let weights = Weights::load(dir, dtype, device)?;
+        let (path, text) = read(dir, "preprocessor_config.json")?;
+        let config_error = |message: String| LoadError::Config {
+            path: path.clone(),
+            message,
+        };
+        let (model, placeholder) = match family {
+            Family::Audio => {
+                let model = Qwen2Audio::load(dir, &weights)?;
+                let p: AudioProcessor =
+                    serde_json::from_str(&text).map_err(|e| config_error(e.to_string()))?;
+                let id = model.config.audio_token_index;
+                let mel = LogMel::new(p.sampling_rate, p.n_fft, p.hop_length, p.feature_size);
+                let frames = mel.frames(p.n_samples);
+                let want = model.encoder().window_frames();
+                if frames != want {
+                    return Err(config_error(format!(
+                        "n_samples {} gives {frames} mel frames, but the encoder's window is {want}",
+                        p.n_samples
+                    )));
+                }
+                let model = Model::Audio {
+                    model,
+                    mel,
+                    sampling_rate: p.sampling_rate,
+                    window: p.n_samples,
+                };
+                (model, id)
+            }
+            Family::Vl => {
+                let model = Qwen2Vl::load(dir, &weights)?;
+                let processor = ImageProcessor::from_json(&text).map_err(config_error)?;
+                let id = model.config.video_token_id;
+                (Model::Vl { model, processor }, id)
+            }
+        };
+        let prompt = ChatPrompt::load(dir, family, placeholder)?;
+        let pad = prompt.token_id("<|endoftext|>").unwrap_or(0);
+        Ok(Self { model, prompt, pad })
+    }
+
+    pub fn family(&self) -> Family {
+        self.prompt.family()
+    }
+
+    /// The sampling rate an audio model's clips must have (`None` for Qwen2-VL).
+    pub fn sampling_rate(&self) -> Option<u32> {
+        match &self.model {
+            Model::Audio { sampling_rate, .. } => Some(*sampling_rate),
+            Model::Vl { .. } => None,
+        }
+    }
+
+    /// Fresh LoRA adapters on the language model (`B = 0`: the logits do not change).
+    pub fn init_lora(&mut self, lora: LoraConfig, seed: u64) -> Result<LoraAdapters> {
+        match &mut self.model {
+            Model::Audio { model, .. } => model.init_lora(lora, seed),
+            Model::Vl { model, .. } => model.init_lora(lora, seed),
+        }
+    }
+
+    /// Puts saved adapters on the language model.
+    pub fn attach_lora(&mut self, adapters: &LoraAdapters) -> Result<()> {
+        match &mut self.model {
+            Model::Audio { model, .. } => model.attach_lora(adapters),
+            Model::Vl { model, .. } => model.attach_lora(adapters),
+        }
+    }
+
+    /// Training mode turns LoRA dropout on.
+    pub fn set_training(&mut self, training: bool) {
+        match &mut self.model {
+            Model::Audio { model, .. } => model.set_training(training),
+            Model::Vl { model, .. } => model.set_training(training),
+        }
+    }
+
+    /// The option letters' logits `[B, 10]` (f32) for `clips` and their questions
+    /// (`options[i]`: the ten option names of clip i), and the number of prompt tokens.
+    pub fn letter_logits(
+        &self,
+        clips: &[Clip],
+        options: &[Vec<&str>],
+        device: &Device,
+    ) -> Result<(Tensor, usize)> {
+        if clips.len() != options.len() {
+            candle_core::bail!("{} clips but {} questions", clips.len(), options.len());
+        }
+        let (rows, logits) = match &self.model {
+            Model::Audio {
+                model, mel, window, ..
+            } => {
+                let (mut features, mut valid) = (Vec::new(), Vec::new());
+                for clip in clips {
+                    let Clip::Audio(wav) = clip else {
+                        candle_core::bail!("Qwen2-Audio takes audio clips");
+                    };
+                    let (spec, frames) = mel.compute_window(wav, *window);
+                    features.extend(spec);
+                    valid.push(frames);
+                }
+                let n = mel.frames(*window);
+                let features = Tensor::from_vec(features, (clips.len(), n, mel.n_mels()), device)?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                let tokens: Vec<usize> = valid
+                    .iter()
+                    .map(|&v| super::audio::output_lengths(v).1)
+                    .collect();
+                let (rows, ids) = self.prompts(options, &tokens, device)?;
+                (rows, model.forward(&ids, &features, &valid)?)
+            }
+            Model::Vl { model, processor } => {
+                let (mut patches, mut grids) = (Vec::new(), Vec::new());
+                for clip in clips {
+                    let Clip::Video { frames, h, w } = clip else {
+                        candle_core::bail!("Qwen2-VL takes video clips");
+                    };
+                    let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+                    let (p, grid) = processor.preprocess(&refs, *h, *w)?;
+                    patches.extend(p);
+                    grids.push(grid);
+                }
+                let len = model.config.vision.patch_len();
+                let n = patches.len() / len;
+                let videos = VisionInput {
+                    patches: Tensor::from_vec(patches, (n, len), device)?,
+                    grids: grids.clone(),
+                };
+                let tokens: Vec<usize> = grids.iter().map(|&g| model.tokens_for(g)).collect();
+                let (rows, ids) = self.prompts(options, &tokens, device)?;
+                (rows, model.forward(&ids, None, Some(&videos))?)
+            }
+        };
+        let last: Vec<Tensor> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| logits.get(i)?.get(len - 1))
+            .collect::<Result<_>>()?;
+        let letters = Tensor::new(self.prompt.letters(), device)?;
+        let out = Tensor::stack(&last, 0)?.index_select(&letters, 1)?;
+        Ok((out, rows.iter().sum()))
+    }
+
+    /// The prompts right-padded into `[B, S]`, and each one's length.
+    fn prompts(
+        &self,
+        options: &[Vec<&str>],
+        clip_tokens: &[usize],
+        device: &Device,
+    ) -> Result<(Vec<usize>, Tensor)> {
+        let encoded: Vec<Vec<u32>> = options
+            .iter()
+            .zip(clip_tokens)
+            .map(|(o, &n)| self.prompt.encode(o, n))
+            .collect::<Result<_>>()?;
+        let s = encoded.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(encoded.len() * s);
+        for row in &encoded {
+            ids.extend(row);
+            ids.extend(std::iter::repeat_n(self.pad, s - row.len()));
+        }
+        let lens = encoded.iter().map(Vec::len).collect();
+        Ok((lens, Tensor::from_vec(ids, (encoded.len(), s), device)?))
+    }
+}

@@ -805,4 +805,19 @@ mod tests {
             .to_string();
         assert!(e.contains("lora.r") && e.contains("standin"), "{e}");
     }
+
+    #[test]
+    fn every_shipped_config_resolves() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::resolve(Some(&path), &[])
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 4, "{n} configs in {}", dir.display());
+    }
 }

@@ -15,6 +15,13 @@ not fail).
     cargo run --release -p xkd-worker --example lora_peft_fixture -- audio /tmp/lora-audio
     python tests/reference/check_peft_adapter.py audio /tmp/lora-audio
 
+The adapter an `xkd run` saved (`<out>/student-lora`, e.g. from configs/tiny-qwen2.toml, whose
+student is qwen2-audio-tiny; with distill.direction=audio_to_visual it is qwen2-vl-tiny) is
+checked the same way, the example taking it as a third argument instead of training one:
+
+    cargo run --release -p xkd-worker --example lora_peft_fixture -- audio /tmp/c runs/X/student-lora
+    python tests/reference/check_peft_adapter.py audio /tmp/c
+
 Environment: requirements-qwen2.txt (torch 2.7.0, transformers 4.51.3, peft 0.15.2).
 """
 

@@ -592,10 +592,11 @@ fn letter_logits(logits: &Tensor, vocab: &Vocab) -> Result<Tensor> {
     Ok(logits.index_select(&idx, 1)?)
 }
 
-/// Frozen models a distillation step reads: the teacher and the pre-distillation student.
+/// Frozen models a distillation step reads: the teacher, and the pre-distillation student
+/// when there are replay rows (a second copy of the student's base weights otherwise unused).
 struct Anchors {
     teacher: Net,
-    student_before: Net,
+    student_before: Option<Net>,
 }
 
 impl Rank {
@@ -728,7 +729,11 @@ impl Rank {
             .as_deref()
             .context("distillation needs the pretrained student as `init`")?;
         let teacher = self.build_net(task.modality.other(), teacher, task.seed, true)?;
-        let student_before = self.build_net(task.modality, init, task.seed, true)?;
+        let student_before = if task.replay.is_some() && task.replay_batch > 0 {
+            Some(self.build_net(task.modality, init, task.seed, true)?)
+        } else {
+            None
+        };
         Ok(Some(Anchors {
             teacher,
             student_before,
@@ -750,9 +755,16 @@ impl Rank {
                 Net::StandIn(s),
                 Some(Anchors {
                     teacher: Net::StandIn(t),
-                    student_before: Net::StandIn(b),
+                    student_before: None,
                 }),
-            ) => self.standin_loss(task, s, Some((t, b)), step),
+            ) => self.standin_loss(task, s, Some((t, None)), step),
+            (
+                Net::StandIn(s),
+                Some(Anchors {
+                    teacher: Net::StandIn(t),
+                    student_before: Some(Net::StandIn(b)),
+                }),
+            ) => self.standin_loss(task, s, Some((t, Some(b))), step),
             (_, Some(anchors)) => self.letters_loss(task, student, anchors, step),
             (Net::Qwen(_), None) => bail!("a qwen2 model is only distilled, not pretrained"),
         }
@@ -764,7 +776,7 @@ impl Rank {
         &mut self,
         task: &TrainTask,
         student: &Model,
-        anchors: Option<(&Model, &Model)>,
+        anchors: Option<(&Model, Option<&Model>)>,
         step: u64,
     ) -> Result<(Tensor, (f64, f64), Timings)> {
         let clips = task.plan.samples(self.rank, self.world, step, task.batch);
@@ -830,6 +842,7 @@ impl Rank {
         if n_replay > 0 {
             let rf = s_batch.features.narrow(0, n_main, n_replay)?;
             let rp = s_batch.prompts.narrow(0, n_main, n_replay)?;
+            let student_before = student_before.context("replay rows but no frozen student")?;
             let (a_answer, a_caption) = student_before.forward_with_caption(&rf, &rp)?;
             answer_targets.push(restrict(a_answer)?);
             caption_targets.push(a_caption);
@@ -933,7 +946,11 @@ impl Rank {
         let teacher = self.answers(&anchors.teacher, task.modality.other(), &clips, seed)?;
         let mut targets = vec![teacher.letters.clone()];
         if n_replay > 0 {
-            let before = self.answers(&anchors.student_before, task.modality, &replay, seed)?;
+            let student_before = anchors
+                .student_before
+                .as_ref()
+                .context("replay rows but no frozen student")?;
+            let before = self.answers(student_before, task.modality, &replay, seed)?;
             targets.push(before.letters);
         }
         let answer_targets = Tensor::cat(&targets, 0)?.detach();

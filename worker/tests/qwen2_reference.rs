@@ -49,6 +49,20 @@ fn worst_position(got: &Tensor, want: &Tensor) -> (usize, f32) {
         .fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a })
 }
 
+/// A model's logits at single positions (`forward_at`, `[1, V]`) against the reference's at
+/// the first, a middle and the last position.
+fn check_forward_at(at: impl Fn(usize) -> Tensor, want: &Tensor, what: &str) {
+    let (_, s, _) = want.dims3().unwrap();
+    for p in [0, s / 2, s - 1] {
+        let got = at(p);
+        let err = relative(&got.get(0).unwrap(), &want.get(0).unwrap().get(p).unwrap());
+        assert!(
+            err <= 1e-4,
+            "{what} forward_at position {p}: relative error {err}"
+        );
+    }
+}
+
 fn ids(t: &Tensor) -> Tensor {
     t.to_dtype(DType::U32).unwrap()
 }
@@ -131,6 +145,13 @@ fn qwen2_audio_logits_match_transformers() {
         logits.dims()
     );
     assert!(err <= 1e-4, "logits at position {at}: relative error {err}");
+    let input_ids = ids(&c["input_ids"]);
+    let at = |p: usize| {
+        model
+            .forward_at(&input_ids, &features, &valid, Some(&[p]))
+            .unwrap()
+    };
+    check_forward_at(at, &c["logits"], "qwen2-audio");
 }
 
 const AUDIO_GRADS: [&str; 4] = [
@@ -376,6 +397,13 @@ fn qwen2_vl_logits_match_transformers() {
         logits.dims()
     );
     assert!(err <= 1e-4, "logits at position {at}: relative error {err}");
+    let input_ids = ids(&c["input_ids"]);
+    let at = |p: usize| {
+        model
+            .forward_at(&input_ids, Some(&image), Some(&video), Some(&[p]))
+            .unwrap()
+    };
+    check_forward_at(at, &c["logits"], "qwen2-vl");
 }
 
 const VL_GRADS: [&str; 4] = [

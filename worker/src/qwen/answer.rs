@@ -51,6 +51,11 @@ enum Model {
     },
 }
 
+/// Each prompt's last position: where its answer's logits are.
+fn last_positions(lens: &[usize]) -> Vec<usize> {
+    lens.iter().map(|&len| len.saturating_sub(1)).collect()
+}
+
 /// A Qwen2-Audio or Qwen2-VL model with its tokenizer and processor.
 pub struct QwenModel {
     model: Model,
@@ -186,7 +191,11 @@ impl QwenModel {
                     .map(|&v| super::audio::output_lengths(v).1)
                     .collect();
                 let (rows, ids) = self.prompts(options, &tokens, device)?;
-                (rows, model.forward(&ids, &features, &valid)?)
+                let last = last_positions(&rows);
+                (
+                    rows,
+                    model.forward_at(&ids, &features, &valid, Some(&last))?,
+                )
             }
             Model::Vl { model, processor } => {
                 let (mut patches, mut grids) = (Vec::new(), Vec::new());
@@ -207,16 +216,15 @@ impl QwenModel {
                 };
                 let tokens: Vec<usize> = grids.iter().map(|&g| model.tokens_for(g)).collect();
                 let (rows, ids) = self.prompts(options, &tokens, device)?;
-                (rows, model.forward(&ids, None, Some(&videos))?)
+                let last = last_positions(&rows);
+                (
+                    rows,
+                    model.forward_at(&ids, None, Some(&videos), Some(&last))?,
+                )
             }
         };
-        let last: Vec<Tensor> = rows
-            .iter()
-            .enumerate()
-            .map(|(i, &len)| logits.get(i)?.get(len - 1))
-            .collect::<Result<_>>()?;
         let letters = Tensor::new(self.prompt.letters(), device)?;
-        let out = Tensor::stack(&last, 0)?.index_select(&letters, 1)?;
+        let out = logits.index_select(&letters, 1)?;
         Ok((out, rows.iter().sum()))
     }
 

@@ -299,13 +299,25 @@ impl Qwen2Audio {
         features: &Tensor,
         valid: &[usize],
     ) -> Result<Tensor> {
+        self.forward_at(input_ids, features, valid, None)
+    }
+
+    /// As `forward`; with `at`, only prompt i's position `at[i]`: `[B, vocab]`
+    /// (`Decoder::forward_at`).
+    pub fn forward_at(
+        &self,
+        input_ids: &Tensor,
+        features: &Tensor,
+        valid: &[usize],
+        at: Option<&[usize]>,
+    ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let ids: Vec<u32> = input_ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
         let audio = self.audio_embeds(features, valid)?;
         let embeds = self.lm.embed_tokens(input_ids)?;
         let x = scatter_placeholders(&embeds, &ids, self.config.audio_token_index, &audio)?;
         self.lm
-            .forward(&x, &sequential_positions(b, s))?
+            .forward_at(&x, &sequential_positions(b, s), at)?
             .to_dtype(DType::F32)
     }
 }

@@ -251,6 +251,18 @@ impl Decoder {
     /// Logits `[B, S, vocab]` for input embeddings `[B, S, H]` at `positions` (one list of
     /// `S` position ids per sequence), under a causal mask.
     pub fn forward(&self, embeds: &Tensor, positions: &[Vec<Position>]) -> Result<Tensor> {
+        self.forward_at(embeds, positions, None)
+    }
+
+    /// As `forward`, but with `at`, only sequence i's position `at[i]` gets logits: `[B,
+    /// vocab]`. With a 152k vocabulary the head over every position is a step's largest tensor,
+    /// and a question needs the logits after its last token only.
+    pub fn forward_at(
+        &self,
+        embeds: &Tensor,
+        positions: &[Vec<Position>],
+        at: Option<&[usize]>,
+    ) -> Result<Tensor> {
         let (_, s, _) = embeds.dims3()?;
         let rope = self.rotary_tables(positions, embeds.device())?;
         let rope = (
@@ -261,6 +273,14 @@ impl Decoder {
         let mut x = embeds.clone();
         for layer in &self.layers {
             x = layer.forward(&x, &rope, &mask)?;
+        }
+        if let Some(at) = at {
+            let rows: Vec<Tensor> = at
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| x.get(i)?.get(p))
+                .collect::<Result<_>>()?;
+            x = Tensor::stack(&rows, 0)?;
         }
         let x = self.norm.forward(&x)?;
         match &self.head {

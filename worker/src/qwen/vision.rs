@@ -441,6 +441,18 @@ impl Qwen2Vl {
         images: Option<&VisionInput>,
         videos: Option<&VisionInput>,
     ) -> Result<Tensor> {
+        self.forward_at(input_ids, images, videos, None)
+    }
+
+    /// As `forward`; with `at`, only prompt i's position `at[i]`: `[B, vocab]`
+    /// (`Decoder::forward_at`).
+    pub fn forward_at(
+        &self,
+        input_ids: &Tensor,
+        images: Option<&VisionInput>,
+        videos: Option<&VisionInput>,
+        at: Option<&[usize]>,
+    ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let ids: Vec<u32> = input_ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
         let mut x = self.lm.embed_tokens(input_ids)?;
@@ -456,7 +468,7 @@ impl Qwen2Vl {
         let grids = |v: Option<&VisionInput>| v.map(|v| v.grids.clone()).unwrap_or_default();
         let positions = self.rope_index(&rows, &grids(images), &grids(videos))?;
         debug_assert_eq!(positions.len(), b);
-        self.lm.forward(&x, &positions)?.to_dtype(DType::F32)
+        self.lm.forward_at(&x, &positions, at)?.to_dtype(DType::F32)
     }
 
     /// M-RoPE position ids of each prompt. A text token takes the next position on all three

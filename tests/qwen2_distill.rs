@@ -7,6 +7,11 @@
 //! checkpoint's tensors and no longer zero in `B`; and the reverse direction (a Qwen2-VL
 //! student) runs too. That PEFT computes the same logits from such an adapter is checked by
 //! tests/reference/check_peft_adapter.py (see its docstring), which needs PyTorch.
+//!
+//! A model directory may also live in an object store: the second test serves one from a real
+//! S3-compatible server on 127.0.0.1.
+
+mod common;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -18,7 +23,12 @@ fn root() -> PathBuf {
 
 fn run(out: &Path, sets: &[&str]) -> Value {
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen2-cache");
+    run_with(out, &cache, sets, &[])
+}
+
+fn run_with(out: &Path, cache: &Path, sets: &[&str], env: &[(String, String)]) -> Value {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xkd"));
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.current_dir(root())
         .args(["run", "--config", "configs/tiny-qwen2.toml", "--out"])
         .arg(out)
@@ -122,4 +132,79 @@ fn a_lora_student_of_one_family_learns_from_the_other_and_saves_peft_adapters() 
         .as_str()
         .unwrap()
         .ends_with("qwen2-vl-tiny"));
+}
+
+#[test]
+fn a_model_directory_in_an_object_store_is_downloaded_once_and_used() {
+    let server = common::s3::S3Server::start();
+    let fixture = root().join("tests/reference/fixtures/qwen2-audio-tiny");
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        let key = format!(
+            "models/qwen2-audio-tiny/{}",
+            path.file_name().unwrap().to_string_lossy()
+        );
+        let dest = server.file_of(&key);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&path, dest).unwrap();
+    }
+    let url = server.url("models/qwen2-audio-tiny");
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen2-remote");
+    let _ = std::fs::remove_dir_all(&base);
+    let cache = base.join("cache");
+    let dir = format!("audio_model.dir=\"{url}\"");
+    let sets = [dir.as_str(), "distill.steps=4", "checkpoint.every_steps=0"];
+    let report = run_with(&base.join("run"), &cache, &sets, &server.env());
+    assert_eq!(report["direction"], "visual_to_audio");
+
+    // One local copy, byte for byte the directory that was served.
+    let copies: Vec<PathBuf> = std::fs::read_dir(cache.join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        let copy = copies[0].join(path.file_name().unwrap());
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            std::fs::read(&copy).unwrap(),
+            "{}",
+            copy.display()
+        );
+    }
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(base.join("run/student-lora/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["base_model_name_or_path"], url.as_str());
+
+    // A URL with nothing under it is refused, naming it.
+    let (code, _, err) = common::xkd(
+        &[
+            "run",
+            "--config",
+            &root().join("configs/tiny-qwen2.toml").display().to_string(),
+            "--out",
+            &base.join("missing").display().to_string(),
+            "--set",
+            &format!("run.cache_dir=\"{}\"", cache.display()),
+            "--set",
+            &format!("audio_model.dir=\"{}\"", server.url("models/none")),
+            "--set",
+            "control.max_restarts=0",
+        ],
+        &server.env(),
+    );
+    assert_ne!(code, 0);
+    let logs = std::fs::read_dir(base.join("missing/logs"))
+        .map(|d| {
+            d.map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+                .collect::<String>()
+        })
+        .unwrap_or_default();
+    assert!(
+        (err.clone() + &logs).contains("models/none"),
+        "the error names the URL:\n{err}\n{logs}"
+    );
 }

@@ -67,6 +67,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A downloaded object could not be written to a local file.
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// `prune` was asked to keep nothing, which would leave no checkpoint to resume from.
     #[error("prune must keep at least one committed checkpoint (keep = 0 given)")]
     KeepNothing,

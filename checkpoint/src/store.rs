@@ -547,6 +547,57 @@ impl Store {
         Ok(dirs)
     }
 
+    /// Copies every object under the store's URL into the local directory `dir`, under the
+    /// same relative names (a Hugging Face model directory kept in an object store), streaming
+    /// each to its file; returns the names, sorted. Nothing under the URL is an error.
+    pub async fn download_prefix(&self, dir: &std::path::Path) -> Result<Vec<String>> {
+        let metas: Vec<_> = self
+            .inner
+            .list(Some(&self.prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.err("listing", &self.prefix, e))?;
+        let mut names = Vec::with_capacity(metas.len());
+        for meta in metas {
+            let Some(parts) = meta.location.prefix_match(&self.prefix) else {
+                continue;
+            };
+            let rel: Vec<String> = parts.map(|p| p.as_ref().to_string()).collect();
+            if rel.is_empty() {
+                continue;
+            }
+            let file = rel.iter().fold(dir.to_path_buf(), |p, s| p.join(s));
+            let write_err = |source| Error::Write {
+                path: file.display().to_string(),
+                source,
+            };
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent).map_err(write_err)?;
+            }
+            let mut out = std::fs::File::create(&file).map_err(write_err)?;
+            let err = |e| self.err("reading", &meta.location, e);
+            let mut stream = self
+                .inner
+                .get(&meta.location)
+                .await
+                .map_err(err)?
+                .into_stream();
+            while let Some(chunk) = stream.try_next().await.map_err(err)? {
+                std::io::Write::write_all(&mut out, &chunk).map_err(write_err)?;
+            }
+            out.sync_all().map_err(write_err)?;
+            names.push(rel.join("/"));
+        }
+        if names.is_empty() {
+            return Err(Error::Corrupt {
+                path: self.url(),
+                problem: "no objects under this URL".into(),
+            });
+        }
+        names.sort();
+        Ok(names)
+    }
+
     pub(crate) async fn get(&self, path: &Path) -> Result<Bytes> {
         let err = |e| self.err("reading", path, e);
         self.inner

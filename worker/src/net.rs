@@ -4,12 +4,13 @@
 //! trained and saved in PEFT's format). Which one a modality uses is `[audio_model]` /
 //! `[visual_model]` `family`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
-use xkd_protocol::config::{Config, Modality};
+use xkd_checkpoint::Store;
+use xkd_protocol::config::{section_digest, Config, Modality};
 
 use crate::model::{self, Model};
 use crate::qwen::{Family, LoraAdapters, QwenModel};
@@ -47,6 +48,55 @@ pub fn family(modality: Modality) -> Family {
 /// Whether `path` is a directory of saved LoRA adapters (rather than a base model).
 pub fn is_adapter_dir(path: &str) -> bool {
     Path::new(path).join("adapter_config.json").is_file()
+}
+
+/// The local directory of a model `dir` names: `dir` itself, or for an object-store URL
+/// (`s3://`, `gs://`, `az://`, `file://`; credentials from the standard variables, as for
+/// checkpoints) a copy under `<cache_dir>/models/remote-<digest of the URL>/`, downloaded once
+/// into a temporary sibling and renamed into place (ranks on one node that race each keep the
+/// first complete copy).
+pub fn local_model_dir(dir: &str, cache_dir: &str) -> Result<PathBuf> {
+    if !dir.contains("://") {
+        return Ok(PathBuf::from(dir));
+    }
+    let local = Path::new(cache_dir)
+        .join("models")
+        .join(format!("remote-{}", section_digest(&dir)));
+    if local.is_dir() {
+        return Ok(local);
+    }
+    let tmp = local.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    tracing::info!(model = dir, to = %local.display(), "downloading the model directory");
+    // On a thread of its own: the caller may be inside the worker's async runtime.
+    let names = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<Vec<String>> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let store = Store::open(dir)?;
+                Ok(runtime.block_on(store.download_prefix(&tmp))?)
+            })
+            .join()
+            .expect("the download thread does not panic")
+    })
+    .with_context(|| format!("downloading the model directory {dir}"))?;
+    match std::fs::rename(&tmp, &local) {
+        Ok(()) => {}
+        Err(_) if local.is_dir() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("renaming into {}", local.display()));
+        }
+    }
+    tracing::info!(
+        model = dir,
+        files = names.len(),
+        "model directory downloaded"
+    );
+    Ok(local)
 }
 
 impl Params {

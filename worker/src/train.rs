@@ -166,7 +166,8 @@ impl Rank {
     /// The Qwen2 model of `modality` from its configured directory, weights in `dtype`.
     fn load_qwen(&self, modality: Modality, dtype: DType) -> Result<QwenModel> {
         let dir = &self.config.model(modality).dir;
-        let qwen = QwenModel::load(Path::new(dir), net::family(modality), dtype, &self.device)
+        let local = net::local_model_dir(dir, &self.config.run.cache_dir)?;
+        let qwen = QwenModel::load(&local, net::family(modality), dtype, &self.device)
             .with_context(|| format!("loading the {} model from {dir}", modality.as_str()))?;
         if let Some(rate) = qwen.sampling_rate() {
             if rate != self.config.data.sample_rate {

@@ -24,8 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use xkd_kernels::FusedLoss;
-use xkd_kernels::LossParts;
+use xkd_kernels::{FusedLoss, LossParts};
 use xkd_protocol::config::{Config, DeviceChoice, Modality};
 use xkd_protocol::{
     ClipOutcome, EvalTask, Objective, Sample, StepReport, TrainSummary, TrainTask, WorkerMsg,
@@ -741,6 +740,16 @@ impl Rank {
         }))
     }
 
+    /// This rank's replay rows of the `step`-th step (none without a replay plan).
+    fn replay_samples(&self, task: &TrainTask, step: u64) -> Vec<Sample> {
+        match &task.replay {
+            Some(plan) if task.replay_batch > 0 => {
+                plan.samples(self.rank, self.world, step, task.replay_batch)
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// The loss of this rank's slice of the `step`-th step from the plans' cursors, its
     /// (kl, ce) parts, and the ms spent in frozen forwards.
     fn loss(
@@ -816,12 +825,7 @@ impl Rank {
         else {
             unreachable!("anchors exist only for distillation")
         };
-        let replay = match &task.replay {
-            Some(plan) if task.replay_batch > 0 => {
-                plan.samples(self.rank, self.world, step, task.replay_batch)
-            }
-            _ => Vec::new(),
-        };
+        let replay = self.replay_samples(task, step);
         let (n_main, n_replay) = (clips.len(), replay.len());
         let all: Vec<Sample> = clips.iter().chain(&replay).copied().collect();
         let t0 = clock(&self.device)?;
@@ -934,12 +938,7 @@ impl Rank {
             bail!("letters_loss is a distillation loss");
         };
         let clips = task.plan.samples(self.rank, self.world, step, task.batch);
-        let replay = match &task.replay {
-            Some(plan) if task.replay_batch > 0 => {
-                plan.samples(self.rank, self.world, step, task.replay_batch)
-            }
-            _ => Vec::new(),
-        };
+        let replay = self.replay_samples(task, step);
         let (n_main, n_replay) = (clips.len(), replay.len());
         let all: Vec<Sample> = clips.iter().chain(&replay).copied().collect();
         let t0 = clock(&self.device)?;

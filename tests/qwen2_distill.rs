@@ -9,7 +9,8 @@
 //! tests/reference/check_peft_adapter.py (see its docstring), which needs PyTorch.
 //!
 //! A model directory may also live in an object store: the second test serves one from a real
-//! S3-compatible server on 127.0.0.1.
+//! S3-compatible server on 127.0.0.1. The third kills a worker of a LoRA run after its first
+//! checkpoint: the run resumes from the adapters and ends with the undisturbed run's bytes.
 
 mod common;
 
@@ -206,5 +207,74 @@ fn a_model_directory_in_an_object_store_is_downloaded_once_and_used() {
     assert!(
         (err.clone() + &logs).contains("models/none"),
         "the error names the URL:\n{err}\n{logs}"
+    );
+}
+
+#[test]
+fn a_lora_run_whose_worker_is_killed_resumes_from_its_adapters_bit_identical() {
+    use common::Background;
+    use std::time::Duration;
+    let limit = Duration::from_secs(600);
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen2-resume");
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let args = |name: &str| -> Vec<String> {
+        [
+            "run",
+            "--config",
+            "configs/tiny-qwen2.toml",
+            "--out",
+            &base.join(name).display().to_string(),
+            "--set",
+            &format!("run.cache_dir=\"{}\"", base.join("cache").display()),
+            "--set",
+            &format!("run.run_id={name}"),
+            "--set",
+            "checkpoint.every_steps=20",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let adapter = |name: &str| {
+        tensors(
+            &base
+                .join(name)
+                .join("student-lora/adapter_model.safetensors"),
+        )
+    };
+
+    let reference = Background::start(&args("whole"), &[], &base.join("whole.log"));
+    let (code, text) = reference.wait(limit);
+    assert_eq!(code, 0, "the undisturbed run failed:\n{text}");
+
+    // SIGKILL to rank 1 a second after step 20 is committed: the workers are replaced and the
+    // distillation goes on from that checkpoint's adapters and optimizer state.
+    let mut run = Background::start(&args("killed"), &[], &base.join("killed.log"));
+    let joined = run.wait_for("rank 1 joined", limit, |r| {
+        common::is(r, "worker joined", "rank", 1)
+    });
+    let pid = joined["pid"].as_i64().expect("pid").to_string();
+    run.wait_for("the checkpoint of step 20", limit, |r| {
+        common::is(r, "checkpoint committed", "step", 20)
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let (code, text) = run.wait(limit);
+    assert_eq!(code, 0, "the run did not complete:\n{text}");
+    let records = common::records(&base.join("killed.log"));
+    let resumed: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["message"] == "resuming distillation from checkpoint")
+        .collect();
+    assert_eq!(resumed.len(), 1, "{text}");
+    assert_eq!(resumed[0]["step"], 20, "{text}");
+    assert_eq!(
+        adapter("killed"),
+        adapter("whole"),
+        "the adapters differ from the undisturbed run's"
     );
 }

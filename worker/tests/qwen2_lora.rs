@@ -4,21 +4,15 @@
 //! the same logits from those files is checked by tests/reference/check_peft_adapter.py on
 //! what `examples/lora_peft_fixture.rs` writes.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, SGD};
+use common::{case, fixtures, max_abs};
 use xkd_worker::qwen::lora::PROJECTIONS;
 use xkd_worker::qwen::{LoraAdapters, LoraConfig, Qwen2Audio, Qwen2Vl, VisionInput, Weights};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures")
-}
-
-fn case(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).expect("fixture")
-}
 
 fn lora(targets: &[&str]) -> LoraConfig {
     LoraConfig {
@@ -29,13 +23,22 @@ fn lora(targets: &[&str]) -> LoraConfig {
     }
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+/// Each adapter's largest |dA| and |dB| in `grads`, printed with `when`.
+fn adapter_grads(
+    grads: &candle_core::backprop::GradStore,
+    adapters: &LoraAdapters,
+    when: &str,
+) -> Vec<(String, f32, f32)> {
+    adapters
+        .paths()
+        .map(|path| {
+            let m = adapters.get(path).unwrap();
+            let ga = max_abs(grads.get(m.a()).unwrap());
+            let gb = max_abs(grads.get(m.b()).unwrap());
+            eprintln!("{path}: |dA| {ga:.3e}, |dB| {gb:.3e} {when}");
+            (path.clone(), ga, gb)
+        })
+        .collect()
 }
 
 struct Audio {
@@ -152,28 +155,14 @@ fn the_gradient_reaches_a_and_b_and_no_base_weight() {
         .unwrap();
     // With B = 0 the loss does not depend on A yet: only B has a gradient.
     let grads = audio.loss().backward().unwrap();
-    for path in adapters.paths() {
-        let m = adapters.get(path).unwrap();
-        let (ga, gb) = (grads.get(m.a()).unwrap(), grads.get(m.b()).unwrap());
-        eprintln!(
-            "{path}: |dA| {:.3e}, |dB| {:.3e} at B = 0",
-            max_abs(ga),
-            max_abs(gb)
-        );
-        assert_eq!(max_abs(ga), 0.0, "{path}: A's gradient at B = 0");
-        assert!(max_abs(gb) > 0.0, "{path}: no gradient reaches B");
+    for (path, ga, gb) in adapter_grads(&grads, &adapters, "at B = 0") {
+        assert_eq!(ga, 0.0, "{path}: A's gradient at B = 0");
+        assert!(gb > 0.0, "{path}: no gradient reaches B");
     }
     audio.train(&adapters);
     let grads = audio.loss().backward().unwrap();
-    for path in adapters.paths() {
-        let m = adapters.get(path).unwrap();
-        let (ga, gb) = (grads.get(m.a()).unwrap(), grads.get(m.b()).unwrap());
-        eprintln!(
-            "{path}: |dA| {:.3e}, |dB| {:.3e} after 3 steps",
-            max_abs(ga),
-            max_abs(gb)
-        );
-        assert!(max_abs(ga) > 0.0 && max_abs(gb) > 0.0, "{path}");
+    for (path, ga, gb) in adapter_grads(&grads, &adapters, "after 3 steps") {
+        assert!(ga > 0.0 && gb > 0.0, "{path}");
     }
     let frozen: Vec<&String> = audio
         .weights

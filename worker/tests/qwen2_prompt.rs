@@ -4,15 +4,12 @@
 //! fixtures/qwen2_prompt_case.json), the clip placeholder expanded in place, and clear errors
 //! for a directory whose tokenizer does not fit its model.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use common::fixtures;
 use serde_json::Value;
 use xkd_worker::qwen::prompt::LETTERS;
 use xkd_worker::qwen::{ChatPrompt, Family, Qwen2Audio, Qwen2Vl};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures")
-}
 
 fn load(family: Family) -> ChatPrompt {
     let (dir, id) = match family {

@@ -6,29 +6,14 @@
 //! logit at that position); gradients to 1e-3 relative (largest difference over the largest
 //! reference entry of the tensor). Every check prints what it measured.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use common::{case, fixtures, max_abs};
 use xkd_worker::features::LogMel;
 use xkd_worker::qwen::{ImageProcessor, Qwen2Audio, Qwen2Vl, VisionInput, Weights};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures")
-}
-
-fn case(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).expect("fixture")
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 /// Largest |got - want| over the largest |want|.
 fn relative(got: &Tensor, want: &Tensor) -> f32 {

@@ -12,6 +12,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Result, Tensor};
 use serde::Deserialize;
 
+use super::weights::read_text;
 use super::{ChatPrompt, Family, ImageProcessor, LoraAdapters, LoraConfig, Qwen2Audio, Qwen2Vl};
 use super::{LoadError, VisionInput, Weights};
 use crate::features::LogMel;
@@ -63,15 +64,6 @@ pub struct QwenModel {
     pad: u32,
 }
 
-fn read(dir: &Path, name: &str) -> std::result::Result<(std::path::PathBuf, String), LoadError> {
-    let path = dir.join(name);
-    let text = std::fs::read_to_string(&path).map_err(|source| LoadError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    Ok((path, text))
-}
-
 impl QwenModel {
     /// Loads a Hugging Face model directory: `config.json`, the weights (in `dtype`),
     /// `tokenizer.json` and `preprocessor_config.json`.
@@ -82,7 +74,7 @@ impl QwenModel {
         device: &Device,
     ) -> std::result::Result<Self, LoadError> {
         let weights = Weights::load(dir, dtype, device)?;
-        let (path, text) = read(dir, "preprocessor_config.json")?;
+        let (path, text) = read_text(dir, "preprocessor_config.json")?;
         let config_error = |message: String| LoadError::Config {
             path: path.clone(),
             message,

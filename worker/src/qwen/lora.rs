@@ -310,11 +310,7 @@ impl LoraAdapters {
 
     /// Reads adapters that `save` wrote (or PEFT saved for the same targets) from `dir`.
     pub fn load(dir: &Path, device: &Device) -> std::result::Result<Self, LoadError> {
-        let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| LoadError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let (path, text) = super::weights::read_text(dir, CONFIG_FILE)?;
         let raw: RawPeftConfig = serde_json::from_str(&text).map_err(|e| config_error(&path, e))?;
         if raw.peft_type != "LORA" || raw.use_rslora || raw.use_dora {
             return Err(config_error(

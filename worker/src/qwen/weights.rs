@@ -39,7 +39,12 @@ pub enum LoadError {
 
 /// Reads a model directory's `config.json` as text.
 pub fn read_config(dir: &Path) -> Result<(PathBuf, String), LoadError> {
-    let path = dir.join("config.json");
+    read_text(dir, "config.json")
+}
+
+/// Reads the file `name` of a model directory as text, with its path for messages.
+pub fn read_text(dir: &Path, name: &str) -> Result<(PathBuf, String), LoadError> {
+    let path = dir.join(name);
     let text = std::fs::read_to_string(&path).map_err(|source| LoadError::Io {
         path: path.clone(),
         source,

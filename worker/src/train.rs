@@ -12,7 +12,7 @@ use crate::features::LogMel;
 use crate::model::{self, InputShape, Model, Vocab, OPTIONS};
 use crate::net::{self, Net, Params};
 use crate::optim::AdamW;
-use crate::qwen::{Clip, LoraAdapters, LoraConfig, QwenModel};
+use crate::qwen::{Clip, LoraAdapters, LoraConfig, Prepared, QwenModel};
 use crate::saver::{self, Saver, Sink};
 use anyhow::{bail, Context as _, Result};
 use candle_core::backprop::GradStore;
@@ -308,7 +308,7 @@ impl Rank {
         let (mut answer_idx, mut labels, mut options) = (Vec::new(), Vec::new(), Vec::new());
         for &Sample { clip, epoch } in samples {
             let record = clip_record(manifest, clip)?;
-            self.cache.raw(manifest, record, modality)?;
+            self.cache.prepare(manifest, record, modality, qwen)?;
             let q = model::question(seed, clip, epoch, record.label, n_classes);
             options.push(
                 q.options
@@ -318,9 +318,9 @@ impl Rank {
             answer_idx.push(q.answer as u32);
             labels.push((record.label, q.options));
         }
-        let clips: Vec<Clip> = samples
+        let clips: Vec<&Prepared> = samples
             .iter()
-            .map(|s| self.cache.clip(s.clip, modality))
+            .map(|s| self.cache.prepared(s.clip, modality))
             .collect::<Result<_>>()?;
         let (letters, tokens) = qwen.letter_logits(&clips, &options, &self.device)?;
         Ok(Answers {
@@ -361,14 +361,14 @@ struct Batch {
     labels: Vec<(u32, [u32; OPTIONS])>,
 }
 
-/// Decoded features per clip and modality, loaded once per rank: the stand-ins' features, and
-/// the raw samples and frames a Qwen2 model's own processor takes.
+/// Features per clip and modality, made once per rank: the stand-ins' features, and the clips
+/// as a Qwen2 model's own processor prepares them.
 struct FeatureCache {
     mel: LogMel,
     audio: HashMap<u32, Vec<f32>>,
     visual: HashMap<u32, Vec<f32>>,
-    raw_audio: HashMap<u32, Vec<f32>>,
-    raw_frames: HashMap<u32, (usize, usize, Vec<Vec<u8>>)>,
+    qwen_audio: HashMap<u32, Prepared>,
+    qwen_visual: HashMap<u32, Prepared>,
 }
 
 impl FeatureCache {
@@ -377,49 +377,55 @@ impl FeatureCache {
             mel,
             audio: HashMap::new(),
             visual: HashMap::new(),
-            raw_audio: HashMap::new(),
-            raw_frames: HashMap::new(),
+            qwen_audio: HashMap::new(),
+            qwen_visual: HashMap::new(),
         }
     }
 
-    /// Loads clip `record`'s samples or frames as decoded, once.
-    fn raw(
+    /// Prepares clip `record` for `qwen` once: decoded, then through the model's processor
+    /// (Whisper log-mel, Qwen2-VL resize and patches), which costs more than a step's share of
+    /// the forward pass at the real families' window. Every Qwen2 model of one modality in a
+    /// run comes from that modality's one directory, so one preparation serves them all.
+    fn prepare(
         &mut self,
         manifest: &Manifest,
         record: &data::ClipRecord,
         modality: Modality,
+        qwen: &QwenModel,
     ) -> Result<()> {
         let dir = &manifest.dir;
-        match modality {
-            Modality::Audio => {
-                if let Entry::Vacant(e) = self.raw_audio.entry(record.id) {
-                    e.insert(data::load_audio(&dir.join(&record.audio))?);
+        let slot = match modality {
+            Modality::Audio => &mut self.qwen_audio,
+            Modality::Visual => &mut self.qwen_visual,
+        };
+        if let Entry::Vacant(e) = slot.entry(record.id) {
+            let prepared = match modality {
+                Modality::Audio => {
+                    qwen.prepare(Clip::Audio(&data::load_audio(&dir.join(&record.audio))?))?
                 }
-            }
-            Modality::Visual => {
-                if let Entry::Vacant(e) = self.raw_frames.entry(record.id) {
+                Modality::Visual => {
                     let paths: Vec<PathBuf> = record.frames.iter().map(|f| dir.join(f)).collect();
-                    e.insert(data::load_frames_rgb(&paths)?);
+                    let (h, w, frames) = data::load_frames_rgb(&paths)?;
+                    qwen.prepare(Clip::Video {
+                        frames: &frames,
+                        h,
+                        w,
+                    })?
                 }
-            }
+            };
+            e.insert(prepared);
         }
         Ok(())
     }
 
-    /// A clip `raw` has loaded.
-    fn clip(&self, clip: u32, modality: Modality) -> Result<Clip<'_>> {
-        let missing = || anyhow::anyhow!("clip {clip} was not loaded");
-        Ok(match modality {
-            Modality::Audio => Clip::Audio(self.raw_audio.get(&clip).ok_or_else(missing)?),
-            Modality::Visual => {
-                let (h, w, frames) = self.raw_frames.get(&clip).ok_or_else(missing)?;
-                Clip::Video {
-                    frames,
-                    h: *h,
-                    w: *w,
-                }
-            }
-        })
+    /// A clip `prepare` has prepared.
+    fn prepared(&self, clip: u32, modality: Modality) -> Result<&Prepared> {
+        let slot = match modality {
+            Modality::Audio => &self.qwen_audio,
+            Modality::Visual => &self.qwen_visual,
+        };
+        slot.get(&clip)
+            .with_context(|| format!("clip {clip} was not prepared"))
     }
 
     fn samples(&self, config: &Config) -> usize {

@@ -39,6 +39,14 @@ struct AudioProcessor {
     n_samples: usize,
 }
 
+/// A clip as its model's processor prepared it.
+pub enum Prepared {
+    /// Log-mel `[frames, n_mels]` over the checkpoint's window, and how many frames hold audio.
+    Audio { features: Vec<f32>, valid: usize },
+    /// Flattened patches and the `[t, h, w]` patch grid.
+    Video { patches: Vec<f32>, grid: [usize; 3] },
+}
+
 enum Model {
     Audio {
         model: Qwen2Audio,
@@ -150,11 +158,30 @@ impl QwenModel {
         }
     }
 
-    /// The option letters' logits `[B, 10]` (f32) for `clips` and their questions
-    /// (`options[i]`: the ten option names of clip i), and the number of prompt tokens.
+    /// `clip` as this model's processor prepares it: what [`QwenModel::letter_logits`] takes.
+    /// A clip's preparation does not depend on its question, so a caller can keep it.
+    pub fn prepare(&self, clip: Clip) -> Result<Prepared> {
+        match (&self.model, clip) {
+            (Model::Audio { mel, window, .. }, Clip::Audio(wav)) => {
+                let (features, valid) = mel.compute_window(wav, *window);
+                Ok(Prepared::Audio { features, valid })
+            }
+            (Model::Vl { processor, .. }, Clip::Video { frames, h, w }) => {
+                let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+                let (patches, grid) = processor.preprocess(&refs, h, w)?;
+                Ok(Prepared::Video { patches, grid })
+            }
+            (Model::Audio { .. }, _) => candle_core::bail!("Qwen2-Audio takes audio clips"),
+            (Model::Vl { .. }, _) => candle_core::bail!("Qwen2-VL takes video clips"),
+        }
+    }
+
+    /// The option letters' logits `[B, 10]` (f32) for `clips` (from [`QwenModel::prepare`])
+    /// and their questions (`options[i]`: the ten option names of clip i), and the number of
+    /// prompt tokens.
     pub fn letter_logits(
         &self,
-        clips: &[Clip],
+        clips: &[&Prepared],
         options: &[Vec<&str>],
         device: &Device,
     ) -> Result<(Tensor, usize)> {
@@ -167,12 +194,15 @@ impl QwenModel {
             } => {
                 let (mut features, mut valid) = (Vec::new(), Vec::new());
                 for clip in clips {
-                    let Clip::Audio(wav) = clip else {
+                    let Prepared::Audio {
+                        features: f,
+                        valid: v,
+                    } = clip
+                    else {
                         candle_core::bail!("Qwen2-Audio takes audio clips");
                     };
-                    let (spec, frames) = mel.compute_window(wav, *window);
-                    features.extend(spec);
-                    valid.push(frames);
+                    features.extend_from_slice(f);
+                    valid.push(*v);
                 }
                 let n = mel.frames(*window);
                 let features = Tensor::from_vec(features, (clips.len(), n, mel.n_mels()), device)?
@@ -189,16 +219,14 @@ impl QwenModel {
                     model.forward_at(&ids, &features, &valid, Some(&last))?,
                 )
             }
-            Model::Vl { model, processor } => {
+            Model::Vl { model, .. } => {
                 let (mut patches, mut grids) = (Vec::new(), Vec::new());
                 for clip in clips {
-                    let Clip::Video { frames, h, w } = clip else {
+                    let Prepared::Video { patches: p, grid } = clip else {
                         candle_core::bail!("Qwen2-VL takes video clips");
                     };
-                    let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
-                    let (p, grid) = processor.preprocess(&refs, *h, *w)?;
-                    patches.extend(p);
-                    grids.push(grid);
+                    patches.extend_from_slice(p);
+                    grids.push(*grid);
                 }
                 let len = model.config.vision.patch_len();
                 let n = patches.len() / len;

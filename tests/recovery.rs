@@ -1,8 +1,9 @@
 //! A run survives losing its processes and its store (issue 5's "must show"): a worker
 //! killed with SIGKILL, the coordinator stopped with SIGTERM and resumed on fewer workers, a
 //! worker stopped with SIGTERM, the coordinator killed with SIGKILL and started again, the
-//! S3-compatible server down for 15 s, and a corrupted checkpoint. Every run is a real
-//! `xkd run` with real worker processes; the store is a directory or a real s3s-fs server.
+//! S3-compatible server down for 15 s, a corrupted checkpoint, and a finished run started
+//! again. Every run is a real `xkd run` with real worker processes; the store is a directory
+//! or a real s3s-fs server.
 //!
 //! The tests take a lock so only one run trains at a time (they share a cache of pretrained
 //! stand-ins and a 2-core machine), and compare against one undisturbed run made once.
@@ -399,6 +400,28 @@ fn a_corrupt_checkpoint_is_named_skipped_and_replaced() {
     assert_eq!(&final_digest(&out, "rec", &[]), want);
     let v = json_of(&["checkpoint", "verify", "--json", &ckpt], &[]);
     assert_eq!(v["ok"], true, "{v}");
+}
+
+#[test]
+fn a_finished_run_started_again_resumes_after_its_last_step_and_reports_its_loss() {
+    let _serial = serial();
+    let (reference_out, want) = reference();
+    let out = fresh("finished-again");
+    copy_dir(reference_out, &out);
+    let log = out.with_extension("log");
+    let again = Background::start(&run_args(&out, &recipe("rec"), &[]), &[], &log);
+    let (code, text) = again.wait(LIMIT);
+    assert_eq!(code, 0, "{text}");
+    let records = common::records(&log);
+    let resumed = find(&records, "resuming distillation from checkpoint");
+    assert_eq!(resumed.len(), 1, "{text}");
+    assert_eq!(resumed[0]["step"], STEPS, "no step left to take");
+    // No step ran, yet the report gives the loss the run ended with: the checkpoint's.
+    let (first, second) = (report(reference_out), report(&out));
+    assert!(first["final_loss"].as_f64().is_some(), "{first}");
+    assert_eq!(second["final_loss"], first["final_loss"]);
+    assert_eq!(second["steps"], STEPS);
+    assert_eq!(&final_digest(&out, "rec", &[]), want);
 }
 
 /// Seconds since midnight of an RFC 3339 UTC timestamp (`...THH:MM:SS.fffZ`).

@@ -64,6 +64,10 @@ pub struct TrainState {
     /// Clips per step per rank, hard-class and replay.
     pub batch_per_rank: usize,
     pub replay_batch_per_rank: usize,
+    /// Rank 0's loss at `step`: the run's final loss when it resumes after its last step.
+    /// (Absent from checkpoints written before it was recorded.)
+    #[serde(default)]
+    pub loss: Option<f64>,
 }
 
 /// Seeds of everything random in the stage.
@@ -110,7 +114,7 @@ pub fn recipe_digest(config: &Config) -> String {
 impl TrainState {
     /// The state after `step` steps of `cx.task` (counted from the first step of the stage:
     /// a resumed task starts at `resume_from`, its plans' cursors where that step left them).
-    pub fn after(run_id: &str, step: u64, cx: &Context) -> TrainState {
+    pub fn after(run_id: &str, step: u64, loss: f64, cx: &Context) -> TrainState {
         let t = &cx.task;
         let world = cx.world as u64;
         let taken = step - t.resume_from.unwrap_or(0).min(step);
@@ -144,6 +148,7 @@ impl TrainState {
             world_size: cx.world,
             batch_per_rank: t.batch,
             replay_batch_per_rank: t.replay_batch,
+            loss: Some(loss).filter(|l| l.is_finite()),
         }
     }
 }
@@ -281,7 +286,7 @@ impl Checkpoints {
     }
 
     async fn try_commit(&self, saved: &SavedCheckpoint, cx: &Context) -> Result<(String, u64)> {
-        let state = TrainState::after(&self.run_id, saved.step, cx);
+        let state = TrainState::after(&self.run_id, saved.step, saved.loss, cx);
         let json = serde_json::to_vec_pretty(&state)?;
         let mut objects: Vec<ObjectEntry> = saved
             .objects
@@ -368,7 +373,7 @@ mod tests {
             hard_classes: vec!["owl".to_string()],
             config_digest: "abc".into(),
         };
-        let s = TrainState::after("r", 100, &cx);
+        let s = TrainState::after("r", 100, 0.5, &cx);
         assert_eq!(s.cursor, 100 * 2 * 8);
         assert_eq!(s.replay_cursor, 100 * 2 * 8);
         assert_eq!(s.epoch, 1600 / 50);

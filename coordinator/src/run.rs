@@ -829,6 +829,8 @@ impl Driver {
         // verifies; a failed generation is restarted by `recover` and the loop goes on.
         loop {
             let mut attempt = task.clone();
+            // The loss at the checkpoint's step: the final loss when no step is left to take.
+            let mut resumed_loss = None;
             let resumed = checkpoints
                 .lock()
                 .await
@@ -861,6 +863,7 @@ impl Driver {
                     "resuming distillation from checkpoint"
                 );
                 attempt.resume_from = Some(s.step);
+                resumed_loss = s.loss;
                 attempt.plan.cursor = s.cursor;
                 if let Some(replay) = attempt.replay.as_mut() {
                     replay.cursor = s.replay_cursor;
@@ -880,7 +883,13 @@ impl Driver {
                 .await;
             let last = checkpoints.lock().await.end();
             match outcome {
-                Ok(results) => return Ok((one_summary(results)?, last)),
+                Ok(results) => {
+                    let mut summary = one_summary(results)?;
+                    if let (false, Some(loss)) = (summary.final_loss.is_finite(), resumed_loss) {
+                        summary.final_loss = loss;
+                    }
+                    return Ok((summary, last));
+                }
                 Err(interrupt) => self.recover(interrupt).await?,
             }
         }

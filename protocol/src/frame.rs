@@ -251,6 +251,7 @@ mod tests {
             WorkerMsg::Saved(SavedCheckpoint {
                 task: 3,
                 step: 100,
+                loss: 0.25,
                 objects: vec![SavedObject {
                     name: "student.safetensors".into(),
                     size: 12,

@@ -6,7 +6,7 @@ use crate::config::Modality;
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever the encoding of any message changes.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// What a worker sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,6 +211,8 @@ pub struct SavedCheckpoint {
     pub task: u64,
     /// Steps taken when the tensors were captured.
     pub step: u64,
+    /// Rank 0's loss at that step, so that a run resumed after its last step still reports it.
+    pub loss: f64,
     pub objects: Vec<SavedObject>,
 }
 

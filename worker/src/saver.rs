@@ -156,7 +156,7 @@ impl Saver {
 
     /// Starts uploading checkpoint `step` in the background, after the previous upload (if
     /// still running) has finished.
-    pub fn save(&mut self, step: u64, student: Bytes, optimizer: Bytes) {
+    pub fn save(&mut self, step: u64, loss: f64, student: Bytes, optimizer: Bytes) {
         self.wait();
         let (store, runtime, sink) = (self.store.clone(), self.runtime.clone(), self.sink.clone());
         let (run_id, task) = (self.order.run_id.clone(), self.task);
@@ -172,6 +172,7 @@ impl Saver {
                 Ok(entries) => WorkerMsg::Saved(SavedCheckpoint {
                     task,
                     step,
+                    loss,
                     objects: entries
                         .into_iter()
                         .map(|e| SavedObject {

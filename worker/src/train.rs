@@ -702,7 +702,7 @@ impl Rank {
                 .filter(|s| stopped || s.due(taken, task.steps))
             {
                 let (student, optimizer) = snapshot(&params, &opt)?;
-                saver.save(taken, student, optimizer);
+                saver.save(taken, last_loss, student, optimizer);
             }
             if stopped {
                 tracing::info!(rank = self.rank, step = taken, "stopping early, as asked");

@@ -2,7 +2,8 @@
 # The test command (README.md; .ci/run calls exactly this). Installs what it needs itself:
 # the pip CUDA 13.0 compiler (into .cuda/, once) and the S3-compatible server s3s-fs 0.14.1 that
 # the checkpoint tests start on 127.0.0.1 (into .tools/, once). Needs no GPU and no cloud.
-#  1. every CUDA kernel compiled to PTX for sm_90 and assembled, 0 spill bytes (kernels/ptx-check.sh)
+#  1. every CUDA kernel compiled to PTX for sm_90 and assembled, 0 spill bytes (kernels/ptx-check.sh);
+#     tests/gpu/make_random_qwen2.py's tensor layout against the fixtures transformers wrote
 #  2. the `cuda` build (the xkd binary with candle on CUDA, NCCL and the kernels' CUDA path)
 #     type-checks against candle's CUDA backend and cudarc's NCCL bindings
 #  3. the whole workspace's tests, release build
@@ -10,6 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== 1/3 CUDA kernels: PTX for sm_90, ptxas, spills"
 kernels/ptx-check.sh
+echo "== the GPU check's random-weight Qwen2 models: names and shapes as transformers lays them out"
+python3 tests/gpu/make_random_qwen2.py --check
 echo "== 2/3 cargo check --features cuda (xkd, xkd-worker, xkd-kernels)"
 (. kernels/cuda-env.sh \
     && cargo check --release -p xkd -p xkd-worker -p xkd-kernels --features cuda --all-targets)

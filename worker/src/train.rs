@@ -168,6 +168,14 @@ impl Rank {
         let local = net::local_model_dir(dir, &self.config.run.cache_dir)?;
         let qwen = QwenModel::load(&local, net::family(modality), dtype, &self.device)
             .with_context(|| format!("loading the {} model from {dir}", modality.as_str()))?;
+        tracing::info!(
+            rank = self.rank,
+            ?modality,
+            parameters = qwen.parameters(),
+            ?dtype,
+            dir = %dir,
+            "qwen2 model"
+        );
         if let Some(rate) = qwen.sampling_rate() {
             if rate != self.config.data.sample_rate {
                 bail!(

@@ -1,6 +1,7 @@
 //! LoRA on the Qwen2 decoder, with no Python: a fresh adapter (`B = 0`) leaves the fixture
 //! models' logits exactly as they are; the loss's gradient reaches `A` and `B` and no base
-//! weight; adapters saved in PEFT's format load back to the same logits. That PEFT computes
+//! weight; adapters saved in PEFT's format load back to the same logits; a bf16 base (the GPU
+//! path's) with f32 adapters answers and trains like the f32 model. That PEFT computes
 //! the same logits from those files is checked by tests/reference/check_peft_adapter.py on
 //! what `examples/lora_peft_fixture.rs` writes.
 
@@ -12,7 +13,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, SGD};
 use common::{case, fixtures, max_abs};
 use xkd_worker::qwen::lora::PROJECTIONS;
-use xkd_worker::qwen::{LoraAdapters, LoraConfig, Qwen2Audio, Qwen2Vl, VisionInput, Weights};
+use xkd_worker::qwen::{
+    Clip, Family, LoraAdapters, LoraConfig, Prepared, Qwen2Audio, Qwen2Vl, QwenModel, VisionInput,
+    Weights,
+};
 
 fn lora(targets: &[&str]) -> LoraConfig {
     LoraConfig {
@@ -220,4 +224,132 @@ fn saved_adapters_load_back_to_the_same_logits() {
     let weights = Weights::load(&dir_vl, DType::F32, &Device::Cpu).unwrap();
     let mut vl = Qwen2Vl::load(&dir_vl, &weights).unwrap();
     assert!(vl.attach_lora(&loaded).is_err());
+}
+
+/// The GPU path's dtype mix, run on the CPU: a bf16 base with f32 adapters answers through
+/// `QwenModel` with f32 letter logits within bf16 rounding of the all-f32 model's, and the
+/// gradient of those logits reaches every adapter, close to the f32 model's.
+#[test]
+fn a_bf16_base_with_f32_adapters_answers_and_trains_like_the_f32_model() {
+    let case: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("qwen2_prompt_case.json")).unwrap(),
+    )
+    .unwrap();
+    let options: Vec<&str> = case["options"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_str().unwrap())
+        .collect();
+    let questions = vec![options.clone(), options.iter().rev().copied().collect()];
+    // Deterministic clips: two tones, and two videos of four patterned frames.
+    let wavs: Vec<Vec<f32>> = [220.0f32, 880.0]
+        .iter()
+        .map(|f| {
+            (0..16000)
+                .map(|i| 0.3 * (i as f32 * f * std::f32::consts::TAU / 16000.0).sin())
+                .collect()
+        })
+        .collect();
+    let (h, w) = (40, 56);
+    let frames: Vec<Vec<Vec<u8>>> = (0..2)
+        .map(|c| {
+            (0..4)
+                .map(|t| {
+                    (0..h * w * 3)
+                        .map(|i| ((i * 7 + t * 31 + c * 90) % 256) as u8)
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+
+    for (family, name) in [
+        (Family::Audio, "qwen2-audio-tiny"),
+        (Family::Vl, "qwen2-vl-tiny"),
+    ] {
+        let run = |dtype: DType| {
+            let dir = fixtures().join(name);
+            let mut model = QwenModel::load(&dir, family, dtype, &Device::Cpu).unwrap();
+            let adapters = model.init_lora(lora(&PROJECTIONS), 11).unwrap();
+            // B = 0 would hide the adapters' path from the logits: give B values.
+            // (Deterministic: both dtypes must get the same values.)
+            for (i, path) in adapters.paths().enumerate() {
+                let b = adapters.get(path).unwrap().b();
+                let n = b.elem_count();
+                let values = Tensor::arange(0f32, n as f32, &Device::Cpu)
+                    .unwrap()
+                    .affine(0.37, i as f64)
+                    .unwrap()
+                    .cos()
+                    .unwrap()
+                    .affine(0.05, 0.0)
+                    .unwrap()
+                    .reshape(b.shape())
+                    .unwrap();
+                b.set(&values).unwrap();
+            }
+            let clips: Vec<Prepared> = (0..2)
+                .map(|c| match family {
+                    Family::Audio => model.prepare(Clip::Audio(&wavs[c])).unwrap(),
+                    Family::Vl => model
+                        .prepare(Clip::Video {
+                            frames: &frames[c],
+                            h,
+                            w,
+                        })
+                        .unwrap(),
+                })
+                .collect();
+            let refs: Vec<&Prepared> = clips.iter().collect();
+            let (logits, _) = model
+                .letter_logits(&refs, &questions, &Device::Cpu)
+                .unwrap();
+            assert_eq!(logits.dtype(), DType::F32, "{name} in {dtype:?}");
+            let weights = Tensor::arange(0f32, 20.0, &Device::Cpu)
+                .unwrap()
+                .reshape((2, 10))
+                .unwrap()
+                .sin()
+                .unwrap();
+            let grads = (&logits * weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads: Vec<(Tensor, Tensor)> = adapters
+                .paths()
+                .map(|p| {
+                    let m = adapters.get(p).unwrap();
+                    let g = |v: &candle_core::Var| {
+                        grads
+                            .get(v)
+                            .unwrap_or_else(|| panic!("{name} {dtype:?}: no gradient for {p}"))
+                            .clone()
+                    };
+                    (g(m.a()), g(m.b()))
+                })
+                .collect();
+            (logits, grads)
+        };
+        let (l32, g32) = run(DType::F32);
+        let (l16, g16) = run(DType::BF16);
+        let rel = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-12);
+        let logit_err = rel(&l16, &l32);
+        let grad_err = g16
+            .iter()
+            .zip(&g32)
+            .map(|((a16, b16), (a32, b32))| rel(a16, a32).max(rel(b16, b32)))
+            .fold(0f32, f32::max);
+        eprintln!("{name}: bf16 base vs f32: letter logits {logit_err:.2e}, adapter gradients {grad_err:.2e} (relative to the largest)");
+        assert!(logit_err < 5e-2, "{name}: bf16 logits off by {logit_err}");
+        assert!(
+            grad_err < 1e-1,
+            "{name}: bf16 adapter gradients off by {grad_err}"
+        );
+        assert!(g16
+            .iter()
+            .all(|(a, b)| max_abs(a) > 0.0 && max_abs(b) > 0.0));
+    }
 }

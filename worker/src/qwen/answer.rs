@@ -70,6 +70,7 @@ pub struct QwenModel {
     model: Model,
     prompt: ChatPrompt,
     pad: u32,
+    parameters: usize,
 }
 
 impl QwenModel {
@@ -82,6 +83,7 @@ impl QwenModel {
         device: &Device,
     ) -> std::result::Result<Self, LoadError> {
         let weights = Weights::load(dir, dtype, device)?;
+        let parameters = weights.tensors().map(Tensor::elem_count).sum();
         let (path, text) = read_text(dir, "preprocessor_config.json")?;
         let config_error = |message: String| LoadError::Config {
             path: path.clone(),
@@ -119,7 +121,17 @@ impl QwenModel {
         };
         let prompt = ChatPrompt::load(dir, family, placeholder)?;
         let pad = prompt.token_id("<|endoftext|>").unwrap_or(0);
-        Ok(Self { model, prompt, pad })
+        Ok(Self {
+            model,
+            prompt,
+            pad,
+            parameters,
+        })
+    }
+
+    /// Parameters of the checkpoint (adapters not counted).
+    pub fn parameters(&self) -> usize {
+        self.parameters
     }
 
     pub fn family(&self) -> Family {

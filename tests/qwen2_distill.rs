@@ -9,8 +9,9 @@
 //! tests/reference/check_peft_adapter.py (see its docstring), which needs PyTorch.
 //!
 //! A model directory may also live in an object store: the second test serves one from a real
-//! S3-compatible server on 127.0.0.1. The third kills a worker of a LoRA run after its first
-//! checkpoint: the run resumes from the adapters and ends with the undisturbed run's bytes.
+//! S3-compatible server on 127.0.0.1. The third kills a worker of a LoRA run with dropout
+//! after its first checkpoint: the run resumes from the adapters and ends with the undisturbed
+//! run's bytes.
 
 mod common;
 
@@ -211,7 +212,7 @@ fn a_model_directory_in_an_object_store_is_downloaded_once_and_used() {
 }
 
 #[test]
-fn a_lora_run_whose_worker_is_killed_resumes_from_its_adapters_bit_identical() {
+fn a_lora_run_with_dropout_whose_worker_is_killed_resumes_bit_identical() {
     use common::Background;
     use std::time::Duration;
     let limit = Duration::from_secs(600);
@@ -231,6 +232,9 @@ fn a_lora_run_whose_worker_is_killed_resumes_from_its_adapters_bit_identical() {
             &format!("run.run_id={name}"),
             "--set",
             "checkpoint.every_steps=20",
+            // Dropout masks are drawn per step from (seed, step, rank): a restart redraws them.
+            "--set",
+            "lora.dropout=0.1",
         ]
         .map(String::from)
         .to_vec()

@@ -7,10 +7,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
-use candle_core::{Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use xkd_checkpoint::Store;
 use xkd_protocol::config::{section_digest, Config, Modality};
+use xkd_protocol::splitmix64;
 
 use crate::model::{self, Model};
 use crate::qwen::{Family, LoraAdapters, QwenModel};
@@ -100,6 +101,20 @@ pub fn local_model_dir(dir: &str, cache_dir: &str) -> Result<PathBuf> {
 }
 
 impl Params {
+    /// Before training step `step` on `rank`: restarts LoRA dropout's random stream at a value
+    /// drawn from (seed, step, rank), so the step's masks are the same however the run got
+    /// there (a stand-in has no dropout).
+    pub fn start_step(&self, seed: u64, step: u64, rank: u32, device: &Device) -> Result<()> {
+        let Params::Lora { adapters, .. } = self else {
+            return Ok(());
+        };
+        let mut state = seed;
+        let mut state = splitmix64(&mut state) ^ step;
+        let mut state = splitmix64(&mut state) ^ u64::from(rank);
+        adapters.reseed(splitmix64(&mut state), device)?;
+        Ok(())
+    }
+
     /// Every parameter a checkpoint holds, in name order: the whole stand-in (frozen ones
     /// too: the file is the whole model), or the adapters' `A` and `B`.
     pub fn named(&self) -> Vec<(String, Var)> {

@@ -660,6 +660,7 @@ impl Rank {
         for step in first..task.steps {
             let lr = learning_rate(step, task.steps, task.warmup_steps, task.lr);
             opt.set_learning_rate(lr);
+            params.start_step(task.seed, step, self.rank, &self.device)?;
             let t0 = clock(&self.device)?;
             let (loss, parts, times) = self.loss(task, &student, anchors.as_ref(), step - first)?;
             let mut grads = loss.backward()?;

@@ -16,10 +16,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::Linear;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::weights::LoadError;
@@ -99,6 +101,38 @@ impl LoraConfig {
     }
 }
 
+/// Where LoRA dropout draws its masks, shared by every adapter of a model. The trainer
+/// reseeds it before each step ([`LoraAdapters::reseed`]) from the run seed, the step and the
+/// rank, so a step's masks depend on nothing else: a resumed run draws the masks the
+/// uninterrupted run drew. On the CPU the masks come from a ChaCha stream on the host; on a
+/// GPU from the device's generator (curand), which the reseed restarts with the same value
+/// (drawing GPU-sized masks on the host would cost more than the step).
+#[derive(Debug, Clone)]
+struct DropoutRng(Arc<Mutex<ChaCha8Rng>>);
+
+impl DropoutRng {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(0))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChaCha8Rng> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `x` with each element zeroed with probability `p`, the rest scaled by `1 / (1 - p)`.
+    fn dropout(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+        if !x.device().is_cpu() {
+            return candle_nn::ops::dropout(x, p);
+        }
+        let keep = (1.0 / (1.0 - p as f64)) as f32;
+        let mut rng = self.lock();
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f32>() >= p { keep } else { 0.0 })
+            .collect();
+        x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?
+    }
+}
+
 /// One projection's adapter: `A` `[r, in]`, `B` `[out, r]`.
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
@@ -106,6 +140,7 @@ pub struct LoraAdapter {
     b: Var,
     scale: f64,
     dropout: f32,
+    rng: DropoutRng,
 }
 
 impl LoraAdapter {
@@ -121,7 +156,7 @@ impl LoraAdapter {
     fn delta(&self, x: &Tensor, training: bool) -> Result<Tensor> {
         let mut x = x.to_dtype(DType::F32)?;
         if training && self.dropout > 0.0 {
-            x = candle_nn::ops::dropout(&x, self.dropout)?;
+            x = self.rng.dropout(&x, self.dropout)?;
         }
         let h = x.broadcast_matmul(&self.a.as_tensor().t()?)?;
         h.broadcast_matmul(&self.b.as_tensor().t()?)? * self.scale
@@ -194,6 +229,7 @@ pub struct LoraAdapters {
     /// The language model's path in the checkpoint (`language_model.` or empty).
     prefix: String,
     modules: BTreeMap<String, LoraAdapter>,
+    rng: DropoutRng,
 }
 
 impl LoraAdapters {
@@ -209,7 +245,8 @@ impl LoraAdapters {
         config.validate().map_err(candle_core::Error::msg)?;
         let mut sorted: Vec<&LoraTarget> = targets.iter().collect();
         sorted.sort_by(|x, y| x.path.cmp(&y.path));
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let dropout = DropoutRng::new();
         let mut modules = BTreeMap::new();
         for t in sorted {
             let bound = 1.0 / (t.in_dim as f32).sqrt();
@@ -218,13 +255,24 @@ impl LoraAdapters {
                 .collect();
             let a = Tensor::from_vec(a, (config.r, t.in_dim), device)?;
             let b = Tensor::zeros((t.out_dim, config.r), DType::F32, device)?;
-            modules.insert(t.path.clone(), adapter(&config, a, b)?);
+            modules.insert(t.path.clone(), adapter(&config, a, b, &dropout)?);
         }
         Ok(Self {
             config,
             prefix: prefix.into(),
             modules,
+            rng: dropout,
         })
+    }
+
+    /// Restarts the dropout masks' random stream at `seed` (on a GPU, `device`'s generator
+    /// too): the masks of what runs next are a function of `seed` alone.
+    pub fn reseed(&self, seed: u64, device: &Device) -> Result<()> {
+        *self.rng.lock() = ChaCha8Rng::seed_from_u64(seed);
+        if !device.is_cpu() {
+            device.set_seed(seed)?;
+        }
+        Ok(())
     }
 
     pub fn get(&self, path: &str) -> Option<&LoraAdapter> {
@@ -346,6 +394,7 @@ impl LoraAdapters {
             .and_then(|p| p.split_once("model.layers."))
             .map(|(prefix, _)| prefix.to_string())
             .unwrap_or_default();
+        let dropout = DropoutRng::new();
         let mut modules = BTreeMap::new();
         for (module, (a, b)) in pairs {
             if a.dim(0)? != config.r {
@@ -354,12 +403,13 @@ impl LoraAdapters {
                     format!("{module}: A is {:?}", a.dims()),
                 ));
             }
-            modules.insert(module, adapter(&config, a, b)?);
+            modules.insert(module, adapter(&config, a, b, &dropout)?);
         }
         Ok(Self {
             config,
             prefix,
             modules,
+            rng: dropout,
         })
     }
 }
@@ -384,12 +434,13 @@ fn config_error(path: &Path, message: impl ToString) -> LoadError {
     }
 }
 
-fn adapter(config: &LoraConfig, a: Tensor, b: Tensor) -> Result<LoraAdapter> {
+fn adapter(config: &LoraConfig, a: Tensor, b: Tensor, rng: &DropoutRng) -> Result<LoraAdapter> {
     Ok(LoraAdapter {
         a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
         b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
         scale: config.scale(),
         dropout: config.dropout,
+        rng: rng.clone(),
     })
 }
 
@@ -546,5 +597,46 @@ mod tests {
         assert!(proj
             .attach(bad.get(&target().path).unwrap().clone())
             .is_err());
+    }
+
+    #[test]
+    fn dropout_masks_are_a_function_of_the_reseed_value_alone() {
+        let dev = Device::Cpu;
+        let adapters = LoraAdapters::init(config(0.25), "", &[target()], 9, &dev).unwrap();
+        let mut proj = LoraLinear::new(Linear::new(
+            Tensor::zeros((3, 16), DType::F32, &dev).unwrap(),
+            None,
+        ));
+        proj.attach(adapters.get(&target().path).unwrap().clone())
+            .unwrap();
+        proj.set_training(true);
+        let x = Tensor::ones((64, 16), DType::F32, &dev).unwrap();
+        let rng = &adapters.get(&target().path).unwrap().rng;
+        let masks = |seed: u64, calls: usize| -> Vec<Vec<f32>> {
+            adapters.reseed(seed, &dev).unwrap();
+            (0..calls)
+                .map(|_| {
+                    let m = rng.dropout(&x, 0.25).unwrap();
+                    m.flatten_all().unwrap().to_vec1().unwrap()
+                })
+                .collect()
+        };
+        let first = masks(7, 2);
+        // What ran before the reseed does not matter: the attached copy shares the stream.
+        proj.forward(&x).unwrap();
+        assert_eq!(
+            masks(7, 2),
+            first,
+            "same seed, same masks in the same order"
+        );
+        assert_ne!(first[0], first[1], "consecutive masks differ");
+        assert_ne!(masks(8, 1)[0], first[0], "another seed, other masks");
+        // Kept elements are scaled by 1 / (1 - p); about p of them are dropped.
+        let all: Vec<f32> = first.concat();
+        assert!(all
+            .iter()
+            .all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+        let dropped = all.iter().filter(|&&v| v == 0.0).count() as f64 / all.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.05, "dropped {dropped}");
     }
 }

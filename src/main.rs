@@ -76,9 +76,10 @@ enum Command {
     },
     /// Cluster mode: one worker.
     Worker {
-        /// The coordinator's QUIC address.
-        #[arg(long)]
-        coordinator: SocketAddr,
+        /// The coordinator's QUIC address, `IP:PORT` or `HOST:PORT` (resolved once, at start;
+        /// a name that does not resolve yet exits 1, so the launcher retries).
+        #[arg(long, value_parser = host_port)]
+        coordinator: String,
         /// The coordinator's certificate (DER), written into its output directory at start.
         #[arg(long, env = "XKD_COORDINATOR_CERT")]
         cert: PathBuf,
@@ -245,12 +246,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             if let Some(addr) = listen {
                 config.control.listen = addr;
             }
-            runtime()?.block_on(run::run(RunOptions {
+            let outcome = runtime()?.block_on(run::run(RunOptions {
                 config,
                 out_dir: out,
                 local: None,
                 only_hard_classes: false,
             }))?;
+            if let Outcome::Finished(report) = outcome {
+                print!("{}", xkd_coordinator::report::markdown(&report));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Checkpoint { action } => runtime()?
@@ -269,6 +273,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             cert,
             collective_host,
         } => {
+            let coordinator = coordinator_addr(&coordinator)?;
             let cert_der = std::fs::read(&cert).with_context(|| {
                 format!("reading the coordinator certificate {}", cert.display())
             })?;
@@ -290,6 +295,31 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             })
         }
     }
+}
+
+/// `HOST:PORT` (or `[IPv6]:PORT`) in form; whether the host resolves is known only at start.
+fn host_port(arg: &str) -> Result<String, String> {
+    match arg.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(arg.into()),
+        _ => Err(format!("{arg:?} is not HOST:PORT")),
+    }
+}
+
+/// `addr` as a socket address: an `IP:PORT` as it is, a `HOST:PORT` through the resolver (a
+/// launcher knows the coordinator by its node's or its service's name), IPv4 first.
+fn coordinator_addr(addr: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let all: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .with_context(|| {
+            format!("--coordinator {addr}: not an IP:PORT or a HOST:PORT that resolves")
+        })?
+        .collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .with_context(|| format!("--coordinator {addr}: the name resolves to no address"))
 }
 
 fn local_workers(count: usize, log_format: String) -> Result<LocalWorkers> {

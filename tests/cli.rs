@@ -129,3 +129,26 @@ fn worker_without_token_says_so() {
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("XKD_JOIN_TOKEN"));
 }
+
+#[test]
+fn worker_takes_a_host_name_and_refuses_an_address_without_port() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cert = tmp.path().join("cert.der");
+    std::fs::write(&cert, b"not a cert").unwrap();
+    let run = |addr: &str| {
+        xkd()
+            .args(["worker", "--coordinator", addr, "--cert"])
+            .arg(&cert)
+            .env("XKD_JOIN_TOKEN", "t")
+            .output()
+            .unwrap()
+    };
+    let out = run("coordinator-without-port");
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("coordinator-without-port"));
+    // A name resolves (localhost), and the worker gets as far as the certificate.
+    let out = run("localhost:9");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("certificate"), "{err}");
+}

@@ -1,0 +1,203 @@
+//! `deploy/slurm/xkd.sbatch` on a real Slurm: Debian's slurm-wlm (slurmctld, slurmd, munge)
+//! started on this machine by tests/slurm/start.sh (which installs it with apt-get if needed;
+//! both need root). The job runs `xkd coordinator` and, through `srun`, one `xkd worker` per
+//! task. One job runs undisturbed; in a second, a worker is killed after the first checkpoint:
+//! the coordinator restarts the generation, the script starts the workers again, and the run
+//! finishes from the checkpoint.
+
+mod common;
+
+use common::{is, small_recipe};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A job takes seconds; this only keeps a stuck one from hanging the suite.
+const LIMIT: Duration = Duration::from_secs(300);
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("slurm")
+}
+
+/// The cluster's daemons, stopped when the test ends however it ends.
+struct Cluster {
+    dir: PathBuf,
+    conf: String,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = root().join("cluster");
+        let out = Command::new("tests/slurm/start.sh")
+            .arg(&dir)
+            .output()
+            .expect("tests/slurm/start.sh runs");
+        assert!(
+            out.status.success(),
+            "the Slurm cluster did not start:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let conf = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Cluster { dir, conf }
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("SLURM_CONF", &self.conf);
+        c
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("tests/slurm/start.sh")
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// A UDP port nothing listens on now.
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `sbatch` of the launch script with `tasks` tasks in the background; its output file.
+fn submit(cluster: &Cluster, name: &str, tasks: usize) -> (std::process::Child, PathBuf, PathBuf) {
+    let base = root().join(name);
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let (out, job_out) = (base.join("out"), base.join("job.out"));
+    let config = base.join("empty.toml");
+    std::fs::write(&config, "").unwrap();
+    let mut sbatch = cluster.command("sbatch");
+    sbatch
+        .args(["--wait", &format!("--ntasks={tasks}"), "--job-name", name])
+        .arg(format!("--output={}", job_out.display()))
+        .arg("deploy/slurm/xkd.sbatch")
+        .arg(&config)
+        .arg(&out);
+    let recipe = small_recipe(&root().join("cache"), name, 40, 10, 2);
+    for set in &recipe {
+        sbatch.args(["--set", set]);
+    }
+    sbatch
+        .env("XKD", env!("CARGO_BIN_EXE_xkd"))
+        .env("XKD_PORT", free_udp_port().to_string())
+        .env("XKD_LOG_FORMAT", "json");
+    let child = sbatch.spawn().expect("sbatch starts");
+    (child, job_out, out)
+}
+
+/// Waits for `sbatch --wait`; the job's exit status and its output.
+fn finish(mut child: std::process::Child, job_out: &Path) -> (i32, String) {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "the job did not end within {LIMIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = std::fs::read_to_string(job_out).unwrap_or_default();
+    (status.code().unwrap_or(-1), text)
+}
+
+/// The JSON log lines of the job's output (the coordinator's).
+fn records(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Polls the job's output until a record satisfies `pred`.
+fn wait_for(job_out: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(job_out).unwrap_or_default();
+        if let Some(r) = records(&text).into_iter().find(|r| pred(r)) {
+            return r;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "no {what} in the job output:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn count(records: &[Value], message: &str) -> usize {
+    records.iter().filter(|r| r["message"] == message).count()
+}
+
+fn report(out: &Path) -> Value {
+    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json written");
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn the_launch_script_runs_a_job_and_restarts_a_killed_worker() {
+    let cluster = Cluster::start();
+
+    // Undisturbed: two tasks join as ranks 0 and 1, the run finishes and reports.
+    let (child, job_out, out) = submit(&cluster, "whole", 2);
+    let (code, text) = finish(child, &job_out);
+    assert_eq!(code, 0, "the job failed:\n{text}");
+    let log = records(&text);
+    assert_eq!(count(&log, "worker joined"), 2, "{text}");
+    assert!(
+        text.contains("# xkd run whole"),
+        "the report is printed:\n{text}"
+    );
+    let whole = report(&out);
+    assert_eq!(whole["workers"], 2);
+    assert_eq!(whole["steps"], 40);
+    for rank in 0..2 {
+        let worker = std::fs::read_to_string(out.join(format!("logs/worker-{rank}.log")))
+            .expect("each task logs into OUT/logs");
+        assert!(worker.contains("run finished"), "rank {rank}:\n{worker}");
+    }
+
+    // A worker SIGKILLed after the first checkpoint: the script starts it again, the
+    // coordinator resumes from that checkpoint and the run ends with the same parameters.
+    let (child, job_out, out) = submit(&cluster, "killed", 2);
+    let joined = wait_for(&job_out, "rank 1's join", |r| {
+        is(r, "worker joined", "rank", 1)
+    });
+    wait_for(&job_out, "the first checkpoint", |r| {
+        is(r, "checkpoint committed", "step", 10)
+    });
+    let pid = joined["pid"].as_i64().expect("pid").to_string();
+    assert!(Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let (code, text) = finish(child, &job_out);
+    assert_eq!(code, 0, "the job failed:\n{text}");
+    let log = records(&text);
+    let resumed: Vec<&Value> = log
+        .iter()
+        .filter(|r| r["message"] == "resuming distillation from checkpoint")
+        .collect();
+    assert_eq!(resumed.len(), 1, "{text}");
+    assert!(resumed[0]["step"].as_u64().unwrap() >= 10, "{text}");
+    assert!(
+        count(&log, "worker joined") >= 4,
+        "a second generation joined:\n{text}"
+    );
+    let worker = std::fs::read_to_string(out.join("logs/worker-1.log")).unwrap();
+    assert!(
+        worker.contains("starting it again"),
+        "the script restarted rank 1:\n{worker}"
+    );
+    let killed = report(&out);
+    assert_eq!(killed["student_digest"], whole["student_digest"]);
+}

@@ -2,8 +2,8 @@
 # The test command (README.md; .ci/run calls exactly this). Installs what it needs itself:
 # the pip CUDA 13.0 compiler (into .cuda/, once) and the S3-compatible server s3s-fs 0.14.1 that
 # the checkpoint tests start on 127.0.0.1 (into .tools/, once); tests/slurm.rs installs Debian's
-# slurm-wlm with apt-get when it is missing (tests/slurm/start.sh; needs root). Needs no GPU
-# and no cloud.
+# slurm-wlm with apt-get when it is missing (tests/slurm/start.sh; needs root) and tests/deploy.rs
+# PyPI's kubernetes-validate into .tools/k8s-venv. Needs no GPU and no cloud.
 #  1. every CUDA kernel compiled to PTX for sm_90 and assembled, 0 spill bytes (kernels/ptx-check.sh);
 #     tests/gpu/make_random_qwen2.py's tensor layout against the fixtures transformers wrote
 #  2. the `cuda` build (the xkd binary with candle on CUDA, NCCL and the kernels' CUDA path)

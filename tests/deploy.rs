@@ -1,0 +1,20 @@
+//! The Kubernetes launch files, checked without a cluster: tests/k8s/check.sh validates
+//! deploy/k8s/xkd.yaml against the Kubernetes API schemas (kubernetes-validate --strict) and
+//! checks the coordinator's recipe and arguments resolve through this `xkd` and agree with the
+//! worker Job. (The Slurm script runs on a real Slurm: tests/slurm.rs.)
+
+use std::process::Command;
+
+#[test]
+fn the_kubernetes_manifest_is_valid_and_agrees_with_its_recipe() {
+    let out = Command::new("tests/k8s/check.sh")
+        .env("XKD", env!("CARGO_BIN_EXE_xkd"))
+        .output()
+        .expect("tests/k8s/check.sh runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("valid; 8 workers"), "{stdout}");
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# deploy/k8s/xkd.yaml, checked offline (no cluster): every resource valid against the Kubernetes
+# API schemas with no unknown field (PyPI kubernetes-validate --strict, installed into
+# .tools/k8s-venv once), the worker Job's completions and parallelism equal to the
+# control.workers the coordinator runs with, and configs/qwen2vl-to-qwen2audio.toml with the
+# coordinator's --set arguments resolving through `xkd config show`.
+#   XKD: the xkd binary (default: the release build). tests/deploy.rs runs this.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+venv=$root/.tools/k8s-venv
+if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check kubernetes-validate==1.37.0
+fi
+"$venv/bin/kubernetes-validate" --strict --quiet deploy/k8s/xkd.yaml
+xkd=${XKD:-${CARGO_TARGET_DIR:-$root/target}/release/xkd}
+"$venv/bin/python" - deploy/k8s/xkd.yaml configs/qwen2vl-to-qwen2audio.toml "$xkd" <<'PY'
+import subprocess, sys, tomllib, yaml
+manifest, recipe, xkd = sys.argv[1:]
+docs = [d for d in yaml.safe_load_all(open(manifest)) if d]
+jobs = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Job"}
+args = jobs["xkd-coordinator"]["template"]["spec"]["containers"][0]["args"]
+sets = [a.split("=", 1)[1] for a in args if a.startswith("--set=")]
+cmd = [xkd, "config", "show", "--config", recipe] + [x for s in sets for x in ("--set", s)]
+out = subprocess.run(cmd, capture_output=True, text=True)
+if out.returncode != 0:
+    sys.exit(f"the coordinator's recipe does not resolve: {' '.join(cmd)}\n{out.stderr}")
+config = tomllib.loads(out.stdout)
+workers = jobs["xkd-workers"]
+n = config["control"]["workers"]
+if not workers["completions"] == workers["parallelism"] == n:
+    sys.exit(f"control.workers is {n} but the worker Job has completions "
+             f"{workers['completions']} and parallelism {workers['parallelism']}")
+print(f"{manifest}: valid; {n} workers; run {config['run']['run_id']} resolves from {recipe}")
+PY

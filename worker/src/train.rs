@@ -391,9 +391,11 @@ impl FeatureCache {
     }
 
     /// Prepares clip `record` for `qwen` once: decoded, then through the model's processor
-    /// (Whisper log-mel, Qwen2-VL resize and patches), which costs more than a step's share of
-    /// the forward pass at the real families' window. Every Qwen2 model of one modality in a
-    /// run comes from that modality's one directory, so one preparation serves them all.
+    /// (Whisper log-mel, Qwen2-VL resize and patches): host work, 3,000 FFT frames and a
+    /// 128-band filterbank per clip at Qwen2-Audio's 30-s window, that would otherwise run for
+    /// the teacher, the student and the frozen student on every step. Every Qwen2 model of one
+    /// modality in a run comes from that modality's one directory, so one preparation serves
+    /// them all.
     fn prepare(
         &mut self,
         manifest: &Manifest,

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, SGD};
-use common::{case, fixtures, max_abs};
+use common::{case, fixtures, max_abs, prompt_case, prompt_options};
 use xkd_worker::qwen::lora::PROJECTIONS;
 use xkd_worker::qwen::{
     Clip, Family, LoraAdapters, LoraConfig, Prepared, Qwen2Audio, Qwen2Vl, QwenModel, VisionInput,
@@ -231,16 +231,8 @@ fn saved_adapters_load_back_to_the_same_logits() {
 /// gradient of those logits reaches every adapter, close to the f32 model's.
 #[test]
 fn a_bf16_base_with_f32_adapters_answers_and_trains_like_the_f32_model() {
-    let case: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("qwen2_prompt_case.json")).unwrap(),
-    )
-    .unwrap();
-    let options: Vec<&str> = case["options"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o.as_str().unwrap())
-        .collect();
+    let case = prompt_case();
+    let options = prompt_options(&case);
     let questions = vec![options.clone(), options.iter().rev().copied().collect()];
     // Deterministic clips: two tones, and two videos of four patterned frames.
     let wavs: Vec<Vec<f32>> = [220.0f32, 880.0]

@@ -6,8 +6,7 @@
 
 mod common;
 
-use common::fixtures;
-use serde_json::Value;
+use common::{fixtures, prompt_case, prompt_options};
 use xkd_worker::qwen::prompt::LETTERS;
 use xkd_worker::qwen::{ChatPrompt, Family, Qwen2Audio, Qwen2Vl};
 
@@ -29,16 +28,8 @@ fn load(family: Family) -> ChatPrompt {
 
 #[test]
 fn both_families_render_and_encode_the_question_as_python_tokenizers_does() {
-    let case: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("qwen2_prompt_case.json")).unwrap(),
-    )
-    .unwrap();
-    let options: Vec<&str> = case["options"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o.as_str().unwrap())
-        .collect();
+    let case = prompt_case();
+    let options = prompt_options(&case);
     for (family, key) in [(Family::Audio, "audio"), (Family::Vl, "vl")] {
         let prompt = load(family);
         assert_eq!(prompt.text(&options), case[key]["text"].as_str().unwrap());

@@ -106,7 +106,8 @@ impl LoraConfig {
 /// rank, so a step's masks depend on nothing else: a resumed run draws the masks the
 /// uninterrupted run drew. On the CPU the masks come from a ChaCha stream on the host; on a
 /// GPU from the device's generator (curand), which the reseed restarts with the same value
-/// (drawing GPU-sized masks on the host would cost more than the step).
+/// (a step of the 7B models drops elements of every adapter's input, billions of them: too
+/// many to draw on the host and copy over).
 #[derive(Debug, Clone)]
 struct DropoutRng(Arc<Mutex<ChaCha8Rng>>);
 

@@ -17,6 +17,23 @@ pub fn case(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join(name), &Device::Cpu).expect("fixture")
 }
 
+/// fixtures/qwen2_prompt_case.json (make_tiny_tokenizer.py): a question's ten option names
+/// and each family's reference text and ids for it.
+pub fn prompt_case() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("qwen2_prompt_case.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The option names of `prompt_case()`.
+pub fn prompt_options(case: &serde_json::Value) -> Vec<&str> {
+    case["options"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_str().unwrap())
+        .collect()
+}
+
 /// Largest |t|.
 pub fn max_abs(t: &Tensor) -> f32 {
     t.abs()

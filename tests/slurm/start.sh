@@ -17,6 +17,10 @@ if [ "${1:-}" = stop ]; then
     exit 0
 fi
 dir=${1:-$root/target/tmp/slurm}
+if [ "$(id -u)" != 0 ]; then
+    echo "tests/slurm/start.sh needs root: it installs slurm-wlm and runs slurmctld, slurmd and munged as root" >&2
+    exit 1
+fi
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 conf=$dir/slurm.conf

@@ -257,23 +257,15 @@ fn a_lora_run_with_dropout_whose_worker_is_killed_resumes_bit_identical() {
     let joined = run.wait_for("rank 1 joined", limit, |r| {
         common::is(r, "worker joined", "rank", 1)
     });
-    let pid = joined["pid"].as_i64().expect("pid").to_string();
     run.wait_for("the checkpoint of step 20", limit, |r| {
         common::is(r, "checkpoint committed", "step", 20)
     });
     std::thread::sleep(Duration::from_secs(1));
-    assert!(Command::new("kill")
-        .args(["-KILL", &pid])
-        .status()
-        .unwrap()
-        .success());
+    common::signal(joined["pid"].as_i64().expect("pid"), "-KILL");
     let (code, text) = run.wait(limit);
     assert_eq!(code, 0, "the run did not complete:\n{text}");
     let records = common::records(&base.join("killed.log"));
-    let resumed: Vec<&Value> = records
-        .iter()
-        .filter(|r| r["message"] == "resuming distillation from checkpoint")
-        .collect();
+    let resumed = common::find(&records, "resuming distillation from checkpoint");
     assert_eq!(resumed.len(), 1, "{text}");
     assert_eq!(resumed[0]["step"], 20, "{text}");
     assert_eq!(

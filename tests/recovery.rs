@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{is, json_of, run_args, s3, small_recipe, xkd, Background};
+use common::{find, is, json_of, report, run_args, s3, signal, small_recipe, xkd, Background};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -70,11 +70,6 @@ fn final_digest(out: &Path, run_id: &str, env: &[(String, String)]) -> String {
         .to_string()
 }
 
-fn report(out: &Path) -> Value {
-    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json written");
-    serde_json::from_str(&text).unwrap()
-}
-
 fn committed(step: u64) -> impl Fn(&Value) -> bool {
     move |r| is(r, "checkpoint committed", "step", step)
 }
@@ -87,24 +82,12 @@ fn worker_pid(run: &mut Background, rank: u64) -> i32 {
     joined["pid"].as_i64().expect("pid") as i32
 }
 
-fn signal(pid: i32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill {sig} {pid} failed");
-}
-
 /// Sends `sig` to `pid` a second after the checkpoint of step EVERY is committed: between
 /// that checkpoint and the next, about 5 s later.
 fn signal_after_first_checkpoint(run: &mut Background, pid: i32, sig: &str) {
     run.wait_for("the checkpoint of step 20", LIMIT, committed(EVERY));
     std::thread::sleep(Duration::from_secs(1));
-    signal(pid, sig);
-}
-
-fn find<'a>(records: &'a [Value], message: &str) -> Vec<&'a Value> {
-    records.iter().filter(|r| r["message"] == message).collect()
+    signal(pid.into(), sig);
 }
 
 #[test]

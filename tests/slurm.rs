@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{is, small_recipe};
+use common::{find, is, records, report, signal, small_recipe};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -110,36 +110,20 @@ fn finish(mut child: std::process::Child, job_out: &Path) -> (i32, String) {
     (status.code().unwrap_or(-1), text)
 }
 
-/// The JSON log lines of the job's output (the coordinator's).
-fn records(text: &str) -> Vec<Value> {
-    text.lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// Polls the job's output until a record satisfies `pred`.
 fn wait_for(job_out: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
     let start = Instant::now();
     loop {
-        let text = std::fs::read_to_string(job_out).unwrap_or_default();
-        if let Some(r) = records(&text).into_iter().find(|r| pred(r)) {
+        if let Some(r) = records(job_out).into_iter().find(|r| pred(r)) {
             return r;
         }
         assert!(
             start.elapsed() < LIMIT,
-            "no {what} in the job output:\n{text}"
+            "no {what} in {}",
+            job_out.display()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn count(records: &[Value], message: &str) -> usize {
-    records.iter().filter(|r| r["message"] == message).count()
-}
-
-fn report(out: &Path) -> Value {
-    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json written");
-    serde_json::from_str(&text).unwrap()
 }
 
 #[test]
@@ -150,8 +134,8 @@ fn the_launch_script_runs_a_job_and_restarts_a_killed_worker() {
     let (child, job_out, out) = submit(&cluster, "whole", 2);
     let (code, text) = finish(child, &job_out);
     assert_eq!(code, 0, "the job failed:\n{text}");
-    let log = records(&text);
-    assert_eq!(count(&log, "worker joined"), 2, "{text}");
+    let log = records(&job_out);
+    assert_eq!(find(&log, "worker joined").len(), 2, "{text}");
     assert!(
         text.contains("# xkd run whole"),
         "the report is printed:\n{text}"
@@ -174,23 +158,15 @@ fn the_launch_script_runs_a_job_and_restarts_a_killed_worker() {
     wait_for(&job_out, "the first checkpoint", |r| {
         is(r, "checkpoint committed", "step", 10)
     });
-    let pid = joined["pid"].as_i64().expect("pid").to_string();
-    assert!(Command::new("kill")
-        .args(["-KILL", &pid])
-        .status()
-        .unwrap()
-        .success());
+    signal(joined["pid"].as_i64().expect("pid"), "-KILL");
     let (code, text) = finish(child, &job_out);
     assert_eq!(code, 0, "the job failed:\n{text}");
-    let log = records(&text);
-    let resumed: Vec<&Value> = log
-        .iter()
-        .filter(|r| r["message"] == "resuming distillation from checkpoint")
-        .collect();
+    let log = records(&job_out);
+    let resumed = find(&log, "resuming distillation from checkpoint");
     assert_eq!(resumed.len(), 1, "{text}");
     assert!(resumed[0]["step"].as_u64().unwrap() >= 10, "{text}");
     assert!(
-        count(&log, "worker joined") >= 4,
+        find(&log, "worker joined").len() >= 4,
         "a second generation joined:\n{text}"
     );
     let worker = std::fs::read_to_string(out.join("logs/worker-1.log")).unwrap();

@@ -163,6 +163,26 @@ pub fn records(log: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The log records whose message is `message`.
+pub fn find<'a>(records: &'a [Value], message: &str) -> Vec<&'a Value> {
+    records.iter().filter(|r| r["message"] == message).collect()
+}
+
+/// `out/report.json`, which a finished run writes.
+pub fn report(out: &Path) -> Value {
+    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json written");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// `kill SIG pid`, which must succeed.
+pub fn signal(pid: i64, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {sig} {pid} failed");
+}
+
 /// Whether `record` is the log line `message` with field `key` equal to `value`.
 pub fn is(record: &Value, message: &str, key: &str, value: u64) -> bool {
     record["message"] == message && record[key].as_u64() == Some(value)

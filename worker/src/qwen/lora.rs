@@ -269,6 +269,9 @@ impl LoraAdapters {
     /// Restarts the dropout masks' random stream at `seed` (on a GPU, `device`'s generator
     /// too): the masks of what runs next are a function of `seed` alone.
     pub fn reseed(&self, seed: u64, device: &Device) -> Result<()> {
+        if self.config.dropout == 0.0 {
+            return Ok(()); // nothing draws from it
+        }
         *self.rng.lock() = ChaCha8Rng::seed_from_u64(seed);
         if !device.is_cpu() {
             device.set_seed(seed)?;

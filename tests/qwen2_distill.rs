@@ -251,17 +251,20 @@ fn a_lora_run_with_dropout_whose_worker_is_killed_resumes_bit_identical() {
     let (code, text) = reference.wait(limit);
     assert_eq!(code, 0, "the undisturbed run failed:\n{text}");
 
-    // SIGKILL to rank 1 a second after step 20 is committed: the workers are replaced and the
-    // distillation goes on from that checkpoint's adapters and optimizer state.
-    let mut run = Background::start(&args("killed"), &[], &base.join("killed.log"));
+    // SIGKILL to rank 1 while rank 0 is held after step 20's commit: the workers are replaced
+    // and the distillation goes on from that checkpoint's adapters and optimizer state.
+    let release = base.join("killed.release");
+    let mut run = Background::start(
+        &args("killed"),
+        &[common::hold_env(20, &release)],
+        &base.join("killed.log"),
+    );
     let joined = run.wait_for("rank 1 joined", limit, |r| {
         common::is(r, "worker joined", "rank", 1)
     });
-    run.wait_for("the checkpoint of step 20", limit, |r| {
-        common::is(r, "checkpoint committed", "step", 20)
-    });
-    std::thread::sleep(Duration::from_secs(1));
+    run.wait_held(&base.join("killed"), 20, limit);
     common::signal(joined["pid"].as_i64().expect("pid"), "-KILL");
+    common::release(&release);
     let (code, text) = run.wait(limit);
     assert_eq!(code, 0, "the run did not complete:\n{text}");
     let records = common::records(&base.join("killed.log"));

@@ -10,14 +10,17 @@
 
 mod common;
 
-use common::{find, is, json_of, report, run_args, s3, signal, small_recipe, xkd, Background};
+use common::{
+    find, hold_env, is, json_of, release, report, run_args, s3, signal, small_recipe, xkd,
+    Background,
+};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-/// 60 steps with a checkpoint every 20: a test acts after the commit of step 20 and well
-/// before step 40 (about 5 s later on a 2-core machine).
+/// 60 steps with a checkpoint every 20: a test acts after the commit of step 20, while rank 0
+/// is held there (`start_held`), so step 40 cannot have been committed whatever the machine.
 const STEPS: u64 = 60;
 const EVERY: u64 = 20;
 const KEEP: usize = 3;
@@ -82,12 +85,21 @@ fn worker_pid(run: &mut Background, rank: u64) -> i32 {
     joined["pid"].as_i64().expect("pid") as i32
 }
 
-/// Sends `sig` to `pid` a second after the checkpoint of step EVERY is committed: between
-/// that checkpoint and the next, about 5 s later.
-fn signal_after_first_checkpoint(run: &mut Background, pid: i32, sig: &str) {
-    run.wait_for("the checkpoint of step 20", LIMIT, committed(EVERY));
-    std::thread::sleep(Duration::from_secs(1));
-    signal(pid.into(), sig);
+/// Starts `xkd run` with `sets` (and `extra` environment) holding rank 0 after step EVERY,
+/// and returns once checkpoint EVERY is committed and rank 0 is held: from then until
+/// `release(&release_file(out))` (or a stop order) no rank takes a step, so the newest commit
+/// is EVERY's. Worker pids are read first (ranks 0 and 1).
+fn start_held(out: &Path, sets: &[String], extra: &[(String, String)]) -> (Background, [i32; 2]) {
+    let mut env = vec![hold_env(EVERY, &release_file(out))];
+    env.extend_from_slice(extra);
+    let mut run = Background::start(&run_args(out, sets, &[]), &env, &out.with_extension("log"));
+    let pids = [worker_pid(&mut run, 0), worker_pid(&mut run, 1)];
+    run.wait_held(out, EVERY, LIMIT);
+    (run, pids)
+}
+
+fn release_file(out: &Path) -> PathBuf {
+    out.with_extension("release")
 }
 
 #[test]
@@ -95,13 +107,9 @@ fn a_killed_worker_is_replaced_and_the_run_ends_bit_identical() {
     let _serial = serial();
     let (_, want) = reference();
     let out = fresh("killed");
-    let mut run = Background::start(
-        &run_args(&out, &recipe("killed"), &[]),
-        &[],
-        &out.with_extension("log"),
-    );
-    let pid = worker_pid(&mut run, 1);
-    signal_after_first_checkpoint(&mut run, pid, "-KILL");
+    let (run, [_, pid]) = start_held(&out, &recipe("killed"), &[]);
+    signal(pid.into(), "-KILL");
+    release(&release_file(&out));
     let (code, text) = run.wait(LIMIT);
     assert_eq!(code, 0, "the run did not complete on its own:\n{text}");
     let records = common::records(&out.with_extension("log"));
@@ -126,11 +134,11 @@ fn sigterm_checkpoints_and_a_run_on_one_worker_resumes_it() {
     let _serial = serial();
     let (reference_out, _) = reference();
     let out = fresh("preempted");
-    let args = run_args(&out, &recipe("preempted"), &[]);
     let log = out.with_extension("log");
-    let mut run = Background::start(&args, &[], &log);
-    let coordinator = run.child.id() as i32;
-    signal_after_first_checkpoint(&mut run, coordinator, "-TERM");
+    let (run, _) = start_held(&out, &recipe("preempted"), &[]);
+    // The stop order itself releases rank 0, which votes to stop in the next step's
+    // all-reduce: every rank stops after step EVERY + 1, and rank 0 checkpoints it.
+    signal(run.child.id().into(), "-TERM");
     let (code, text) = run.wait(LIMIT);
     assert_eq!(code, 0, "SIGTERM must checkpoint and exit 0:\n{text}");
     let records = common::records(&log);
@@ -143,12 +151,12 @@ fn sigterm_checkpoints_and_a_run_on_one_worker_resumes_it() {
         1,
         "{text}"
     );
-    // The stop step was checkpointed: the newest commit is past 20 and before the end.
+    // The stop step was checkpointed: the newest commit is the step after the hold.
     let stop = find(&records, "checkpoint committed")
         .last()
         .and_then(|r| r["step"].as_u64())
         .expect("a commit");
-    assert!(stop > EVERY && stop < STEPS, "stopped at {stop}:\n{text}");
+    assert_eq!(stop, EVERY + 1, "{text}");
     assert!(
         !out.join("report.json").exists(),
         "a preempted run writes no report"
@@ -199,9 +207,17 @@ fn a_preempted_worker_checkpoints_and_the_run_goes_on_bit_identical() {
     // No restart allowed: a worker's own preemption is not a failure and is not counted.
     let mut sets = recipe("worker-term");
     sets.push("control.max_restarts=0".into());
-    let mut run = Background::start(&run_args(&out, &sets, &[]), &[], &log);
-    let pid = worker_pid(&mut run, 1);
-    signal_after_first_checkpoint(&mut run, pid, "-TERM");
+    let (mut run, [_, pid]) = start_held(&out, &sets, &[]);
+    signal(pid.into(), "-TERM");
+    // Rank 1 has taken the order (it votes to stop in the next all-reduce) before rank 0
+    // goes on: the stop lands a step or two after the hold, never at the end.
+    run.wait_until("rank 1's stop", LIMIT, || {
+        common::worker_records(&out)
+            .iter()
+            .any(|r| r["message"] == "SIGTERM: stopping after the current step")
+            .then_some(())
+    });
+    release(&release_file(&out));
     let (code, text) = run.wait(LIMIT);
     assert_eq!(code, 0, "the run did not complete on its own:\n{text}");
     let records = common::records(&log);
@@ -217,7 +233,10 @@ fn a_preempted_worker_checkpoints_and_the_run_goes_on_bit_identical() {
     let resumed = find(&records, "resuming distillation from checkpoint");
     assert_eq!(resumed.len(), 1, "{text}");
     let step = resumed[0]["step"].as_u64().unwrap();
-    assert!(step > EVERY && step < STEPS, "resumed at {step}:\n{text}");
+    assert!(
+        step > EVERY && step <= EVERY + 2,
+        "resumed at {step}:\n{text}"
+    );
     assert!(
         records.iter().any(|r| committed(step)(r)),
         "the stop step was not committed:\n{text}"
@@ -230,15 +249,8 @@ fn a_killed_coordinator_started_again_resumes_from_the_store() {
     let _serial = serial();
     let (_, want) = reference();
     let out = fresh("coordinator-killed");
-    let log = out.with_extension("log");
-    let mut run = Background::start(
-        &run_args(&out, &recipe("coordinator-killed"), &[]),
-        &[],
-        &log,
-    );
-    let workers = [worker_pid(&mut run, 0), worker_pid(&mut run, 1)];
-    let coordinator = run.child.id() as i32;
-    signal_after_first_checkpoint(&mut run, coordinator, "-KILL");
+    let (run, workers) = start_held(&out, &recipe("coordinator-killed"), &[]);
+    signal(run.child.id().into(), "-KILL");
     let (code, _) = run.wait(LIMIT);
     assert_eq!(code, -1, "killed by a signal");
     // Its workers go with it (they would otherwise write checkpoints beside the resumed run).
@@ -278,13 +290,10 @@ fn a_store_down_for_15_s_loses_no_checkpoint() {
     let out = fresh("outage");
     let mut sets = recipe("outage");
     sets.push(format!("checkpoint.url={url}"));
-    let mut run = Background::start(
-        &run_args(&out, &sets, &[]),
-        &env,
-        &out.with_extension("log"),
-    );
-    run.wait_for("the checkpoint of step 20", LIMIT, committed(EVERY));
+    let (run, _) = start_held(&out, &sets, &env);
     server.stop();
+    release(&release_file(&out));
+    // The outage's length, not a wait for the run: it trains on while the store is down.
     std::thread::sleep(Duration::from_secs(15));
     server.resume();
     let (code, text) = run.wait(LIMIT);
@@ -312,7 +321,7 @@ fn a_store_down_for_15_s_loses_no_checkpoint() {
         find(&records, "checkpoint not committed; training goes on").is_empty(),
         "{text}"
     );
-    // The outage really held up a save: step 40 was due about 5 s after step 20.
+    // The outage really held up a save: step 40 could only be taken after the store went down.
     let at = |step| {
         records
             .iter()

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{find, is, records, report, signal, small_recipe};
+use common::{find, held, hold_env, is, records, release, report, signal, small_recipe};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -67,7 +67,13 @@ fn free_udp_port() -> u16 {
 }
 
 /// `sbatch` of the launch script with `tasks` tasks in the background; its output file.
-fn submit(cluster: &Cluster, name: &str, tasks: usize) -> (std::process::Child, PathBuf, PathBuf) {
+/// `env` is added to the job's environment (Slurm passes it to every task).
+fn submit(
+    cluster: &Cluster,
+    name: &str,
+    tasks: usize,
+    env: &[(String, String)],
+) -> (std::process::Child, PathBuf, PathBuf) {
     let base = root().join(name);
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
@@ -88,7 +94,8 @@ fn submit(cluster: &Cluster, name: &str, tasks: usize) -> (std::process::Child, 
     sbatch
         .env("XKD", env!("CARGO_BIN_EXE_xkd"))
         .env("XKD_PORT", free_udp_port().to_string())
-        .env("XKD_LOG_FORMAT", "json");
+        .env("XKD_LOG_FORMAT", "json")
+        .envs(env.iter().map(|(k, v)| (k, v)));
     let child = sbatch.spawn().expect("sbatch starts");
     (child, job_out, out)
 }
@@ -112,17 +119,20 @@ fn finish(mut child: std::process::Child, job_out: &Path) -> (i32, String) {
 
 /// Polls the job's output until a record satisfies `pred`.
 fn wait_for(job_out: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    poll(&format!("{what} in {}", job_out.display()), || {
+        records(job_out).into_iter().find(|r| pred(r))
+    })
+}
+
+/// Polls `found` until it gives something, at most LIMIT.
+fn poll<T>(what: &str, mut found: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
-        if let Some(r) = records(job_out).into_iter().find(|r| pred(r)) {
-            return r;
+        if let Some(hit) = found() {
+            return hit;
         }
-        assert!(
-            start.elapsed() < LIMIT,
-            "no {what} in {}",
-            job_out.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(start.elapsed() < LIMIT, "no {what} within {LIMIT:?}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -131,7 +141,7 @@ fn the_launch_script_runs_a_job_and_restarts_a_killed_worker() {
     let cluster = Cluster::start();
 
     // Undisturbed: two tasks join as ranks 0 and 1, the run finishes and reports.
-    let (child, job_out, out) = submit(&cluster, "whole", 2);
+    let (child, job_out, out) = submit(&cluster, "whole", 2, &[]);
     let (code, text) = finish(child, &job_out);
     assert_eq!(code, 0, "the job failed:\n{text}");
     let log = records(&job_out);
@@ -149,22 +159,26 @@ fn the_launch_script_runs_a_job_and_restarts_a_killed_worker() {
         assert!(worker.contains("run finished"), "rank {rank}:\n{worker}");
     }
 
-    // A worker SIGKILLed after the first checkpoint: the script starts it again, the
-    // coordinator resumes from that checkpoint and the run ends with the same parameters.
-    let (child, job_out, out) = submit(&cluster, "killed", 2);
+    // A worker SIGKILLed after the first checkpoint, while rank 0 is held there: the script
+    // starts it again, the coordinator resumes from that checkpoint and the run ends with the
+    // same parameters.
+    let release_file = root().join("killed.release");
+    let (child, job_out, out) = submit(&cluster, "killed", 2, &[hold_env(10, &release_file)]);
     let joined = wait_for(&job_out, "rank 1's join", |r| {
         is(r, "worker joined", "rank", 1)
     });
     wait_for(&job_out, "the first checkpoint", |r| {
         is(r, "checkpoint committed", "step", 10)
     });
+    poll("rank 0 held", || held(&out, 10).then_some(()));
     signal(joined["pid"].as_i64().expect("pid"), "-KILL");
+    release(&release_file);
     let (code, text) = finish(child, &job_out);
     assert_eq!(code, 0, "the job failed:\n{text}");
     let log = records(&job_out);
     let resumed = find(&log, "resuming distillation from checkpoint");
     assert_eq!(resumed.len(), 1, "{text}");
-    assert!(resumed[0]["step"].as_u64().unwrap() >= 10, "{text}");
+    assert_eq!(resumed[0]["step"], 10, "{text}");
     assert!(
         find(&log, "worker joined").len() >= 4,
         "a second generation joined:\n{text}"

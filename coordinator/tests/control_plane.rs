@@ -272,7 +272,7 @@ async fn ranks_follow_join_order_and_broadcast_reaches_all() {
 async fn gather_times_out_naming_how_many_joined() {
     bounded(async {
         let (addr, cert, gather) =
-            gathering(2, Duration::from_millis(500), Duration::from_secs(10)).await;
+            gathering(2, Duration::from_secs(3), Duration::from_secs(10)).await;
         let _only = Client::joined(addr, &cert).await;
         let (_server, cluster) = gather.await.unwrap();
         let error = format!("{:#}", cluster.err().expect("gather should time out"));
@@ -292,11 +292,13 @@ async fn one_worker(heartbeat_timeout: Duration) -> (ControlServer, Cluster, Cli
 #[tokio::test]
 async fn silent_worker_is_lost_within_the_heartbeat_timeout() {
     bounded(async {
-        let heartbeat_timeout = Duration::from_millis(300);
+        // A beat every 100 ms against a 1 s timeout: a loaded machine may delay a beat by
+        // several hundred ms without the worker being lost.
+        let heartbeat_timeout = Duration::from_millis(1000);
         let (_server, mut cluster, mut worker) = one_worker(heartbeat_timeout).await;
 
         // Beating every 100 ms for well over the timeout keeps the worker in.
-        for seq in 0..8 {
+        for seq in 0..15 {
             worker.send_msg(&WorkerMsg::Heartbeat { seq }).await;
             match cluster.next_event().await {
                 Some(Event::Msg { rank: 0, msg }) => {
@@ -309,7 +311,7 @@ async fn silent_worker_is_lost_within_the_heartbeat_timeout() {
 
         // Then silence: lost once, within the timeout (plus scheduling slack).
         let silent_since = Instant::now();
-        match timeout(Duration::from_secs(2), cluster.next_event()).await {
+        match timeout(Duration::from_secs(10), cluster.next_event()).await {
             Ok(Some(Event::Lost { rank: 0, reason })) => {
                 assert!(reason.contains("no frame"), "{reason}")
             }
@@ -317,7 +319,7 @@ async fn silent_worker_is_lost_within_the_heartbeat_timeout() {
         }
         let waited = silent_since.elapsed();
         assert!(
-            waited >= Duration::from_millis(150),
+            waited >= Duration::from_millis(500),
             "lost too early: {waited:?}"
         );
         worker.expect_closed_with(CLOSE_LOST).await;

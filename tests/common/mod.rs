@@ -110,9 +110,21 @@ impl Background {
         limit: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
+        let log = self.log.clone();
+        self.wait_until(what, limit, || records(&log).into_iter().find(&pred))
+    }
+
+    /// Waits (at most `limit`) until `found` gives something, and returns it; panics with the
+    /// log if the run exits or the time passes first.
+    pub fn wait_until<T>(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        mut found: impl FnMut() -> Option<T>,
+    ) -> T {
         let start = Instant::now();
         loop {
-            if let Some(hit) = self.records().into_iter().find(&pred) {
+            if let Some(hit) = found() {
                 return hit;
             }
             if let Some(status) = self.child.try_wait().expect("try_wait") {
@@ -123,8 +135,18 @@ impl Background {
                 "no {what} within {limit:?}:\n{}",
                 self.text()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits until checkpoint `step` is committed and rank 0, started with `hold_env(step, ..)`,
+    /// is held after it (its record in `out/logs`). From then until the release no rank
+    /// takes another step and no later checkpoint commits, however fast the machine.
+    pub fn wait_held(&mut self, out: &Path, step: u64, limit: Duration) {
+        self.wait_for(&format!("the checkpoint of step {step}"), limit, |r| {
+            is(r, "checkpoint committed", "step", step)
+        });
+        self.wait_until("rank 0 held", limit, || held(out, step).then_some(()));
     }
 
     /// Waits for the process to exit; returns its exit code.
@@ -172,6 +194,39 @@ pub fn find<'a>(records: &'a [Value], message: &str) -> Vec<&'a Value> {
 pub fn report(out: &Path) -> Value {
     let text = std::fs::read_to_string(out.join("report.json")).expect("report.json written");
     serde_json::from_str(&text).unwrap()
+}
+
+/// The environment that holds rank 0 of a run once it has taken step `step` and uploaded that
+/// step's checkpoint, until `release` exists or the rank is told to stop
+/// (worker/src/hold.rs). Any stale release file is removed.
+pub fn hold_env(step: u64, release: &Path) -> (String, String) {
+    let _ = std::fs::remove_file(release);
+    (
+        "XKD_TEST_HOLD".into(),
+        format!("{step}:{}", release.display()),
+    )
+}
+
+/// Lets a held rank go on.
+pub fn release(file: &Path) {
+    std::fs::write(file, b"").expect("the release file");
+}
+
+/// Whether a worker log under `out/logs` says rank 0 is held after step `step`.
+pub fn held(out: &Path, step: u64) -> bool {
+    worker_records(out)
+        .iter()
+        .any(|r| is(r, "held for a test", "step", step))
+}
+
+/// The records of every worker log under `out/logs`.
+pub fn worker_records(out: &Path) -> Vec<Value> {
+    let Ok(dir) = std::fs::read_dir(out.join("logs")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .flat_map(|e| records(&e.path()))
+        .collect()
 }
 
 /// `kill SIG pid`, which must succeed.

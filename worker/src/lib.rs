@@ -9,6 +9,7 @@ pub mod client;
 pub mod collective;
 pub mod data;
 pub mod features;
+pub mod hold;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;

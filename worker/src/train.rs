@@ -9,6 +9,7 @@ use crate::buckets::Buckets;
 use crate::collective::Collective;
 use crate::data::{self, Manifest};
 use crate::features::LogMel;
+use crate::hold::Hold;
 use crate::model::{self, InputShape, Model, Vocab, OPTIONS};
 use crate::net::{self, Net, Params};
 use crate::optim::AdamW;
@@ -656,6 +657,10 @@ impl Rank {
             Some(order) if self.rank == 0 => Some(Saver::new(task_id, order, send.clone())?),
             _ => None,
         };
+        let hold = match saver {
+            Some(_) => Hold::from_env()?,
+            None => None,
+        };
         let mut last_loss = f64::NAN;
         let mut taken = first;
         let mut stopped = false;
@@ -714,6 +719,10 @@ impl Rank {
             {
                 let (student, optimizer) = snapshot(&params, &opt)?;
                 saver.save(taken, last_loss, student, optimizer);
+                if let Some(hold) = hold.as_ref().filter(|h| h.step == taken && !stopped) {
+                    saver.wait();
+                    hold.wait(self.rank, &self.stop);
+                }
             }
             if stopped {
                 tracing::info!(rank = self.rank, step = taken, "stopping early, as asked");

@@ -5,8 +5,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use xkd_config::{Config, ConfigError, DeviceChoice};
 use xkd_coordinator::run::{self, LocalWorkers, Outcome, RunOptions};
-use xkd_protocol::config::{Config, ConfigError, DeviceChoice};
 use xkd_worker::session::Exit;
 
 mod inspect;

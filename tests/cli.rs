@@ -71,8 +71,8 @@ fn unreadable_config_file_exits_2_and_names_it() {
 fn config_show_prints_the_resolved_default() {
     let (code, out, err) = run(&["config", "show"]);
     assert_eq!(code, 0, "{err}");
-    let shown = xkd_protocol::Config::from_toml(&out).expect("printed config parses");
-    assert_eq!(shown, xkd_protocol::Config::embedded());
+    let shown = xkd_config::Config::from_toml(&out).expect("printed config parses");
+    assert_eq!(shown, xkd_config::Config::embedded());
     let (_, out, _) = run(&[
         "config",
         "show",

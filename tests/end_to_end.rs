@@ -54,12 +54,12 @@ fn built_hard(cache: &Path, modality: &str) -> Vec<String> {
                 .starts_with("data-")
         })
         .expect("dataset in the cache");
-    let mut v: Vec<String> = xkd_worker::data::construction(&data_dir)
+    let mut v: Vec<String> = xkd_data::construction(&data_dir)
         .unwrap()
         .into_iter()
         .filter(|(_, audio, visual)| {
             let cue = if modality == "audio" { audio } else { visual };
-            *cue == xkd_worker::data::Cue::Subtle
+            *cue == xkd_data::Cue::Subtle
         })
         .map(|(name, _, _)| name)
         .collect();

@@ -10,7 +10,7 @@
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use xkd_checkpoint::{ObjectEntry, Store, STATE};
-use xkd_protocol::config::{section_digest, Config};
+use xkd_config::{section_digest, Config};
 use xkd_protocol::{SavedCheckpoint, TrainTask};
 
 /// Version of `state.json`'s layout; a reader refuses versions it does not know.
@@ -344,7 +344,7 @@ mod tests {
             shuffle: true,
         };
         TrainTask {
-            modality: xkd_protocol::Modality::Audio,
+            modality: xkd_config::Modality::Audio,
             objective: Objective::Supervised,
             init: None,
             save: String::new(),

@@ -10,7 +10,7 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use xkd_protocol::config::HeuristicConfig;
+use xkd_config::HeuristicConfig;
 use xkd_protocol::ClipOutcome;
 
 pub const FEATURES: usize = 5;
@@ -245,7 +245,7 @@ mod tests {
     use super::*;
 
     fn cfg() -> HeuristicConfig {
-        xkd_protocol::Config::embedded().heuristic
+        xkd_config::Config::embedded().heuristic
     }
 
     /// Outcomes where class c is answered right with probability acc[c].

@@ -2,7 +2,10 @@
 //! stages. The coordinator never touches tensors: it sees statistics, manifests and messages.
 
 pub mod checkpoint;
+mod driver;
 pub mod heuristic;
+mod local;
 pub mod report;
 pub mod run;
 pub mod server;
+mod stages;

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
-use xkd_protocol::config::Config;
+use xkd_config::Config;
 use xkd_protocol::{ClipOutcome, TrainSummary};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -170,10 +170,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Modality;
     use crate::messages::*;
     use std::fmt::Debug;
     use std::io::Cursor;
+    use xkd_config::Modality;
 
     fn plan() -> ShardPlan {
         ShardPlan {

@@ -2,8 +2,8 @@
 //! wire; `frame` says how. Every frame carries `PROTOCOL_VERSION`; a change to any type here
 //! that alters its bincode encoding must bump it.
 
-use crate::config::Modality;
 use serde::{Deserialize, Serialize};
+use xkd_config::Modality;
 
 /// Bumped whenever the encoding of any message changes.
 pub const PROTOCOL_VERSION: u16 = 5;

@@ -6,20 +6,20 @@ adapter_config.json, PEFT's own format), runs the family's fixture inputs and co
 logits with those the Rust side computed with the same adapter (logits.safetensors in the
 adapter directory, key "logits").
 
-The error is measured as in worker/tests/qwen2_reference.rs: at every position, the largest
+The error is measured as in models/tests/qwen2_reference.rs: at every position, the largest
 difference over the vocabulary divided by the largest reference logit there; the worst position
 is printed. Exits non-zero above 1e-4, or if PEFT put adapters on no module or on a module
 outside the language model, or if the adapter leaves the logits unchanged (a check that could
 not fail).
 
-    cargo run --release -p xkd-worker --example lora_peft_fixture -- audio /tmp/lora-audio
+    cargo run --release -p xkd-models --example lora_peft_fixture -- audio /tmp/lora-audio
     python tests/reference/check_peft_adapter.py audio /tmp/lora-audio
 
 The adapter an `xkd run` saved (`<out>/student-lora`, e.g. from configs/tiny-qwen2.toml, whose
 student is qwen2-audio-tiny; with distill.direction=audio_to_visual it is qwen2-vl-tiny) is
 checked the same way, the example taking it as a third argument instead of training one:
 
-    cargo run --release -p xkd-worker --example lora_peft_fixture -- audio /tmp/c runs/X/student-lora
+    cargo run --release -p xkd-models --example lora_peft_fixture -- audio /tmp/c runs/X/student-lora
     python tests/reference/check_peft_adapter.py audio /tmp/c
 
 Environment: requirements-qwen2.txt (torch 2.7.0, transformers 4.51.3, peft 0.15.2).

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Reference fixtures for the Qwen2-Audio and Qwen2-VL models of `xkd-worker` (issue 4).
+"""Reference fixtures for the Qwen2-Audio and Qwen2-VL models of `xkd-models` (issue 4).
 
 Builds two tiny, randomly initialised models with transformers (fixed seed, float32), saves them
 as Hugging Face model directories, runs them on real inputs and stores what the Rust side must
-reproduce. Checked by worker/tests/qwen2_reference.rs.
+reproduce. Checked by models/tests/qwen2_reference.rs.
 
     fixtures/qwen2-audio-tiny/   config.json, model.safetensors, preprocessor_config.json
     fixtures/qwen2-vl-tiny/      config.json, model-0000{1,2}-of-00002.safetensors,

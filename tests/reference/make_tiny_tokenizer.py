@@ -9,7 +9,7 @@ config.json files give them. Both directories get the same file, as the real Qwe
 Qwen2-VL tokenizers share Qwen2's vocabulary.
 
 Also writes fixtures/qwen2_prompt_case.json: for a fixed option list, each family's prompt text
-and the ids this library encodes it to. worker/tests/qwen2_prompt.rs checks that the Rust
+and the ids this library encodes it to. models/tests/qwen2_prompt.rs checks that the Rust
 side renders the same text and, through the `tokenizers` crate, gets the same ids.
 
     python -m venv .venv-ref && .venv-ref/bin/pip install tokenizers==0.21.1
@@ -41,7 +41,7 @@ SPECIAL = {
     "<|AUDIO|>": 997,
 }
 
-# The synthetic set's classes (worker/src/data.rs, CLASSES).
+# The synthetic set's classes (data/src/synth/mod.rs, CLASSES).
 CLASSES = [
     "dog barking", "skateboarding", "wind noise", "thunder", "playing badminton",
     "cat meowing", "people eating", "playing acoustic guitar", "church bell ringing",
@@ -53,7 +53,7 @@ CLASSES = [
 
 LETTERS = "ABCDEFGHIJ"
 
-# What worker/src/qwen/prompt.rs renders (ChatPrompt::text): the instruct checkpoints' chat
+# What models/src/qwen/prompt.rs renders (ChatPrompt::text): the instruct checkpoints' chat
 # template for one user turn with one clip, default system prompt, assistant turn opened.
 CLIP = {
     "audio": "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n",

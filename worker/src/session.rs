@@ -3,15 +3,15 @@
 //! id), then run each task it orders and report back.
 
 use crate::client::{self, LinkSender};
-use crate::collective::{Collective, RingListener};
-use crate::data;
 use crate::train::{self, Rank};
 use anyhow::{bail, Context, Result};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use xkd_protocol::config::Config;
+use xkd_collective::{Collective, RingListener};
+use xkd_config::{Config, DataSource};
+use xkd_data as data;
 use xkd_protocol::{
     CollectiveKind, CoordinatorMsg, DataSummary, Join, SplitClips, Task, TaskKind, TaskResult,
     WorkerMsg, PROTOCOL_VERSION,
@@ -199,10 +199,12 @@ async fn nccl_collective(
     timeout: Duration,
     setup: Duration,
 ) -> Result<Box<dyn Collective>> {
-    let id = link.collective_id(rank, crate::nccl::unique_id).await?;
+    let id = link
+        .collective_id(rank, xkd_collective::nccl::unique_id)
+        .await?;
     let device = device.clone();
     let connect = tokio::task::spawn_blocking(move || {
-        crate::nccl::Nccl::connect(&device, rank as usize, world as usize, &id, timeout)
+        xkd_collective::nccl::Nccl::connect(&device, rank as usize, world as usize, &id, timeout)
     });
     let nccl = tokio::time::timeout(setup, connect)
         .await
@@ -243,7 +245,7 @@ fn execute(rank: &mut Rank, task: &Task, tx: &LinkSender) -> Result<TaskResult> 
 fn prepare_data(rank: &mut Rank) -> Result<DataSummary> {
     let cfg = &rank.config;
     let dir = dataset_dir(cfg);
-    let manifest = if cfg.data.source == "synthetic" {
+    let manifest = if cfg.data.source == DataSource::Synthetic {
         data::ensure_dataset(&cfg.data, &dir)?
     } else {
         data::load_manifest(&dir)?
@@ -258,7 +260,7 @@ pub fn dataset_dir(cfg: &Config) -> PathBuf {
     if !cfg.data.dir.is_empty() {
         return PathBuf::from(&cfg.data.dir);
     }
-    let key = xkd_protocol::config::section_digest(&(&cfg.data, data::GENERATOR_VERSION));
+    let key = xkd_config::section_digest(&(&cfg.data, data::GENERATOR_VERSION));
     PathBuf::from(&cfg.run.cache_dir).join(format!("data-{key}"))
 }
 

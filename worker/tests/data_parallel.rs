@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use xkd_protocol::config::{Config, Modality};
+use xkd_collective::{Collective, RingListener, Solo};
+use xkd_config::{Config, Modality};
+use xkd_data as data;
 use xkd_protocol::{Objective, ShardPlan, TrainTask};
-use xkd_worker::collective::{Collective, RingListener, Solo};
-use xkd_worker::data;
 use xkd_worker::train::{load_params, Rank};
 
 fn small_config(dir: &Path) -> Config {

@@ -12,8 +12,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use common::{case, fixtures, max_abs};
-use xkd_worker::features::LogMel;
-use xkd_worker::qwen::{ImageProcessor, Qwen2Audio, Qwen2Vl, VisionInput, Weights};
+use xkd_data::features::LogMel;
+use xkd_models::qwen::{ImageProcessor, Qwen2Audio, Qwen2Vl, VisionInput, Weights};
 
 /// Largest |got - want| over the largest |want|.
 fn relative(got: &Tensor, want: &Tensor) -> f32 {

@@ -4,13 +4,13 @@
 //! The adapter is trained, not drawn: three SGD steps on the fixture loss
 //! `sum(logits * loss_weights)` from PEFT's initialisation, so `B` and then `A` move.
 //!
-//!     cargo run --release -p xkd-worker --example lora_peft_fixture -- audio /tmp/lora-audio
+//!     cargo run --release -p xkd-models --example lora_peft_fixture -- audio /tmp/lora-audio
 //!
 //! With a third argument, the adapter is not trained here but read from that directory (the
 //! `student-lora/` an `xkd run` with a Qwen2 student writes), and written out again with the
 //! logits it gives on the fixture inputs:
 //!
-//!     cargo run --release -p xkd-worker --example lora_peft_fixture -- audio /tmp/check runs/x/student-lora
+//!     cargo run --release -p xkd-models --example lora_peft_fixture -- audio /tmp/check runs/x/student-lora
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, SGD};
-use xkd_worker::qwen::lora::PROJECTIONS;
-use xkd_worker::qwen::{LoraAdapters, LoraConfig, Qwen2Audio, Qwen2Vl, VisionInput, Weights};
+use xkd_models::qwen::lora::PROJECTIONS;
+use xkd_models::qwen::{LoraAdapters, LoraConfig, Qwen2Audio, Qwen2Vl, VisionInput, Weights};
 
 const STEPS: usize = 3;
 const LEARNING_RATE: f64 = 0.05;

@@ -41,7 +41,7 @@ pub struct Config {
     pub pretrain: TrainConfig,
     pub heuristic: HeuristicConfig,
     pub distill: DistillConfig,
-    pub lora: LoraSection,
+    pub lora: LoraConfig,
     pub checkpoint: CheckpointConfig,
     pub collective: CollectiveConfig,
     pub control: ControlConfig,
@@ -123,7 +123,7 @@ impl fmt::Display for DeviceChoice {
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// `synthetic`: generate the embedded visible-sound set; `manifest`: read `dir`/manifest.jsonl.
-    pub source: String,
+    pub source: DataSource,
     /// Dataset directory; empty means `<cache_dir>/data-<digest of this section>`.
     pub dir: String,
     pub seed: u64,
@@ -140,6 +140,16 @@ pub struct DataConfig {
     pub eval_clips: usize,
 }
 
+/// Where a run's clips come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSource {
+    /// The embedded synthetic set, generated into the cache on first use.
+    Synthetic,
+    /// A prepared dataset in `data.dir`.
+    Manifest,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FeatureConfig {
@@ -154,7 +164,7 @@ pub struct ModelConfig {
     /// `standin`: the tiny stand-in built from the keys below and pretrained by the run;
     /// `qwen2`: the Hugging Face model directory `dir` (Qwen2-Audio for audio_model, Qwen2-VL
     /// for visual_model), taken as pretrained; the keys below are then unused.
-    pub family: String,
+    pub family: ModelFamily,
     /// The model directory of a `qwen2` model: config.json, safetensors, tokenizer.json,
     /// preprocessor_config.json. Relative paths are taken from each process's working directory.
     pub dir: String,
@@ -175,6 +185,16 @@ pub struct ModelConfig {
     pub patch: usize,
     /// LM head shares the token embedding matrix (as the small Qwen2 models do).
     pub tie_embeddings: bool,
+}
+
+/// What kind of model a `[*_model]` section describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelFamily {
+    /// The tiny stand-in of this repository, built from the section's sizes.
+    Standin,
+    /// A Hugging Face Qwen2-Audio or Qwen2-VL directory.
+    Qwen2,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,9 +241,9 @@ pub struct DistillConfig {
     pub alpha: f64,
     pub temperature: f64,
     /// Cross-entropy target: `label` (ground truth) or `teacher` (teacher argmax, label-free).
-    pub target: String,
+    pub target: CeTarget,
     /// `options` (KL over the ten answer letters) or `vocab` (over the whole vocabulary).
-    pub kl_over: String,
+    pub kl_over: KlOver,
     /// Share of each batch drawn from the other classes, anchored to the student's own
     /// pre-distillation predictions so the student does not forget them.
     pub replay_fraction: f64,
@@ -253,6 +273,26 @@ impl DistillConfig {
     }
 }
 
+/// The cross-entropy target of distillation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CeTarget {
+    /// The true class's letter.
+    Label,
+    /// The teacher's argmax (label-free distillation).
+    Teacher,
+}
+
+/// What the distillation KL runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KlOver {
+    /// The ten option letters.
+    Options,
+    /// The whole (shared) vocabulary at the answer position; stand-ins only.
+    Vocab,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
@@ -269,17 +309,67 @@ impl Direction {
     }
 }
 
-/// Checkpoints of the distillation stage.
-/// LoRA on the student's language model during distillation (`qwen2` students only).
+/// The projections of a Qwen2 decoder layer that can take LoRA adapters, in PEFT's names.
+pub const LORA_PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// LoRA on the student's language model during distillation (`qwen2` students only): the
+/// `[lora]` section, and the settings a set of adapters carries (`xkd-models` reads and writes
+/// them as PEFT's `adapter_config.json`). The one definition of LoRA settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LoraSection {
-    /// Adapter rank; 0 trains every parameter of the student (stand-ins only).
+pub struct LoraConfig {
+    /// Adapter rank `r` of `B A`; in the config, 0 trains every parameter of the student
+    /// (stand-ins only).
     pub r: usize,
+    /// The update is scaled by `alpha / r`.
     pub alpha: f64,
+    /// Dropout on the adapter's input, in training mode only.
     pub dropout: f64,
-    /// Projection names (`q_proj` ... `down_proj`) that get adapters.
+    /// Projection names out of `LORA_PROJECTIONS`, e.g. `["q_proj", "v_proj"]`.
     pub target_modules: Vec<String>,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    /// Whether `projection` takes an adapter.
+    pub fn targets(&self, projection: &str) -> bool {
+        self.target_modules.iter().any(|m| m == projection)
+    }
+
+    /// What adapters need: a rank, a dropout in [0, 1), known projections. The message names
+    /// the field (`r`, `dropout`, `target_modules`) first.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.r == 0 {
+            return Err("r: the LoRA rank must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("dropout: {} is not in [0, 1)", self.dropout));
+        }
+        if self.target_modules.is_empty() {
+            return Err("target_modules: must name at least one projection".into());
+        }
+        match self
+            .target_modules
+            .iter()
+            .find(|m| !LORA_PROJECTIONS.contains(&m.as_str()))
+        {
+            Some(m) => Err(format!(
+                "target_modules: {m:?} is none of {LORA_PROJECTIONS:?}"
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -527,297 +617,7 @@ fn set_checked(slot: &mut toml::Value, value: toml::Value, key: &str) -> Result<
     Ok(())
 }
 
-fn bad(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::BadValue {
-        key: key.into(),
-        message: message.into(),
-    }
-}
-
-impl Config {
-    fn validate(&self) -> Result<(), ConfigError> {
-        self.run
-            .device
-            .parse::<DeviceChoice>()
-            .map_err(|message| bad("run.device", message))?;
-        if !(self.collective.bucket_mb > 0.0 && self.collective.bucket_mb.is_finite()) {
-            return Err(bad(
-                "collective.bucket_mb",
-                format!(
-                    "must be a positive number of MiB, got {}",
-                    self.collective.bucket_mb
-                ),
-            ));
-        }
-        if !["synthetic", "manifest"].contains(&self.data.source.as_str()) {
-            return Err(bad("data.source", "expected `synthetic` or `manifest`"));
-        }
-        if self.data.source == "manifest" && self.data.dir.is_empty() {
-            return Err(bad("data.dir", "required when data.source = \"manifest\""));
-        }
-        if !(0.0..=1.0).contains(&self.distill.alpha) {
-            return Err(bad("distill.alpha", "must lie in [0, 1]"));
-        }
-        if self.distill.temperature <= 0.0 {
-            return Err(bad("distill.temperature", "must be positive"));
-        }
-        if !["label", "teacher"].contains(&self.distill.target.as_str()) {
-            return Err(bad("distill.target", "expected `label` or `teacher`"));
-        }
-        if !["options", "vocab"].contains(&self.distill.kl_over.as_str()) {
-            return Err(bad("distill.kl_over", "expected `options` or `vocab`"));
-        }
-        if !(0.0..1.0).contains(&self.distill.replay_fraction) {
-            return Err(bad("distill.replay_fraction", "must lie in [0, 1)"));
-        }
-        if self.heuristic.coefficients.len() != 6 {
-            return Err(bad(
-                "heuristic.coefficients",
-                format!(
-                    "expected 6 numbers (bias and five features), got {}",
-                    self.heuristic.coefficients.len()
-                ),
-            ));
-        }
-        if self.checkpoint.keep_last == 0 {
-            return Err(bad(
-                "checkpoint.keep_last",
-                "must be at least 1 (the newest checkpoint is what a run resumes from)",
-            ));
-        }
-        if self.control.workers == 0 {
-            return Err(bad("control.workers", "must be at least 1"));
-        }
-        for (key, batch) in [
-            ("pretrain.batch", self.pretrain.batch),
-            ("distill.batch", self.distill.batch),
-        ] {
-            if batch == 0 || batch % self.control.workers != 0 {
-                return Err(bad(
-                    key,
-                    format!(
-                        "{batch} does not split evenly over {} workers",
-                        self.control.workers
-                    ),
-                ));
-            }
-        }
-        for (key, m) in [
-            ("audio_model", &self.audio_model),
-            ("visual_model", &self.visual_model),
-        ] {
-            match m.family.as_str() {
-                "standin" => {}
-                "qwen2" if m.dir.is_empty() => {
-                    return Err(bad(
-                        &format!("{key}.dir"),
-                        "required when family = \"qwen2\"",
-                    ))
-                }
-                "qwen2" => continue,
-                _ => {
-                    return Err(bad(
-                        &format!("{key}.family"),
-                        "expected `standin` or `qwen2`",
-                    ))
-                }
-            }
-            if m.encoder_hidden % m.encoder_heads != 0 || m.lm_hidden % m.lm_heads != 0 {
-                return Err(bad(
-                    key,
-                    "hidden sizes must be multiples of the head counts",
-                ));
-            }
-            if m.lm_heads % m.lm_kv_heads != 0 {
-                return Err(bad(&format!("{key}.lm_kv_heads"), "must divide lm_heads"));
-            }
-        }
-        self.validate_qwen2()
-    }
-
-    /// What a run with a Qwen2 model needs: the KL over the option letters (the two families'
-    /// vocabularies differ), no caption distillation (a stand-in objective), and a LoRA
-    /// student exactly when the student is a Qwen2 model.
-    fn validate_qwen2(&self) -> Result<(), ConfigError> {
-        let student = self.model(self.student_modality());
-        let qwen2 = |m: &ModelConfig| m.family == "qwen2";
-        if qwen2(&self.audio_model) || qwen2(&self.visual_model) {
-            if self.distill.kl_over != "options" {
-                return Err(bad(
-                    "distill.kl_over",
-                    "must be `options` with a qwen2 model: the families' vocabularies differ",
-                ));
-            }
-            if self.distill.caption_weight != 0.0 {
-                return Err(bad(
-                    "distill.caption_weight",
-                    "must be 0 with a qwen2 model (caption distillation is the stand-ins' objective)",
-                ));
-            }
-        }
-        let student_key = match self.student_modality() {
-            Modality::Audio => "audio_model",
-            Modality::Visual => "visual_model",
-        };
-        match (qwen2(student), self.lora.r) {
-            (true, 0) => Err(bad(
-                "lora.r",
-                format!("must be at least 1: the student ({student_key}) is a qwen2 model, trained through LoRA"),
-            )),
-            (false, r) if r > 0 => Err(bad(
-                "lora.r",
-                format!("must be 0: LoRA needs a qwen2 student, and {student_key}.family is `{}`", student.family),
-            )),
-            _ if self.lora.r > 0 && self.lora.target_modules.is_empty() => {
-                Err(bad("lora.target_modules", "must name at least one projection"))
-            }
-            _ => Ok(()),
-        }
-    }
-}
+mod validate;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn embedded_default_resolves_and_round_trips() {
-        let c = Config::embedded();
-        assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
-    }
-
-    #[test]
-    fn override_changes_one_key() {
-        let c = Config::resolve(None, &["distill.alpha=1.0".into()]).unwrap();
-        assert_eq!(c.distill.alpha, 1.0);
-        let c = Config::resolve(None, &["distill.direction=audio_to_visual".into()]).unwrap();
-        assert_eq!(c.distill.direction, Direction::AudioToVisual);
-        let c = Config::resolve(None, &["distill.alpha=1".into()]).unwrap();
-        assert_eq!(c.distill.alpha, 1.0);
-    }
-
-    #[test]
-    fn unknown_key_is_named() {
-        let e = Config::resolve(None, &["no.such.key=1".into()]).unwrap_err();
-        assert!(e.to_string().contains("no.such.key"), "{e}");
-        let e = Config::resolve(None, &["distill.nope=1".into()]).unwrap_err();
-        assert!(e.to_string().contains("distill.nope"), "{e}");
-    }
-
-    #[test]
-    fn keep_last_zero_is_refused_by_name() {
-        let e = Config::resolve(None, &["checkpoint.keep_last=0".into()]).unwrap_err();
-        assert!(e.to_string().contains("checkpoint.keep_last"), "{e}");
-        let c = Config::resolve(None, &["checkpoint.url=s3://b/p".into()]).unwrap();
-        assert_eq!(c.checkpoint.url, "s3://b/p");
-    }
-
-    #[test]
-    fn bad_value_is_named() {
-        let e = Config::resolve(None, &["distill.alpha=lots".into()]).unwrap_err();
-        assert!(e.to_string().contains("distill.alpha"), "{e}");
-        let e = Config::resolve(None, &["distill.direction=sideways".into()]).unwrap_err();
-        assert!(e.to_string().contains("direction"), "{e}");
-        let e = Config::resolve(None, &["distill.alpha=2.0".into()]).unwrap_err();
-        assert!(e.to_string().contains("distill.alpha"), "{e}");
-    }
-
-    #[test]
-    fn device_parses_its_three_forms_and_refuses_the_rest() {
-        assert_eq!("cpu".parse(), Ok(DeviceChoice::Cpu));
-        assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(None)));
-        assert_eq!("cuda:0".parse(), Ok(DeviceChoice::Cuda(Some(0))));
-        assert_eq!("cuda:12".parse(), Ok(DeviceChoice::Cuda(Some(12))));
-        for form in ["cpu", "cuda", "cuda:3"] {
-            assert_eq!(form.parse::<DeviceChoice>().unwrap().to_string(), form);
-        }
-        for bad in [
-            "gpu", "", "CPU", "cuda:", "cuda:x", "cuda:-1", "cuda:+1", "cuda:1 ", "cuda0",
-        ] {
-            let e = bad.parse::<DeviceChoice>().unwrap_err();
-            assert!(e.contains("cuda:N"), "{bad}: {e}");
-        }
-        let c = Config::resolve(None, &["run.device=cuda:1".into()]).unwrap();
-        assert_eq!(c.run.device_choice(), DeviceChoice::Cuda(Some(1)));
-        let e = Config::resolve(None, &["run.device=gpu".into()]).unwrap_err();
-        assert!(e.to_string().contains("run.device"), "{e}");
-        assert!(e.to_string().contains("cuda:N"), "{e}");
-    }
-
-    #[test]
-    fn bucket_size_must_be_positive() {
-        assert_eq!(Config::embedded().collective.bucket_bytes(), 25 << 20);
-        for bad in ["0", "-1", "nan"] {
-            let e = Config::resolve(None, &[format!("collective.bucket_mb={bad}")]).unwrap_err();
-            assert!(e.to_string().contains("collective.bucket_mb"), "{bad}: {e}");
-        }
-        let c = Config::resolve(None, &["collective.bucket_mb=1".into()]).unwrap();
-        assert_eq!(c.collective.bucket_bytes(), 1 << 20);
-    }
-
-    #[test]
-    fn unknown_key_in_file_is_named() {
-        let dir = std::env::temp_dir().join(format!("xkd-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
-        std::fs::write(
-            &path,
-            "[distill]\nalpha = 0.25\n[pretrain]\nsteps_typo = 3\n",
-        )
-        .unwrap();
-        let e = Config::resolve(Some(&path), &[]).unwrap_err();
-        assert!(e.to_string().contains("pretrain.steps_typo"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_qwen2_model_needs_its_dir_letter_kl_and_a_lora_student() {
-        let qwen2 = |extra: &[&str]| {
-            let mut sets: Vec<String> = [
-                "audio_model.family=\"qwen2\"",
-                "audio_model.dir=\"/models/qwen2-audio\"",
-                "distill.caption_weight=0",
-                "lora.r=8",
-            ]
-            .iter()
-            .chain(extra)
-            .map(|s| s.to_string())
-            .collect();
-            sets.dedup();
-            Config::resolve(None, &sets)
-        };
-        let c = qwen2(&[]).unwrap();
-        assert_eq!(c.lora.r, 8);
-        let refused = |extra: &[&str], key: &str| {
-            let e = qwen2(extra).unwrap_err().to_string();
-            assert!(e.contains(key), "{extra:?}: {e}");
-        };
-        refused(&["audio_model.dir=\"\""], "audio_model.dir");
-        refused(&["audio_model.family=\"llama\""], "audio_model.family");
-        refused(&["distill.caption_weight=1"], "distill.caption_weight");
-        refused(&["distill.kl_over=\"vocab\""], "distill.kl_over");
-        refused(&["lora.r=0"], "lora.r");
-        refused(&["lora.target_modules=[]"], "lora.target_modules");
-        // LoRA needs a qwen2 student: the audio_to_visual student here is a stand-in.
-        refused(&["distill.direction=\"audio_to_visual\""], "lora.r");
-        let e = Config::resolve(None, &["lora.r=4".into()])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("lora.r") && e.contains("standin"), "{e}");
-    }
-
-    #[test]
-    fn every_shipped_config_resolves() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
-        let mut n = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "toml") {
-                Config::resolve(Some(&path), &[])
-                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                n += 1;
-            }
-        }
-        assert!(n >= 4, "{n} configs in {}", dir.display());
-    }
-}
+mod tests;

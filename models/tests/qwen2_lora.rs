@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Optimizer, SGD};
 use common::{case, fixtures, max_abs, prompt_case, prompt_options};
-use xkd_worker::qwen::lora::PROJECTIONS;
-use xkd_worker::qwen::{
+use xkd_models::qwen::lora::PROJECTIONS;
+use xkd_models::qwen::{
     Clip, Family, LoraAdapters, LoraConfig, Prepared, Qwen2Audio, Qwen2Vl, QwenModel, VisionInput,
     Weights,
 };

@@ -5,31 +5,33 @@
 //! parameters. Gradients are packed in parameter name order into `Buckets`, the same layout on
 //! every rank.
 
-use crate::buckets::Buckets;
-use crate::collective::Collective;
-use crate::data::{self, Manifest};
-use crate::features::LogMel;
 use crate::hold::Hold;
-use crate::model::{self, InputShape, Model, Vocab, OPTIONS};
-use crate::net::{self, Net, Params};
 use crate::optim::AdamW;
-use crate::qwen::{Clip, LoraAdapters, LoraConfig, Prepared, QwenModel};
 use crate::saver::{self, Saver, Sink};
 use anyhow::{bail, Context as _, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use xkd_kernels::{FusedLoss, LossParts};
-use xkd_protocol::config::{Config, DeviceChoice, Modality};
+use xkd_collective::buckets::Buckets;
+use xkd_collective::Collective;
+use xkd_config::{Config, DeviceChoice, Modality};
+use xkd_data::features::LogMel;
+use xkd_data::Manifest;
+use xkd_models::model::{self, InputShape, Model, Vocab};
+use xkd_models::net::{self, Net, Params};
+use xkd_models::qwen::{LoraAdapters, QwenModel};
 use xkd_protocol::{
     ClipOutcome, EvalTask, Objective, Sample, StepReport, TrainSummary, TrainTask, WorkerMsg,
 };
+
+mod inputs;
+mod loss;
+
+use inputs::{outcome, FeatureCache};
 
 /// What one rank holds across tasks: config, dataset, feature caches and its collective.
 pub struct Rank {
@@ -148,16 +150,7 @@ impl Rank {
                 qwen.attach_lora(&adapters)?;
                 adapters
             }
-            None => {
-                let l = &self.config.lora;
-                let lora = LoraConfig {
-                    r: l.r,
-                    alpha: l.alpha,
-                    dropout: l.dropout as f32,
-                    target_modules: l.target_modules.clone(),
-                };
-                qwen.init_lora(lora, task.seed)?
-            }
+            None => qwen.init_lora(self.config.lora.clone(), task.seed)?,
         };
         qwen.set_training(true);
         Ok((Params::Lora { adapters, base }, Net::Qwen(Box::new(qwen))))
@@ -237,235 +230,6 @@ impl Rank {
         let cfg = self.config.model(modality);
         Model::new(modality, cfg, self.input_shape(), self.vocab()?, vb)
             .with_context(|| format!("building frozen {modality:?} model from {path}"))
-    }
-
-    /// Features, prompts and answers of a batch of clips.
-    fn batch(&mut self, modality: Modality, samples: &[Sample], seed: u64) -> Result<Batch> {
-        let manifest = self.manifest.as_ref().context("dataset not loaded")?;
-        let vocab = Vocab::new(manifest.classes.len());
-        let mm_tokens = mm_tokens(&self.config, modality);
-        let mut features = Vec::new();
-        let mut prompts = Vec::new();
-        let mut answers = Vec::new();
-        let mut labels = Vec::new();
-        for &Sample { clip, epoch } in samples {
-            let record = clip_record(manifest, clip)?;
-            features.extend_from_slice(self.cache.get(manifest, record, modality)?);
-            let q = model::question(seed, clip, epoch, record.label, manifest.classes.len());
-            prompts.extend(vocab.prompt(&q.options, mm_tokens));
-            answers.push(q.answer as u32);
-            labels.push((record.label, q.options));
-        }
-        let b = samples.len();
-        let shape: Vec<usize> = match modality {
-            Modality::Audio => {
-                let mel = &self.cache.mel;
-                let frames = mel.frames(self.cache.samples(&self.config));
-                vec![b, frames, mel.n_mels()]
-            }
-            Modality::Visual => {
-                let (t, s) = (self.config.data.frames, self.config.data.frame_size);
-                vec![b, t, 3, s, s]
-            }
-        };
-        let seq = prompts.len() / b.max(1);
-        Ok(Batch {
-            features: Tensor::from_vec(features, shape, &self.device)?,
-            prompts: Tensor::from_vec(prompts, (b, seq), &self.device)?,
-            answers: Tensor::from_vec(answers.clone(), b, &self.device)?,
-            answer_idx: answers,
-            labels,
-        })
-    }
-}
-
-/// The option letters' logits of a batch of clips, with what scoring them needs.
-struct Answers {
-    /// `[B, 10]`.
-    letters: Tensor,
-    answer_idx: Vec<u32>,
-    labels: Vec<(u32, [u32; OPTIONS])>,
-    /// Prompt tokens of the batch.
-    tokens: usize,
-}
-
-impl Rank {
-    /// `net`'s letter logits for `samples` of `modality`, each asked its question.
-    fn answers(
-        &mut self,
-        net: &Net,
-        modality: Modality,
-        samples: &[Sample],
-        seed: u64,
-    ) -> Result<Answers> {
-        let qwen = match net {
-            Net::StandIn(model) => {
-                let b = self.batch(modality, samples, seed)?;
-                let letters =
-                    letter_logits(&model.forward(&b.features, &b.prompts)?, &model.vocab)?;
-                return Ok(Answers {
-                    letters,
-                    tokens: b.prompts.elem_count(),
-                    answer_idx: b.answer_idx,
-                    labels: b.labels,
-                });
-            }
-            Net::Qwen(qwen) => qwen,
-        };
-        let manifest = self.manifest.as_ref().context("dataset not loaded")?;
-        let n_classes = manifest.classes.len();
-        let (mut answer_idx, mut labels, mut options) = (Vec::new(), Vec::new(), Vec::new());
-        for &Sample { clip, epoch } in samples {
-            let record = clip_record(manifest, clip)?;
-            self.cache.prepare(manifest, record, modality, qwen)?;
-            let q = model::question(seed, clip, epoch, record.label, n_classes);
-            options.push(
-                q.options
-                    .map(|c| manifest.classes[c as usize].as_str())
-                    .to_vec(),
-            );
-            answer_idx.push(q.answer as u32);
-            labels.push((record.label, q.options));
-        }
-        let clips: Vec<&Prepared> = samples
-            .iter()
-            .map(|s| self.cache.prepared(s.clip, modality))
-            .collect::<Result<_>>()?;
-        let (letters, tokens) = qwen.letter_logits(&clips, &options, &self.device)?;
-        Ok(Answers {
-            letters,
-            answer_idx,
-            labels,
-            tokens,
-        })
-    }
-}
-
-fn clip_record(manifest: &Manifest, clip: u32) -> Result<&data::ClipRecord> {
-    manifest
-        .clips
-        .get(clip as usize)
-        .filter(|r| r.id == clip)
-        .with_context(|| format!("clip {clip} is not in the manifest"))
-}
-
-/// Modality tokens a model of `modality` hands its LM under `config`.
-fn mm_tokens(config: &Config, modality: Modality) -> usize {
-    let m = config.model(modality);
-    match modality {
-        Modality::Audio => m.modality_tokens,
-        Modality::Visual => {
-            let grid = config.data.frame_size / m.patch.max(1);
-            (config.data.frames / model::TEMPORAL_PATCH) * grid * grid / 4
-        }
-    }
-}
-
-struct Batch {
-    features: Tensor,
-    prompts: Tensor,
-    /// Index of the true option, as a tensor and as numbers.
-    answers: Tensor,
-    answer_idx: Vec<u32>,
-    labels: Vec<(u32, [u32; OPTIONS])>,
-}
-
-/// Features per clip and modality, made once per rank: the stand-ins' features, and the clips
-/// as a Qwen2 model's own processor prepares them.
-struct FeatureCache {
-    mel: LogMel,
-    audio: HashMap<u32, Vec<f32>>,
-    visual: HashMap<u32, Vec<f32>>,
-    qwen_audio: HashMap<u32, Prepared>,
-    qwen_visual: HashMap<u32, Prepared>,
-}
-
-impl FeatureCache {
-    fn new(mel: LogMel) -> Self {
-        Self {
-            mel,
-            audio: HashMap::new(),
-            visual: HashMap::new(),
-            qwen_audio: HashMap::new(),
-            qwen_visual: HashMap::new(),
-        }
-    }
-
-    /// Prepares clip `record` for `qwen` once: decoded, then through the model's processor
-    /// (Whisper log-mel, Qwen2-VL resize and patches): host work, 3,000 FFT frames and a
-    /// 128-band filterbank per clip at Qwen2-Audio's 30-s window, that would otherwise run for
-    /// the teacher, the student and the frozen student on every step. Every Qwen2 model of one
-    /// modality in a run comes from that modality's one directory, so one preparation serves
-    /// them all.
-    fn prepare(
-        &mut self,
-        manifest: &Manifest,
-        record: &data::ClipRecord,
-        modality: Modality,
-        qwen: &QwenModel,
-    ) -> Result<()> {
-        let dir = &manifest.dir;
-        let slot = match modality {
-            Modality::Audio => &mut self.qwen_audio,
-            Modality::Visual => &mut self.qwen_visual,
-        };
-        if let Entry::Vacant(e) = slot.entry(record.id) {
-            let prepared = match modality {
-                Modality::Audio => {
-                    qwen.prepare(Clip::Audio(&data::load_audio(&dir.join(&record.audio))?))?
-                }
-                Modality::Visual => {
-                    let paths: Vec<PathBuf> = record.frames.iter().map(|f| dir.join(f)).collect();
-                    let (h, w, frames) = data::load_frames_rgb(&paths)?;
-                    qwen.prepare(Clip::Video {
-                        frames: &frames,
-                        h,
-                        w,
-                    })?
-                }
-            };
-            e.insert(prepared);
-        }
-        Ok(())
-    }
-
-    /// A clip `prepare` has prepared.
-    fn prepared(&self, clip: u32, modality: Modality) -> Result<&Prepared> {
-        let slot = match modality {
-            Modality::Audio => &self.qwen_audio,
-            Modality::Visual => &self.qwen_visual,
-        };
-        slot.get(&clip)
-            .with_context(|| format!("clip {clip} was not prepared"))
-    }
-
-    fn samples(&self, config: &Config) -> usize {
-        (config.data.sample_rate as f32 * config.data.clip_seconds).round() as usize
-    }
-
-    fn get(
-        &mut self,
-        manifest: &Manifest,
-        record: &data::ClipRecord,
-        modality: Modality,
-    ) -> Result<&[f32]> {
-        let dir = &manifest.dir;
-        let slot = match modality {
-            Modality::Audio => &mut self.audio,
-            Modality::Visual => &mut self.visual,
-        };
-        if let Entry::Vacant(entry) = slot.entry(record.id) {
-            entry.insert(match modality {
-                Modality::Audio => self
-                    .mel
-                    .compute(&data::load_audio(&dir.join(&record.audio))?),
-                Modality::Visual => {
-                    let paths: Vec<PathBuf> = record.frames.iter().map(|f| dir.join(f)).collect();
-                    data::load_frames(&paths)?
-                }
-            });
-        }
-        Ok(&slot[&record.id])
     }
 }
 
@@ -601,12 +365,6 @@ pub fn learning_rate(step: u64, steps: u64, warmup: u64, peak: f64) -> f64 {
     let span = steps.saturating_sub(warmup).max(1) as f64;
     let progress = ((step - warmup) as f64 / span).min(1.0);
     peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
-}
-
-/// Letter logits `[B, 10]` out of full-vocabulary logits.
-fn letter_logits(logits: &Tensor, vocab: &Vocab) -> Result<Tensor> {
-    let idx = Tensor::new(vocab.letters().as_slice(), logits.device())?;
-    Ok(logits.index_select(&idx, 1)?)
 }
 
 /// Frozen models a distillation step reads: the teacher, and the pre-distillation student
@@ -776,241 +534,6 @@ impl Rank {
         }
     }
 
-    /// The loss of this rank's slice of the `step`-th step from the plans' cursors, its
-    /// (kl, ce) parts, and the ms spent in frozen forwards.
-    fn loss(
-        &mut self,
-        task: &TrainTask,
-        student: &Net,
-        anchors: Option<&Anchors>,
-        step: u64,
-    ) -> Result<(Tensor, (f64, f64), Timings)> {
-        match (student, anchors) {
-            (Net::StandIn(s), None) => self.standin_loss(task, s, None, step),
-            (
-                Net::StandIn(s),
-                Some(Anchors {
-                    teacher: Net::StandIn(t),
-                    student_before: None,
-                }),
-            ) => self.standin_loss(task, s, Some((t, None)), step),
-            (
-                Net::StandIn(s),
-                Some(Anchors {
-                    teacher: Net::StandIn(t),
-                    student_before: Some(Net::StandIn(b)),
-                }),
-            ) => self.standin_loss(task, s, Some((t, Some(b))), step),
-            (_, Some(anchors)) => self.letters_loss(task, student, anchors, step),
-            (Net::Qwen(_), None) => bail!("a qwen2 model is only distilled, not pretrained"),
-        }
-    }
-
-    /// The stand-ins' loss: supervised (pretraining, with the caption loss) or distillation
-    /// from `anchors` (teacher, pre-distillation student) over the answer and the caption.
-    fn standin_loss(
-        &mut self,
-        task: &TrainTask,
-        student: &Model,
-        anchors: Option<(&Model, Option<&Model>)>,
-        step: u64,
-    ) -> Result<(Tensor, (f64, f64), Timings)> {
-        let clips = task.plan.samples(self.rank, self.world, step, task.batch);
-        let Some((teacher, student_before)) = anchors else {
-            let b = self.batch(task.modality, &clips, task.seed)?;
-            let (logits, caption) = student.forward_with_caption(&b.features, &b.prompts)?;
-            let letters = Tensor::new(student.vocab.letters().as_slice(), &self.device)?;
-            let targets = letters.index_select(&b.answers, 0)?;
-            let mut loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
-            if task.caption_weight > 0.0 {
-                let names: Vec<u32> = b
-                    .labels
-                    .iter()
-                    .map(|(label, _)| student.vocab.class_token(*label))
-                    .collect();
-                let names = Tensor::new(names.as_slice(), &self.device)?;
-                let caption_loss = candle_nn::loss::cross_entropy(&caption, &names)?;
-                loss = (loss + (caption_loss * task.caption_weight)?)?;
-            }
-            let v = loss.to_scalar::<f32>()? as f64;
-            let tokens = b.prompts.elem_count();
-            let times = Timings {
-                tokens,
-                ..Timings::default()
-            };
-            return Ok((loss, (0.0, v), times));
-        };
-        let Objective::Distill {
-            alpha,
-            temperature,
-            label_free,
-            full_vocab,
-            caption_weight,
-            ..
-        } = task.objective
-        else {
-            unreachable!("anchors exist only for distillation")
-        };
-        let replay = self.replay_samples(task, step);
-        let (n_main, n_replay) = (clips.len(), replay.len());
-        let all: Vec<Sample> = clips.iter().chain(&replay).copied().collect();
-        let t0 = clock(&self.device)?;
-        let s_batch = self.batch(task.modality, &all, task.seed)?;
-        let t_batch = self.batch(task.modality.other(), &clips, task.seed)?;
-        let restrict = |logits: Tensor| -> Result<Tensor> {
-            if full_vocab {
-                Ok(logits)
-            } else {
-                letter_logits(&logits, &student.vocab)
-            }
-        };
-        // Targets: the teacher on the hard-class rows, the frozen pre-distillation student on
-        // the replay rows; answer logits and caption logits of each.
-        let (t_answer, t_caption) =
-            teacher.forward_with_caption(&t_batch.features, &t_batch.prompts)?;
-        let t_answer = restrict(t_answer)?;
-        let (mut answer_targets, mut caption_targets) = (vec![t_answer.clone()], vec![t_caption]);
-        if n_replay > 0 {
-            let rf = s_batch.features.narrow(0, n_main, n_replay)?;
-            let rp = s_batch.prompts.narrow(0, n_main, n_replay)?;
-            let student_before = student_before.context("replay rows but no frozen student")?;
-            let (a_answer, a_caption) = student_before.forward_with_caption(&rf, &rp)?;
-            answer_targets.push(restrict(a_answer)?);
-            caption_targets.push(a_caption);
-        }
-        let answer_targets = Tensor::cat(&answer_targets, 0)?.detach();
-        let caption_targets = Tensor::cat(&caption_targets, 0)?.detach();
-        let teacher = ms(clock(&self.device)? - t0);
-        let (s_answer, s_caption) =
-            student.forward_with_caption(&s_batch.features, &s_batch.prompts)?;
-        let s_answer = restrict(s_answer)?;
-        let t_loss = clock(&self.device)?;
-        // CE target: the true letter, or the teacher's choice in label-free mode.
-        let answers: Vec<u32> = if label_free {
-            letters_of(&t_answer, &student.vocab, full_vocab)?
-                .argmax(D::Minus1)?
-                .to_vec1::<u32>()?
-        } else {
-            s_batch.answer_idx[..n_main].to_vec()
-        };
-        let targets: Vec<u32> = answers
-            .iter()
-            .map(|&a| {
-                if full_vocab {
-                    student.vocab.letter(a as usize)
-                } else {
-                    a
-                }
-            })
-            .collect();
-        let targets = Tensor::new(targets.as_slice(), &self.device)?;
-        let answer = answer_loss(
-            &s_answer,
-            &answer_targets,
-            &targets,
-            (n_main, n_replay),
-            temperature,
-            alpha,
-        )?;
-        let weights = |n: usize, w: f32| Tensor::new(vec![w; n], &self.device);
-        // The teacher's caption (its next-token distribution right after its own modality
-        // tokens) is distilled too: it tells the student's encoder which class it heard
-        // directly, not only through the answer letter.
-        let caption = xkd_kernels::fused_distill_loss(
-            &s_caption,
-            &caption_targets,
-            &FusedLoss {
-                temperature,
-                alpha: 1.0,
-                shared_vocab: None,
-                targets: None,
-                weights: Some(weights(n_main + n_replay, caption_weight as f32)?),
-            },
-        )?;
-        let total = (&answer.total + &caption.total)?;
-        let kl = (answer.kl.to_scalar::<f32>()? + caption.kl.to_scalar::<f32>()?) as f64;
-        let ce = answer.ce.to_scalar::<f32>()? as f64;
-        let loss = ms(clock(&self.device)? - t_loss);
-        let tokens = s_batch.prompts.elem_count();
-        Ok((
-            total,
-            (kl, ce),
-            Timings {
-                teacher,
-                loss,
-                tokens,
-            },
-        ))
-    }
-
-    /// Distillation through the option letters only, for any pair of models (a Qwen2 teacher
-    /// or student among them): the teacher's letter logits on the hard-class rows and the
-    /// frozen pre-distillation student's on the replay rows are the targets of the student's.
-    /// No caption term (the config refuses a caption weight with a Qwen2 model).
-    fn letters_loss(
-        &mut self,
-        task: &TrainTask,
-        student: &Net,
-        anchors: &Anchors,
-        step: u64,
-    ) -> Result<(Tensor, (f64, f64), Timings)> {
-        let Objective::Distill {
-            alpha,
-            temperature,
-            label_free,
-            ..
-        } = task.objective
-        else {
-            bail!("letters_loss is a distillation loss");
-        };
-        let clips = task.plan.samples(self.rank, self.world, step, task.batch);
-        let replay = self.replay_samples(task, step);
-        let (n_main, n_replay) = (clips.len(), replay.len());
-        let all: Vec<Sample> = clips.iter().chain(&replay).copied().collect();
-        let t0 = clock(&self.device)?;
-        let seed = task.seed;
-        let teacher = self.answers(&anchors.teacher, task.modality.other(), &clips, seed)?;
-        let mut targets = vec![teacher.letters.clone()];
-        if n_replay > 0 {
-            let student_before = anchors
-                .student_before
-                .as_ref()
-                .context("replay rows but no frozen student")?;
-            let before = self.answers(student_before, task.modality, &replay, seed)?;
-            targets.push(before.letters);
-        }
-        let answer_targets = Tensor::cat(&targets, 0)?.detach();
-        let teacher_ms = ms(clock(&self.device)? - t0);
-        let s = self.answers(student, task.modality, &all, seed)?;
-        let t_loss = clock(&self.device)?;
-        let answers: Vec<u32> = if label_free {
-            teacher.letters.argmax(D::Minus1)?.to_vec1::<u32>()?
-        } else {
-            s.answer_idx[..n_main].to_vec()
-        };
-        let answers = Tensor::new(answers.as_slice(), &self.device)?;
-        let loss = answer_loss(
-            &s.letters,
-            &answer_targets,
-            &answers,
-            (n_main, n_replay),
-            temperature,
-            alpha,
-        )?;
-        let kl = loss.kl.to_scalar::<f32>()? as f64;
-        let ce = loss.ce.to_scalar::<f32>()? as f64;
-        let loss_ms = ms(clock(&self.device)? - t_loss);
-        Ok((
-            loss.total,
-            (kl, ce),
-            Timings {
-                teacher: teacher_ms,
-                loss: loss_ms,
-                tokens: s.tokens,
-            },
-        ))
-    }
-
     /// Predict this rank's share of the plan's clips.
     pub fn evaluate(&mut self, task: &EvalTask) -> Result<Vec<ClipOutcome>> {
         let net = self.build_net(task.modality, &task.model, task.seed, false)?;
@@ -1029,84 +552,6 @@ impl Rank {
             }
         }
         Ok(out)
-    }
-}
-
-/// The answer's loss over a distillation batch: its first `n_main` rows (the hard classes)
-/// against the teacher with `alpha` and the CE `targets`, the `n_replay` rows after them against
-/// the frozen pre-distillation student, pure KL. The fused loss takes one alpha per call, so
-/// these are two calls; row weights of n_part / n_all make both divide by the whole batch, as
-/// one call over all rows would.
-fn answer_loss(
-    s_answer: &Tensor,
-    answer_targets: &Tensor,
-    targets: &Tensor,
-    (n_main, n_replay): (usize, usize),
-    temperature: f64,
-    alpha: f64,
-) -> Result<LossParts> {
-    let device = s_answer.device();
-    let n_all = (n_main + n_replay) as f32;
-    let weights = |n: usize, w: f32| Tensor::new(vec![w; n], device);
-    let part = |x: &Tensor, start: usize, len: usize| x.narrow(0, start, len);
-    let mut answer = xkd_kernels::fused_distill_loss(
-        &part(s_answer, 0, n_main)?,
-        &part(answer_targets, 0, n_main)?,
-        &FusedLoss {
-            temperature,
-            alpha,
-            shared_vocab: None,
-            targets: Some(part(targets, 0, n_main)?),
-            weights: Some(weights(n_main, n_main as f32 / n_all)?),
-        },
-    )?;
-    if n_replay > 0 {
-        let replay = xkd_kernels::fused_distill_loss(
-            &part(s_answer, n_main, n_replay)?,
-            &part(answer_targets, n_main, n_replay)?,
-            &FusedLoss {
-                temperature,
-                alpha: 1.0,
-                shared_vocab: None,
-                targets: None,
-                weights: Some(weights(n_replay, n_replay as f32 / n_all)?),
-            },
-        )?;
-        answer = LossParts {
-            total: (&answer.total + &replay.total)?,
-            kl: (&answer.kl + &replay.kl)?,
-            ce: answer.ce,
-        };
-    }
-    Ok(answer)
-}
-
-/// The ten letter logits of `logits`, which hold the whole vocabulary when `full`.
-fn letters_of(logits: &Tensor, vocab: &Vocab, full: bool) -> Result<Tensor> {
-    if full {
-        letter_logits(logits, vocab)
-    } else {
-        Ok(logits.clone())
-    }
-}
-
-fn outcome(clip: u32, b: &Answers, i: usize, p: &[f32]) -> ClipOutcome {
-    let (label, options) = b.labels[i];
-    let best = p
-        .iter()
-        .enumerate()
-        .fold(0, |best, (k, &v)| if v > p[best] { k } else { best });
-    let entropy = -p
-        .iter()
-        .filter(|&&v| v > 0.0)
-        .map(|&v| v as f64 * (v as f64).ln())
-        .sum::<f64>();
-    ClipOutcome {
-        clip,
-        label,
-        predicted: options[best],
-        p_true: p[b.answer_idx[i] as usize] as f64,
-        entropy,
     }
 }
 

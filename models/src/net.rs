@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result};
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use xkd_checkpoint::Store;
-use xkd_protocol::config::{section_digest, Config, Modality};
+use xkd_config::{section_digest, Config, Modality, ModelFamily};
 use xkd_protocol::splitmix64;
 
 use crate::model::{self, Model};
@@ -35,7 +35,7 @@ pub enum Params {
 
 /// Whether `modality`'s model is a Qwen2 model (`family = "qwen2"`).
 pub fn is_qwen2(config: &Config, modality: Modality) -> bool {
-    config.model(modality).family == "qwen2"
+    config.model(modality).family == ModelFamily::Qwen2
 }
 
 /// The Qwen2 family of a modality: Qwen2-Audio for audio, Qwen2-VL for video.

@@ -2,7 +2,7 @@
 //! directories under the checkpoints' own parameter names, and built only from differentiable
 //! candle ops (`crate::nn`), so any parameter can be trained.
 //!
-//! Checked number for number against transformers by `worker/tests/qwen2_reference.rs`, on the
+//! Checked number for number against transformers by `models/tests/qwen2_reference.rs`, on the
 //! tiny random checkpoints and inputs that `tests/reference/make_qwen2_fixtures.py` writes.
 
 pub mod answer;

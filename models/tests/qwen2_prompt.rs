@@ -7,8 +7,8 @@
 mod common;
 
 use common::{fixtures, prompt_case, prompt_options};
-use xkd_worker::qwen::prompt::LETTERS;
-use xkd_worker::qwen::{ChatPrompt, Family, Qwen2Audio, Qwen2Vl};
+use xkd_models::qwen::prompt::LETTERS;
+use xkd_models::qwen::{ChatPrompt, Family, Qwen2Audio, Qwen2Vl};
 
 fn load(family: Family) -> ChatPrompt {
     let (dir, id) = match family {

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use super::weights::read_text;
 use super::{ChatPrompt, Family, ImageProcessor, LoraAdapters, LoraConfig, Qwen2Audio, Qwen2Vl};
 use super::{LoadError, VisionInput, Weights};
-use crate::features::LogMel;
+use xkd_data::features::LogMel;
 
 /// One clip as it comes from the dataset.
 pub enum Clip<'a> {

@@ -11,7 +11,7 @@
 //! timeout passes, which fails the task with [`CollectiveError::Timeout`]; the coordinator then
 //! restarts the generation and the dropped communicator is aborted.
 
-use crate::collective::{Collective, CollectiveError};
+use crate::{Collective, CollectiveError};
 use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::cuda_backend::cudarc::nccl::{group_end, group_start, Comm, Id, ReduceOp};
 use candle_core::op::BackpropOp;

@@ -22,83 +22,30 @@ use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::Linear;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use super::weights::LoadError;
 
 /// The decoder projections LoRA can target, by their Hugging Face names.
-pub const PROJECTIONS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub use xkd_config::{LoraConfig, LORA_PROJECTIONS as PROJECTIONS};
 
 const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const CONFIG_FILE: &str = "adapter_config.json";
 const KEY_PREFIX: &str = "base_model.model.";
 
-/// Which projections take adapters, and their shape.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoraConfig {
-    /// Rank `r` of `B A`.
-    pub r: usize,
-    /// The update is scaled by `alpha / r`.
-    pub alpha: f64,
-    /// Dropout on the adapter's input, in training mode only.
-    #[serde(default)]
-    pub dropout: f32,
-    /// Projection names out of `PROJECTIONS`, e.g. `["q_proj", "v_proj"]`.
-    pub target_modules: Vec<String>,
-}
-
-impl LoraConfig {
-    pub fn scale(&self) -> f64 {
-        self.alpha / self.r as f64
-    }
-
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.r == 0 {
-            return Err("LoRA rank r must be at least 1".into());
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(format!("LoRA dropout {} is not in [0, 1)", self.dropout));
-        }
-        if self.target_modules.is_empty() {
-            return Err("LoRA target_modules is empty".into());
-        }
-        match self
-            .target_modules
-            .iter()
-            .find(|m| !PROJECTIONS.contains(&m.as_str()))
-        {
-            Some(m) => Err(format!("LoRA target {m:?} is none of {PROJECTIONS:?}")),
-            None => Ok(()),
-        }
-    }
-
-    pub fn targets(&self, projection: &str) -> bool {
-        self.target_modules.iter().any(|m| m == projection)
-    }
-
-    /// PEFT's `target_modules`: a regex full-matched against module paths, limited to the
-    /// decoder layers under `prefix` (the language model's path in the checkpoint).
-    fn peft_pattern(&self, prefix: &str) -> String {
-        let alternatives: Vec<&str> = PROJECTIONS
-            .iter()
-            .copied()
-            .filter(|p| self.targets(p))
-            .collect();
-        format!(
-            r"{}model\.layers\.\d+\.(self_attn|mlp)\.({})",
-            prefix.replace('.', r"\."),
-            alternatives.join("|")
-        )
-    }
+/// PEFT's `target_modules`: a regex full-matched against module paths, limited to the
+/// decoder layers under `prefix` (the language model's path in the checkpoint).
+fn peft_pattern(config: &LoraConfig, prefix: &str) -> String {
+    let alternatives: Vec<&str> = PROJECTIONS
+        .iter()
+        .copied()
+        .filter(|p| config.targets(p))
+        .collect();
+    format!(
+        r"{}model\.layers\.\d+\.(self_attn|mlp)\.({})",
+        prefix.replace('.', r"\."),
+        alternatives.join("|")
+    )
 }
 
 /// Where LoRA dropout draws its masks, shared by every adapter of a model. The trainer
@@ -349,7 +296,7 @@ impl LoraAdapters {
             "r": self.config.r,
             "lora_alpha": self.config.alpha,
             "lora_dropout": self.config.dropout,
-            "target_modules": self.config.peft_pattern(&self.prefix),
+            "target_modules": peft_pattern(&self.config, &self.prefix),
             "bias": "none",
             "fan_in_fan_out": false,
             "inference_mode": true,
@@ -424,7 +371,7 @@ struct RawPeftConfig {
     r: usize,
     lora_alpha: f64,
     #[serde(default)]
-    lora_dropout: f32,
+    lora_dropout: f64,
     #[serde(default)]
     use_rslora: bool,
     #[serde(default)]
@@ -443,7 +390,7 @@ fn adapter(config: &LoraConfig, a: Tensor, b: Tensor, rng: &DropoutRng) -> Resul
         a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
         b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
         scale: config.scale(),
-        dropout: config.dropout,
+        dropout: config.dropout as f32,
         rng: rng.clone(),
     })
 }
@@ -489,7 +436,7 @@ fn pair_tensors(
 mod tests {
     use super::*;
 
-    fn config(dropout: f32) -> LoraConfig {
+    fn config(dropout: f64) -> LoraConfig {
         LoraConfig {
             r: 2,
             alpha: 6.0,
@@ -527,7 +474,7 @@ mod tests {
         };
         assert!(fc1.validate().is_err());
         assert_eq!(
-            config(0.0).peft_pattern("language_model."),
+            peft_pattern(&config(0.0), "language_model."),
             r"language_model\.model\.layers\.\d+\.(self_attn|mlp)\.(q_proj)"
         );
     }

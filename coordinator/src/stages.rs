@@ -1,0 +1,350 @@
+//! The stages of a run as the driver carries them out: the dataset, the pretrained models, the
+//! probe and hard classes, evaluation, distillation; `stages` puts them in order.
+
+use crate::checkpoint::{self};
+use crate::driver::Driver;
+use crate::heuristic::{self, Decision};
+use crate::report::{self};
+use crate::run::{one_summary, shuffled, write_json, Outcome};
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Instant;
+use xkd_config::{section_digest, CeTarget, Config, KlOver, Modality, ModelFamily};
+use xkd_protocol::{
+    CheckpointOrder, ClipOutcome, DataSummary, EvalTask, Objective, ShardPlan, TaskKind,
+    TaskResult, TrainSummary, TrainTask,
+};
+
+pub(crate) async fn stages(
+    d: &mut Driver,
+    config: &Config,
+    out_dir: &Path,
+    only_hard: bool,
+    started: Instant,
+) -> Result<Outcome> {
+    let data = d.prepare_data().await?;
+    let student_m = config.student_modality();
+    let teacher_m = config.teacher_modality();
+    let teacher = d.pretrained(config, &data, teacher_m).await?;
+    let student = d.pretrained(config, &data, student_m).await?;
+
+    d.stage = "probe".into();
+    let probe = split(&data, "probe")?;
+    let t_probe = d.evaluate(config, teacher_m, &teacher, probe).await?;
+    let s_probe = d.evaluate(config, student_m, &student, probe).await?;
+    let decision = heuristic::decide(&config.heuristic, &data.classes, &s_probe, &t_probe)?;
+    write_json(&out_dir.join("hard_classes.json"), &decision)?;
+    tracing::info!(hard = ?decision.hard_names(), "hard classes decided");
+    if only_hard {
+        return Ok(Outcome::HardClasses(decision));
+    }
+    if decision.hard_labels().is_empty() {
+        bail!("the heuristic found no hard class: nothing to distill (see hard_classes.json)");
+    }
+
+    d.stage = "eval_before".into();
+    let eval = split(&data, "eval")?;
+    let t_eval = d.evaluate(config, teacher_m, &teacher, eval).await?;
+    let before = d.evaluate(config, student_m, &student, eval).await?;
+
+    d.stage = "distill".into();
+    // A stand-in student is saved whole; a Qwen2 student as its LoRA adapters, in PEFT's format.
+    let distilled = if config.model(student_m).family == ModelFamily::Qwen2 {
+        out_dir.join("student-lora")
+    } else {
+        out_dir.join("student.safetensors")
+    };
+    let (summary, final_checkpoint) = d
+        .distill(config, &data, &decision, &teacher, &student, &distilled)
+        .await?;
+
+    d.stage = "eval_after".into();
+    let after_path = distilled.display().to_string();
+    let after = d.evaluate(config, student_m, &after_path, eval).await?;
+    let report = report::build(report::Inputs {
+        run_id: &d.run_id,
+        config,
+        workers: d.world,
+        classes: &data.classes,
+        decision: &decision,
+        teacher: &t_eval,
+        before: &before,
+        after: &after,
+        distill: &summary,
+        final_checkpoint,
+        wall_seconds: started.elapsed().as_secs_f64(),
+    });
+    report::write(out_dir, &report)?;
+    Ok(Outcome::Finished(Box::new(report)))
+}
+
+pub(crate) fn split<'a>(data: &'a DataSummary, name: &str) -> Result<&'a xkd_protocol::SplitClips> {
+    data.splits
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| anyhow!("the dataset has no `{name}` split"))
+}
+
+impl Driver {
+    /// Rank 0 generates the dataset first; the others then load what it wrote.
+    pub(crate) async fn prepare_data(&mut self) -> Result<DataSummary> {
+        self.stage = "data".into();
+        let first = self.order(&[0], TaskKind::PrepareData).await?;
+        let rest: Vec<u32> = (1..self.world as u32).collect();
+        if !rest.is_empty() {
+            self.order(&rest, TaskKind::PrepareData).await?;
+        }
+        match first.into_iter().next() {
+            Some(TaskResult::Data(d)) => {
+                tracing::info!(dir = d.dir, classes = d.classes.len(), "dataset ready");
+                Ok(d)
+            }
+            other => bail!("rank 0 answered PrepareData with {other:?}"),
+        }
+    }
+
+    /// The stand-in model of `modality` pretrained on its own pretraining split, from the
+    /// cache when a model of the same recipe is there; a Qwen2 model's directory as given.
+    pub(crate) async fn pretrained(
+        &mut self,
+        config: &Config,
+        data: &DataSummary,
+        modality: Modality,
+    ) -> Result<String> {
+        let model = config.model(modality);
+        if model.family == ModelFamily::Qwen2 {
+            tracing::info!(
+                model = model.dir,
+                "{} model: the given Qwen2 checkpoint",
+                modality.as_str()
+            );
+            return Ok(model.dir.clone());
+        }
+        let key = section_digest(&(
+            &data.dir,
+            &config.data,
+            &config.features,
+            config.model(modality),
+            &config.pretrain,
+            config.run.seed,
+            modality,
+        ));
+        let path = Path::new(&config.run.cache_dir)
+            .join("models")
+            .join(format!("{}-{key}.safetensors", modality.as_str()));
+        let shown = path.display().to_string();
+        if path.exists() {
+            tracing::info!(
+                model = shown,
+                "reusing pretrained {} model",
+                modality.as_str()
+            );
+            return Ok(shown);
+        }
+        self.stage = format!("pretrain_{}", modality.as_str());
+        let clips = split(data, &self.stage)?.clips.clone();
+        let p = &config.pretrain;
+        let task = TrainTask {
+            modality,
+            objective: Objective::Supervised,
+            init: None,
+            save: shown.clone(),
+            plan: shuffled(clips, config.run.seed),
+            replay: None,
+            steps: p.steps,
+            batch: p.batch / self.world,
+            replay_batch: 0,
+            lr: p.lr,
+            weight_decay: p.weight_decay,
+            warmup_steps: p.warmup_steps,
+            caption_weight: p.caption_weight,
+            grad_clip: p.grad_clip,
+            seed: config.run.seed,
+            checkpoint: None,
+            resume_from: None,
+        };
+        let summary = self.train(task).await?;
+        tracing::info!(model = shown, loss = summary.final_loss, "pretrained");
+        Ok(shown)
+    }
+
+    pub(crate) async fn train(&mut self, task: TrainTask) -> Result<TrainSummary> {
+        let all = self.all();
+        let results = self.order(&all, TaskKind::Train(Box::new(task))).await?;
+        one_summary(results)
+    }
+
+    pub(crate) async fn evaluate(
+        &mut self,
+        config: &Config,
+        modality: Modality,
+        model: &str,
+        clips: &xkd_protocol::SplitClips,
+    ) -> Result<Vec<ClipOutcome>> {
+        let task = EvalTask {
+            modality,
+            model: model.to_string(),
+            plan: ShardPlan {
+                clips: clips.clips.clone(),
+                seed: config.run.seed,
+                cursor: 0,
+                shuffle: false,
+            },
+            seed: config.run.seed,
+        };
+        let all = self.all();
+        let mut out = Vec::new();
+        for result in self.order(&all, TaskKind::Evaluate(task)).await? {
+            match result {
+                TaskResult::Evaluated(o) => out.extend(o),
+                other => bail!("a worker answered Evaluate with {other:?}"),
+            }
+        }
+        out.sort_by_key(|o| o.clip);
+        if out.len() != clips.clips.len() {
+            bail!(
+                "evaluation covered {} of {} clips",
+                out.len(),
+                clips.clips.len()
+            );
+        }
+        Ok(out)
+    }
+
+    pub(crate) async fn distill(
+        &mut self,
+        config: &Config,
+        data: &DataSummary,
+        decision: &Decision,
+        teacher: &str,
+        student: &str,
+        save: &Path,
+    ) -> Result<(TrainSummary, Option<String>)> {
+        let hard: HashSet<u32> = decision.hard_labels().into_iter().collect();
+        let pool = split(data, "distill")?;
+        let (mut main, mut others) = (Vec::new(), Vec::new());
+        for (&clip, label) in pool.clips.iter().zip(&pool.labels) {
+            if hard.contains(label) {
+                main.push(clip);
+            } else {
+                others.push(clip);
+            }
+        }
+        let dc = &config.distill;
+        let per_worker = dc.batch / self.world;
+        let replay_batch = if others.is_empty() {
+            0
+        } else {
+            (per_worker as f64 * dc.replay_fraction).round() as usize
+        };
+        let mut task = TrainTask {
+            modality: config.student_modality(),
+            objective: Objective::Distill {
+                teacher: teacher.to_string(),
+                alpha: dc.alpha,
+                temperature: dc.temperature,
+                label_free: dc.target == CeTarget::Teacher,
+                full_vocab: dc.kl_over == KlOver::Vocab,
+                caption_weight: dc.caption_weight,
+            },
+            init: Some(student.to_string()),
+            save: save.display().to_string(),
+            plan: shuffled(main, config.run.seed ^ 0x5eed),
+            replay: (replay_batch > 0).then(|| shuffled(others, config.run.seed ^ 0x7e91)),
+            steps: dc.steps,
+            batch: per_worker - replay_batch,
+            replay_batch,
+            lr: dc.lr,
+            weight_decay: dc.weight_decay,
+            warmup_steps: dc.warmup_steps,
+            caption_weight: 0.0,
+            grad_clip: dc.grad_clip,
+            seed: config.run.seed,
+            checkpoint: None,
+            resume_from: None,
+        };
+        if task.batch == 0 {
+            bail!("distill.replay_fraction leaves no hard-class clips in a worker's batch");
+        }
+        let checkpoints = self
+            .checkpoints
+            .clone()
+            .context("no checkpoint store was opened for this run")?;
+        task.checkpoint = Some(CheckpointOrder {
+            url: checkpoints.lock().await.url(),
+            run_id: self.run_id.clone(),
+            every_steps: config.checkpoint.every_steps,
+        });
+        let recipe = checkpoint::recipe_digest(config);
+        let hard_classes = decision.hard_names();
+        // Each pass starts (or, after a restart, resumes) from the newest checkpoint that
+        // verifies; a failed generation is restarted by `recover` and the loop goes on.
+        loop {
+            let mut attempt = task.clone();
+            // The loss at the checkpoint's step: the final loss when no step is left to take.
+            let mut resumed_loss = None;
+            let resumed = checkpoints
+                .lock()
+                .await
+                .resume_point(&recipe, &hard_classes)
+                .await?;
+            if let Some(resumed) = resumed {
+                let s = &resumed.state;
+                let global = attempt.batch * self.world;
+                if s.batch_per_rank * s.world_size != global
+                    || s.replay_batch_per_rank * s.world_size != attempt.replay_batch * self.world
+                {
+                    bail!(
+                        "checkpoint {} was made with a global batch of {} (+{} replay) on {} workers; \
+                         {} workers make {} (+{}): choose a worker count that divides distill.batch \
+                         the same way",
+                        resumed.url,
+                        s.batch_per_rank * s.world_size,
+                        s.replay_batch_per_rank * s.world_size,
+                        s.world_size,
+                        self.world,
+                        global,
+                        attempt.replay_batch * self.world
+                    );
+                }
+                tracing::info!(
+                    step = s.step,
+                    checkpoint = %resumed.url,
+                    saved_by_workers = s.world_size,
+                    workers = self.world,
+                    "resuming distillation from checkpoint"
+                );
+                attempt.resume_from = Some(s.step);
+                resumed_loss = s.loss;
+                attempt.plan.cursor = s.cursor;
+                if let Some(replay) = attempt.replay.as_mut() {
+                    replay.cursor = s.replay_cursor;
+                }
+            }
+            checkpoints.lock().await.begin(checkpoint::Context {
+                // `try_order` numbers the task it sends next.
+                task_id: self.next_task + 1,
+                task: attempt.clone(),
+                world: self.world,
+                hard_classes: hard_classes.clone(),
+                config_digest: recipe.clone(),
+            });
+            let all = self.all();
+            let outcome = self
+                .try_order(&all, TaskKind::Train(Box::new(attempt)))
+                .await;
+            let last = checkpoints.lock().await.end();
+            match outcome {
+                Ok(results) => {
+                    let mut summary = one_summary(results)?;
+                    if let (false, Some(loss)) = (summary.final_loss.is_finite(), resumed_loss) {
+                        summary.final_loss = loss;
+                    }
+                    return Ok((summary, last));
+                }
+                Err(interrupt) => self.recover(interrupt).await?,
+            }
+        }
+    }
+}

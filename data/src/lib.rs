@@ -1,0 +1,19 @@
+//! Datasets: what a clip is on disk, how a rank reads it, and the features the models take.
+//!
+//! - `manifest`: the dataset's index (`manifest.jsonl`, `classes.json`), checked row by row.
+//! - `clip`: wav and png files both ways, and the loaders into model inputs.
+//! - `features`: Whisper-style log-mel spectrograms.
+//! - `synth`: the embedded synthetic set the default job trains on (only that job uses it).
+//!
+//! `ensure_dataset` is the one entry point a run uses: the configured dataset, generated first
+//! when it is the synthetic one and not there yet.
+
+pub mod clip;
+pub mod features;
+pub mod manifest;
+pub mod synth;
+
+pub use clip::{load_audio, load_frames, load_frames_rgb, CLIP_MEAN, CLIP_STD};
+pub use manifest::construction;
+pub use manifest::{load_manifest, ClipRecord, Manifest, CLASSES_FILE, MANIFEST_FILE, SPLITS};
+pub use synth::{class_table, ensure_dataset, ClassSpec, Cue, GENERATOR_VERSION};

@@ -1,0 +1,279 @@
+//! What a model is asked: a batch of clips as features and prompts (stand-ins) or as each
+//! family's processor prepares them (Qwen2), each clip's question, and the letter logits that
+//! come back. `FeatureCache` keeps every clip's features for the rank's lifetime.
+
+use super::Rank;
+use anyhow::{Context as _, Result};
+use candle_core::Tensor;
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use xkd_config::{Config, Modality};
+use xkd_data::features::LogMel;
+use xkd_data::{self as data, Manifest};
+use xkd_models::model::{self, Vocab, OPTIONS};
+use xkd_models::net::Net;
+use xkd_models::qwen::{Clip, Prepared, QwenModel};
+use xkd_protocol::{ClipOutcome, Sample};
+
+impl Rank {
+    /// Features, prompts and answers of a batch of clips.
+    pub(super) fn batch(
+        &mut self,
+        modality: Modality,
+        samples: &[Sample],
+        seed: u64,
+    ) -> Result<Batch> {
+        let manifest = self.manifest.as_ref().context("dataset not loaded")?;
+        let vocab = Vocab::new(manifest.classes.len());
+        let mm_tokens = mm_tokens(&self.config, modality);
+        let mut features = Vec::new();
+        let mut prompts = Vec::new();
+        let mut answers = Vec::new();
+        let mut labels = Vec::new();
+        for &Sample { clip, epoch } in samples {
+            let record = clip_record(manifest, clip)?;
+            features.extend_from_slice(self.cache.get(manifest, record, modality)?);
+            let q = model::question(seed, clip, epoch, record.label, manifest.classes.len());
+            prompts.extend(vocab.prompt(&q.options, mm_tokens));
+            answers.push(q.answer as u32);
+            labels.push((record.label, q.options));
+        }
+        let b = samples.len();
+        let shape: Vec<usize> = match modality {
+            Modality::Audio => {
+                let mel = &self.cache.mel;
+                let frames = mel.frames(self.cache.samples(&self.config));
+                vec![b, frames, mel.n_mels()]
+            }
+            Modality::Visual => {
+                let (t, s) = (self.config.data.frames, self.config.data.frame_size);
+                vec![b, t, 3, s, s]
+            }
+        };
+        let seq = prompts.len() / b.max(1);
+        Ok(Batch {
+            features: Tensor::from_vec(features, shape, &self.device)?,
+            prompts: Tensor::from_vec(prompts, (b, seq), &self.device)?,
+            answers: Tensor::from_vec(answers.clone(), b, &self.device)?,
+            answer_idx: answers,
+            labels,
+        })
+    }
+}
+
+/// The option letters' logits of a batch of clips, with what scoring them needs.
+pub(super) struct Answers {
+    /// `[B, 10]`.
+    pub(super) letters: Tensor,
+    pub(super) answer_idx: Vec<u32>,
+    pub(super) labels: Vec<(u32, [u32; OPTIONS])>,
+    /// Prompt tokens of the batch.
+    pub(super) tokens: usize,
+}
+
+impl Rank {
+    /// `net`'s letter logits for `samples` of `modality`, each asked its question.
+    pub(super) fn answers(
+        &mut self,
+        net: &Net,
+        modality: Modality,
+        samples: &[Sample],
+        seed: u64,
+    ) -> Result<Answers> {
+        let qwen = match net {
+            Net::StandIn(model) => {
+                let b = self.batch(modality, samples, seed)?;
+                let letters =
+                    letter_logits(&model.forward(&b.features, &b.prompts)?, &model.vocab)?;
+                return Ok(Answers {
+                    letters,
+                    tokens: b.prompts.elem_count(),
+                    answer_idx: b.answer_idx,
+                    labels: b.labels,
+                });
+            }
+            Net::Qwen(qwen) => qwen,
+        };
+        let manifest = self.manifest.as_ref().context("dataset not loaded")?;
+        let n_classes = manifest.classes.len();
+        let (mut answer_idx, mut labels, mut options) = (Vec::new(), Vec::new(), Vec::new());
+        for &Sample { clip, epoch } in samples {
+            let record = clip_record(manifest, clip)?;
+            self.cache.prepare(manifest, record, modality, qwen)?;
+            let q = model::question(seed, clip, epoch, record.label, n_classes);
+            options.push(
+                q.options
+                    .map(|c| manifest.classes[c as usize].as_str())
+                    .to_vec(),
+            );
+            answer_idx.push(q.answer as u32);
+            labels.push((record.label, q.options));
+        }
+        let clips: Vec<&Prepared> = samples
+            .iter()
+            .map(|s| self.cache.prepared(s.clip, modality))
+            .collect::<Result<_>>()?;
+        let (letters, tokens) = qwen.letter_logits(&clips, &options, &self.device)?;
+        Ok(Answers {
+            letters,
+            answer_idx,
+            labels,
+            tokens,
+        })
+    }
+}
+
+pub(super) fn clip_record(manifest: &Manifest, clip: u32) -> Result<&data::ClipRecord> {
+    manifest
+        .clips
+        .get(clip as usize)
+        .filter(|r| r.id == clip)
+        .with_context(|| format!("clip {clip} is not in the manifest"))
+}
+
+/// Modality tokens a model of `modality` hands its LM under `config`.
+pub(super) fn mm_tokens(config: &Config, modality: Modality) -> usize {
+    let m = config.model(modality);
+    match modality {
+        Modality::Audio => m.modality_tokens,
+        Modality::Visual => {
+            let grid = config.data.frame_size / m.patch.max(1);
+            (config.data.frames / model::TEMPORAL_PATCH) * grid * grid / 4
+        }
+    }
+}
+
+pub(super) struct Batch {
+    pub(super) features: Tensor,
+    pub(super) prompts: Tensor,
+    /// Index of the true option, as a tensor and as numbers.
+    pub(super) answers: Tensor,
+    pub(super) answer_idx: Vec<u32>,
+    pub(super) labels: Vec<(u32, [u32; OPTIONS])>,
+}
+
+/// Features per clip and modality, made once per rank: the stand-ins' features, and the clips
+/// as a Qwen2 model's own processor prepares them.
+pub(super) struct FeatureCache {
+    mel: LogMel,
+    audio: HashMap<u32, Vec<f32>>,
+    visual: HashMap<u32, Vec<f32>>,
+    qwen_audio: HashMap<u32, Prepared>,
+    qwen_visual: HashMap<u32, Prepared>,
+}
+
+impl FeatureCache {
+    pub(super) fn new(mel: LogMel) -> Self {
+        Self {
+            mel,
+            audio: HashMap::new(),
+            visual: HashMap::new(),
+            qwen_audio: HashMap::new(),
+            qwen_visual: HashMap::new(),
+        }
+    }
+
+    /// Prepares clip `record` for `qwen` once: decoded, then through the model's processor
+    /// (Whisper log-mel, Qwen2-VL resize and patches): host work, 3,000 FFT frames and a
+    /// 128-band filterbank per clip at Qwen2-Audio's 30-s window, that would otherwise run for
+    /// the teacher, the student and the frozen student on every step. Every Qwen2 model of one
+    /// modality in a run comes from that modality's one directory, so one preparation serves
+    /// them all.
+    pub(super) fn prepare(
+        &mut self,
+        manifest: &Manifest,
+        record: &data::ClipRecord,
+        modality: Modality,
+        qwen: &QwenModel,
+    ) -> Result<()> {
+        let dir = &manifest.dir;
+        let slot = match modality {
+            Modality::Audio => &mut self.qwen_audio,
+            Modality::Visual => &mut self.qwen_visual,
+        };
+        if let Entry::Vacant(e) = slot.entry(record.id) {
+            let prepared = match modality {
+                Modality::Audio => {
+                    qwen.prepare(Clip::Audio(&data::load_audio(&dir.join(&record.audio))?))?
+                }
+                Modality::Visual => {
+                    let paths: Vec<PathBuf> = record.frames.iter().map(|f| dir.join(f)).collect();
+                    let (h, w, frames) = data::load_frames_rgb(&paths)?;
+                    qwen.prepare(Clip::Video {
+                        frames: &frames,
+                        h,
+                        w,
+                    })?
+                }
+            };
+            e.insert(prepared);
+        }
+        Ok(())
+    }
+
+    /// A clip `prepare` has prepared.
+    pub(super) fn prepared(&self, clip: u32, modality: Modality) -> Result<&Prepared> {
+        let slot = match modality {
+            Modality::Audio => &self.qwen_audio,
+            Modality::Visual => &self.qwen_visual,
+        };
+        slot.get(&clip)
+            .with_context(|| format!("clip {clip} was not prepared"))
+    }
+
+    pub(super) fn samples(&self, config: &Config) -> usize {
+        (config.data.sample_rate as f32 * config.data.clip_seconds).round() as usize
+    }
+
+    pub(super) fn get(
+        &mut self,
+        manifest: &Manifest,
+        record: &data::ClipRecord,
+        modality: Modality,
+    ) -> Result<&[f32]> {
+        let dir = &manifest.dir;
+        let slot = match modality {
+            Modality::Audio => &mut self.audio,
+            Modality::Visual => &mut self.visual,
+        };
+        if let Entry::Vacant(entry) = slot.entry(record.id) {
+            entry.insert(match modality {
+                Modality::Audio => self
+                    .mel
+                    .compute(&data::load_audio(&dir.join(&record.audio))?),
+                Modality::Visual => {
+                    let paths: Vec<PathBuf> = record.frames.iter().map(|f| dir.join(f)).collect();
+                    data::load_frames(&paths)?
+                }
+            });
+        }
+        Ok(&slot[&record.id])
+    }
+}
+
+/// Letter logits `[B, 10]` out of full-vocabulary logits.
+pub(super) fn letter_logits(logits: &Tensor, vocab: &Vocab) -> Result<Tensor> {
+    let idx = Tensor::new(vocab.letters().as_slice(), logits.device())?;
+    Ok(logits.index_select(&idx, 1)?)
+}
+
+pub(super) fn outcome(clip: u32, b: &Answers, i: usize, p: &[f32]) -> ClipOutcome {
+    let (label, options) = b.labels[i];
+    let best = p
+        .iter()
+        .enumerate()
+        .fold(0, |best, (k, &v)| if v > p[best] { k } else { best });
+    let entropy = -p
+        .iter()
+        .filter(|&&v| v > 0.0)
+        .map(|&v| v as f64 * (v as f64).ln())
+        .sum::<f64>();
+    ClipOutcome {
+        clip,
+        label,
+        predicted: options[best],
+        p_true: p[b.answer_idx[i] as usize] as f64,
+        entropy,
+    }
+}

@@ -32,6 +32,33 @@ fn bad_value_exits_2_and_names_the_key() {
     assert!(err.contains("batch"), "{err}");
 }
 
+/// Issue 14's three: each once a panic, or workers restarted three times. Now refused with
+/// exit 2 naming the key, before the run makes its output directory or starts a worker.
+#[test]
+fn values_the_run_cannot_use_exit_2_before_any_worker_starts() {
+    for (set, key) in [
+        ("audio_model.encoder_heads=0", "audio_model.encoder_heads"),
+        ("features.n_fft=0", "features.n_fft"),
+        ("distill.temperature=nan", "distill.temperature"),
+        ("run.run_id=a/b", "run.run_id"),
+        ("control.listen=nowhere", "control.listen"),
+    ] {
+        let out = std::env::temp_dir().join(format!("xkd-cli-refused-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let (code, _, err) = run(&["run", "--out", &out.display().to_string(), "--set", set]);
+        assert_eq!(code, 2, "{set}: {err}");
+        assert!(
+            err.contains(key),
+            "{set}: the error does not name {key}:\n{err}"
+        );
+        assert!(
+            !out.exists(),
+            "{set}: the run made {} before refusing",
+            out.display()
+        );
+    }
+}
+
 #[test]
 fn bad_checkpoint_store_exits_2_before_any_work() {
     let (code, _, err) = run(&[

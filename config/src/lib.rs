@@ -353,6 +353,12 @@ impl LoraConfig {
         if self.r == 0 {
             return Err("r: the LoRA rank must be at least 1".into());
         }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(format!(
+                "alpha: must be a finite number above 0, got {}",
+                self.alpha
+            ));
+        }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(format!("dropout: {} is not in [0, 1)", self.dropout));
         }

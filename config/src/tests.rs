@@ -162,3 +162,241 @@ fn every_shipped_config_resolves() {
     }
     assert!(n >= 4, "{n} configs in {}", dir.display());
 }
+
+/// Every `section.key` of the resolved config, as `xkd config show` prints it.
+fn every_key() -> Vec<String> {
+    let table: toml::Table = Config::embedded().to_toml().parse().unwrap();
+    let mut keys = Vec::new();
+    for (section, value) in &table {
+        for key in value.as_table().expect("a section").keys() {
+            keys.push(format!("{section}.{key}"));
+        }
+    }
+    keys
+}
+
+/// What makes a qwen2 audio student valid, for the keys only such a run reads.
+const QWEN2_STUDENT: &[&str] = &[
+    "audio_model.family=\"qwen2\"",
+    "audio_model.dir=\"/models/qwen2-audio\"",
+    "distill.caption_weight=0",
+    "lora.r=8",
+];
+
+/// For every key: a value validation refuses (over the default, or over the settings given
+/// with it), or `None` where every value of the key's type is a valid one.
+fn bad_values() -> Vec<(String, Option<&'static str>, &'static [&'static str])> {
+    let mut table: Vec<(String, Option<&str>, &[&str])> = [
+        ("run.seed", None),
+        ("run.run_id", Some("\"../elsewhere\"")),
+        ("run.cache_dir", Some("\"\"")),
+        ("run.device", Some("\"gpu\"")),
+        ("run.threads_per_worker", None),
+        ("data.source", Some("\"s3\"")),
+        ("data.dir", None),
+        ("data.seed", None),
+        ("data.sample_rate", Some("10")),
+        ("data.clip_seconds", Some("nan")),
+        ("data.frames", Some("0")),
+        ("data.frame_size", Some("4")),
+        ("data.pretrain_clips", Some("0")),
+        ("data.pretrain_scarce_clips", Some("1000")),
+        ("data.probe_clips", Some("0")),
+        ("data.distill_clips", Some("0")),
+        ("data.eval_clips", Some("0")),
+        ("features.n_fft", Some("0")),
+        ("features.hop", Some("0")),
+        ("features.n_mels", Some("0")),
+        ("pretrain.steps", None),
+        ("pretrain.batch", Some("3")),
+        ("pretrain.lr", Some("0")),
+        ("pretrain.weight_decay", Some("-1")),
+        ("pretrain.warmup_steps", None),
+        ("pretrain.caption_weight", Some("nan")),
+        ("pretrain.grad_clip", Some("-1")),
+        ("heuristic.threshold", Some("2")),
+        ("heuristic.top_k", None),
+        ("heuristic.teacher_floor", Some("-0.5")),
+        ("heuristic.fit", None),
+        ("heuristic.coefficients", Some("[1.0]")),
+        ("heuristic.prior_csv", None),
+        ("distill.direction", Some("\"sideways\"")),
+        ("distill.alpha", Some("2")),
+        ("distill.temperature", Some("nan")),
+        ("distill.target", Some("\"truth\"")),
+        ("distill.kl_over", Some("\"all\"")),
+        ("distill.replay_fraction", Some("1")),
+        ("distill.caption_weight", Some("-1")),
+        ("distill.steps", None),
+        ("distill.batch", Some("0")),
+        ("distill.lr", Some("nan")),
+        ("distill.weight_decay", Some("inf")),
+        ("distill.warmup_steps", None),
+        ("distill.grad_clip", Some("nan")),
+        ("lora.r", Some("4")),
+        ("checkpoint.url", None),
+        ("checkpoint.every_steps", None),
+        ("checkpoint.keep_last", Some("0")),
+        ("collective.bucket_mb", Some("0")),
+        ("control.listen", Some("\"nowhere\"")),
+        ("control.workers", Some("0")),
+        ("control.heartbeat_ms", Some("0")),
+        ("control.heartbeat_timeout_ms", Some("1")),
+        ("control.join_timeout_ms", Some("0")),
+        ("control.max_restarts", None),
+        ("log.every", None),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v, &[][..]))
+    .collect();
+    for model in ["audio_model", "visual_model"] {
+        for (field, bad) in [
+            ("family", Some("\"llama\"")),
+            ("dir", None),
+            ("encoder_hidden", Some("0")),
+            ("encoder_layers", Some("1000")),
+            ("encoder_heads", Some("0")),
+            ("lm_hidden", Some("0")),
+            ("lm_layers", Some("1000")),
+            ("lm_heads", Some("0")),
+            ("lm_kv_heads", Some("3")),
+            ("lm_intermediate", Some("0")),
+            ("rope_theta", Some("inf")),
+            ("tie_embeddings", None),
+        ] {
+            table.push((format!("{model}.{field}"), bad, &[]));
+        }
+    }
+    // Only the audio stand-in pools into modality tokens; only the visual one has patches.
+    table.push(("audio_model.modality_tokens".into(), Some("100000"), &[]));
+    table.push(("visual_model.modality_tokens".into(), None, &[]));
+    table.push(("audio_model.patch".into(), None, &[]));
+    table.push(("visual_model.patch".into(), Some("5"), &[]));
+    // LoRA's settings are read only with a qwen2 student.
+    table.push(("lora.alpha".into(), Some("nan"), QWEN2_STUDENT));
+    table.push(("lora.dropout".into(), Some("1.5"), QWEN2_STUDENT));
+    table.push((
+        "lora.target_modules".into(),
+        Some("[\"fc1\"]"),
+        QWEN2_STUDENT,
+    ));
+    table
+}
+
+#[test]
+fn every_key_has_a_bad_value_that_is_refused_by_name() {
+    let table = bad_values();
+    let mut listed: Vec<&str> = table.iter().map(|(k, _, _)| k.as_str()).collect();
+    listed.sort();
+    let mut keys = every_key();
+    keys.sort();
+    assert_eq!(
+        listed, keys,
+        "the table must list every key of `xkd config show` once"
+    );
+    for (key, bad, context) in &table {
+        let Some(bad) = bad else { continue };
+        let mut sets: Vec<String> = context.iter().map(|s| s.to_string()).collect();
+        Config::resolve(None, &sets).unwrap_or_else(|e| panic!("context of {key}: {e}"));
+        sets.push(format!("{key}={bad}"));
+        let e = Config::resolve(None, &sets)
+            .expect_err(&format!("{key}={bad} was accepted"))
+            .to_string();
+        assert!(
+            e.contains(key.as_str()),
+            "{key}={bad}: the error does not name the key: {e}"
+        );
+    }
+}
+
+/// Values of every type and edge, and random ones, for every key: through `--set` and
+/// through a TOML file, resolving either accepts or refuses, never panics.
+#[test]
+fn no_value_of_any_key_panics() {
+    let mut literals: Vec<String> = [
+        "0",
+        "1",
+        "-1",
+        "2",
+        "7",
+        "9223372036854775807",
+        "-9223372036854775808",
+        "4294967296",
+        "0.0",
+        "-0.0",
+        "0.5",
+        "1e308",
+        "-1e308",
+        "1e-320",
+        "nan",
+        "-nan",
+        "inf",
+        "-inf",
+        "\"\"",
+        "\"x\"",
+        "\"cuda:99999999999999999999\"",
+        "\"é\"",
+        "\"a b\"",
+        "\"0.0.0.0:0\"",
+        "[]",
+        "[1]",
+        "[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]",
+        "[\"q_proj\"]",
+        "true",
+        "false",
+        "{ a = 1 }",
+        "x",
+        "",
+        "=",
+        "\"\\u0000\"",
+    ]
+    .map(String::from)
+    .to_vec();
+    // A small xorshift: random integers, floats and strings, the same on every run.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..40 {
+        let r = next();
+        literals.push(match r % 4 {
+            0 => ((r >> 8) as i64 >> (r % 60)).to_string(),
+            1 => format!("{:e}", f64::from_bits(next())),
+            2 => format!("{}", (r >> 16) % 100_000),
+            _ => format!(
+                "\"{}\"",
+                (0..r % 12)
+                    .map(|_| char::from(b' ' + (next() % 94) as u8))
+                    .filter(|c| *c != '"' && *c != '\\')
+                    .collect::<String>()
+            ),
+        });
+    }
+    let dir = std::env::temp_dir().join(format!("xkd-cfg-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.toml");
+    for key in every_key() {
+        let (section, field) = key.split_once('.').unwrap();
+        for value in &literals {
+            let set = format!("{key}={value}");
+            let by_set =
+                std::panic::catch_unwind(|| Config::resolve(None, std::slice::from_ref(&set)));
+            assert!(by_set.is_ok(), "--set {set} panicked");
+            std::fs::write(&file, format!("[{section}]\n{field} = {value}\n")).unwrap();
+            let by_file = std::panic::catch_unwind(|| Config::resolve(Some(&file), &[]));
+            assert!(
+                by_file.is_ok(),
+                "a file with {field} = {value} in [{section}] panicked"
+            );
+            if let Ok(Ok(config)) = by_file {
+                let again =
+                    Config::from_toml(&config.to_toml()).expect("an accepted config round-trips");
+                assert_eq!(again.digest(), config.digest());
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -11,90 +11,343 @@ fn bad(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// `value` must be at least `min`.
+fn at_least(key: &str, value: u64, min: u64) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(bad(key, format!("must be at least {min}, got {value}")));
+    }
+    Ok(())
+}
+
+/// `value` must be a finite number in `[lo, hi]` (`open_lo`: in `(lo, hi]`).
+fn within(key: &str, value: f64, lo: f64, hi: f64, open_lo: bool) -> Result<(), ConfigError> {
+    let above = if open_lo { value > lo } else { value >= lo };
+    if !(value.is_finite() && above && value <= hi) {
+        let (bracket, top) = (
+            if open_lo { '(' } else { '[' },
+            if hi == f64::MAX {
+                "inf)".to_string()
+            } else {
+                format!("{hi}]")
+            },
+        );
+        return Err(bad(
+            key,
+            format!("must be a finite number in {bracket}{lo}, {top}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `value` must be finite and at least 0.
+fn non_negative(key: &str, value: f64) -> Result<(), ConfigError> {
+    within(key, value, 0.0, f64::MAX, false)
+}
+
+/// `value` must be finite and above 0.
+fn positive(key: &str, value: f64) -> Result<(), ConfigError> {
+    within(key, value, 0.0, f64::MAX, true)
+}
+
+/// `divisor` must be at least 1 and divide `value`.
+fn divides(key: &str, divisor: usize, value: usize, what: &str) -> Result<(), ConfigError> {
+    if divisor == 0 || !value.is_multiple_of(divisor) {
+        return Err(bad(
+            key,
+            format!("{divisor} does not divide {what} ({value})"),
+        ));
+    }
+    Ok(())
+}
+
+/// The checkpoint store's rule for names (a run id is one path segment of every object).
+fn run_id(id: &str) -> Result<(), ConfigError> {
+    let ok = id.is_empty()
+        || (id.len() <= 128
+            && !id.starts_with('.')
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')));
+    if !ok {
+        return Err(bad(
+            "run.run_id",
+            format!("`{id}` is not a run id: 1 to 128 of A-Z a-z 0-9 . _ -, not starting with '.'"),
+        ));
+    }
+    Ok(())
+}
+
 impl Config {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_run()?;
+        // Before the batches, which must split over control.workers.
+        self.validate_cluster()?;
+        self.validate_data()?;
+        self.validate_models()?;
+        self.validate_training()?;
+        self.validate_qwen2()
+    }
+
+    fn validate_run(&self) -> Result<(), ConfigError> {
         self.run
             .device
             .parse::<DeviceChoice>()
             .map_err(|message| bad("run.device", message))?;
-        if !(self.collective.bucket_mb > 0.0 && self.collective.bucket_mb.is_finite()) {
+        run_id(&self.run.run_id)?;
+        if self.run.cache_dir.is_empty() {
+            return Err(bad("run.cache_dir", "must name a directory"));
+        }
+        Ok(())
+    }
+
+    fn validate_data(&self) -> Result<(), ConfigError> {
+        let d = &self.data;
+        if d.source == DataSource::Manifest && d.dir.is_empty() {
+            return Err(bad("data.dir", "required when data.source = \"manifest\""));
+        }
+        at_least("data.sample_rate", d.sample_rate.into(), 1000)?;
+        within("data.clip_seconds", d.clip_seconds.into(), 0.0, 60.0, true)?;
+        at_least("data.frames", d.frames as u64, 1)?;
+        at_least("data.frame_size", d.frame_size as u64, 8)?;
+        if d.source == DataSource::Synthetic {
+            for (key, n) in [
+                ("data.pretrain_clips", d.pretrain_clips),
+                ("data.probe_clips", d.probe_clips),
+                ("data.distill_clips", d.distill_clips),
+                ("data.eval_clips", d.eval_clips),
+            ] {
+                at_least(key, n as u64, 1)?;
+                if n > 1_000_000 {
+                    return Err(bad(
+                        key,
+                        format!("{n} clips per class is more than 1000000"),
+                    ));
+                }
+            }
+            if d.pretrain_scarce_clips > d.pretrain_clips {
+                return Err(bad(
+                    "data.pretrain_scarce_clips",
+                    format!(
+                        "{} is more than data.pretrain_clips ({})",
+                        d.pretrain_scarce_clips, d.pretrain_clips
+                    ),
+                ));
+            }
+        }
+        let f = &self.features;
+        at_least("features.n_fft", f.n_fft as u64, 2)?;
+        at_least("features.hop", f.hop as u64, 1)?;
+        at_least("features.n_mels", f.n_mels as u64, 1)?;
+        for (key, n, max) in [
+            ("features.n_fft", f.n_fft, 1 << 20),
+            ("features.hop", f.hop, 1 << 20),
+            ("features.n_mels", f.n_mels, 4096),
+        ] {
+            if n > max {
+                return Err(bad(key, format!("{n} is more than {max}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Samples per clip, as the loaders cut them.
+    fn clip_samples(&self) -> usize {
+        (self.data.sample_rate as f32 * self.data.clip_seconds).round() as usize
+    }
+
+    fn validate_models(&self) -> Result<(), ConfigError> {
+        for (key, modality) in [
+            ("audio_model", Modality::Audio),
+            ("visual_model", Modality::Visual),
+        ] {
+            let m = self.model(modality);
+            if m.family == ModelFamily::Qwen2 {
+                if m.dir.is_empty() {
+                    return Err(bad(
+                        &format!("{key}.dir"),
+                        "required when family = \"qwen2\"",
+                    ));
+                }
+                continue;
+            }
+            let k = |field: &str| format!("{key}.{field}");
+            for (field, n) in [
+                ("encoder_hidden", m.encoder_hidden),
+                ("lm_hidden", m.lm_hidden),
+                ("lm_intermediate", m.lm_intermediate),
+            ] {
+                at_least(&k(field), n as u64, 1)?;
+                if n > 1 << 16 {
+                    return Err(bad(
+                        &k(field),
+                        format!("{n} is more than 65536 for a stand-in"),
+                    ));
+                }
+            }
+            for (field, n) in [
+                ("encoder_layers", m.encoder_layers),
+                ("lm_layers", m.lm_layers),
+            ] {
+                if n > 256 {
+                    return Err(bad(
+                        &k(field),
+                        format!("{n} layers is more than 256 for a stand-in"),
+                    ));
+                }
+            }
+            divides(
+                &k("encoder_heads"),
+                m.encoder_heads,
+                m.encoder_hidden,
+                "encoder_hidden",
+            )?;
+            divides(&k("lm_heads"), m.lm_heads, m.lm_hidden, "lm_hidden")?;
+            divides(&k("lm_kv_heads"), m.lm_kv_heads, m.lm_heads, "lm_heads")?;
+            if !(m.lm_hidden / m.lm_heads).is_multiple_of(2) {
+                return Err(bad(
+                    &k("lm_heads"),
+                    format!(
+                        "the head width lm_hidden / lm_heads = {} must be even (rotary)",
+                        m.lm_hidden / m.lm_heads
+                    ),
+                ));
+            }
+            positive(&k("rope_theta"), m.rope_theta.into())?;
+            match modality {
+                Modality::Audio => self.validate_audio_tokens(m, &k("modality_tokens"))?,
+                Modality::Visual => self.validate_patches(m, &k("patch"))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The audio stand-in pools its encoder's frames (the log-mel's, halved by a stride-2
+    /// convolution) into `modality_tokens` tokens: it needs at least one frame per token.
+    fn validate_audio_tokens(&self, m: &ModelConfig, key: &str) -> Result<(), ConfigError> {
+        at_least(key, m.modality_tokens as u64, 1)?;
+        let f = &self.features;
+        let padded = self.clip_samples() + 2 * (f.n_fft / 2);
+        let mel = padded.saturating_sub(f.n_fft) / f.hop;
+        let encoder = if mel == 0 { 0 } else { (mel - 1) / 2 + 1 };
+        if encoder < m.modality_tokens {
             return Err(bad(
-                "collective.bucket_mb",
+                key,
                 format!(
-                    "must be a positive number of MiB, got {}",
-                    self.collective.bucket_mb
+                    "{} tokens from {encoder} encoder frames (a {} s clip, hop {}): at most {encoder}",
+                    m.modality_tokens, self.data.clip_seconds, f.hop
                 ),
             ));
         }
-        if self.data.source == DataSource::Manifest && self.data.dir.is_empty() {
-            return Err(bad("data.dir", "required when data.source = \"manifest\""));
+        Ok(())
+    }
+
+    /// The visual stand-in cuts frames into pairs (temporal patch 2) and `patch`-pixel squares,
+    /// then merges 2 x 2 squares: the frame count must be even and the grid side even.
+    fn validate_patches(&self, m: &ModelConfig, key: &str) -> Result<(), ConfigError> {
+        divides(key, m.patch, self.data.frame_size, "data.frame_size")?;
+        let grid = self.data.frame_size / m.patch;
+        if !grid.is_multiple_of(2) {
+            return Err(bad(
+                key,
+                format!("data.frame_size / patch = {grid} squares a side; the 2 x 2 merge needs an even number"),
+            ));
         }
-        if !(0.0..=1.0).contains(&self.distill.alpha) {
-            return Err(bad("distill.alpha", "must lie in [0, 1]"));
+        if !self.data.frames.is_multiple_of(2) {
+            return Err(bad(
+                "data.frames",
+                format!(
+                    "{} frames; the visual stand-in takes them in pairs",
+                    self.data.frames
+                ),
+            ));
         }
-        if self.distill.temperature <= 0.0 {
-            return Err(bad("distill.temperature", "must be positive"));
+        Ok(())
+    }
+
+    fn validate_training(&self) -> Result<(), ConfigError> {
+        for (section, t) in [
+            ("pretrain", &self.pretrain),
+            ("distill", &self.distill.train()),
+        ] {
+            let k = |field: &str| format!("{section}.{field}");
+            positive(&k("lr"), t.lr)?;
+            non_negative(&k("weight_decay"), t.weight_decay)?;
+            non_negative(&k("grad_clip"), t.grad_clip)?;
+            if section == "pretrain" {
+                non_negative(&k("caption_weight"), t.caption_weight)?;
+            }
+            if t.batch == 0 || t.batch % self.control.workers != 0 {
+                return Err(bad(
+                    &k("batch"),
+                    format!(
+                        "{} does not split evenly over {} workers",
+                        t.batch, self.control.workers
+                    ),
+                ));
+            }
         }
-        if !(0.0..1.0).contains(&self.distill.replay_fraction) {
-            return Err(bad("distill.replay_fraction", "must lie in [0, 1)"));
+        let dc = &self.distill;
+        within("distill.alpha", dc.alpha, 0.0, 1.0, false)?;
+        positive("distill.temperature", dc.temperature)?;
+        if !(0.0..1.0).contains(&dc.replay_fraction) {
+            return Err(bad(
+                "distill.replay_fraction",
+                format!("must lie in [0, 1), got {}", dc.replay_fraction),
+            ));
         }
-        if self.heuristic.coefficients.len() != 6 {
+        non_negative("distill.caption_weight", dc.caption_weight)?;
+        let h = &self.heuristic;
+        within("heuristic.threshold", h.threshold, 0.0, 1.0, false)?;
+        within("heuristic.teacher_floor", h.teacher_floor, 0.0, 1.0, false)?;
+        if h.coefficients.len() != 6 || h.coefficients.iter().any(|c| !c.is_finite()) {
             return Err(bad(
                 "heuristic.coefficients",
                 format!(
-                    "expected 6 numbers (bias and five features), got {}",
-                    self.heuristic.coefficients.len()
+                    "expected 6 finite numbers (bias and five features), got {:?}",
+                    h.coefficients
                 ),
             ));
         }
+        Ok(())
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
         if self.checkpoint.keep_last == 0 {
             return Err(bad(
                 "checkpoint.keep_last",
                 "must be at least 1 (the newest checkpoint is what a run resumes from)",
             ));
         }
-        if self.control.workers == 0 {
-            return Err(bad("control.workers", "must be at least 1"));
+        positive("collective.bucket_mb", self.collective.bucket_mb)?;
+        if self.collective.bucket_mb > 1024.0 * 1024.0 {
+            return Err(bad(
+                "collective.bucket_mb",
+                format!("{} MiB is more than 1 TiB", self.collective.bucket_mb),
+            ));
         }
-        for (key, batch) in [
-            ("pretrain.batch", self.pretrain.batch),
-            ("distill.batch", self.distill.batch),
-        ] {
-            if batch == 0 || batch % self.control.workers != 0 {
-                return Err(bad(
-                    key,
-                    format!(
-                        "{batch} does not split evenly over {} workers",
-                        self.control.workers
-                    ),
-                ));
-            }
+        let c = &self.control;
+        if c.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(bad(
+                "control.listen",
+                format!(
+                    "`{}` is not an address (IP:port, e.g. 0.0.0.0:7733)",
+                    c.listen
+                ),
+            ));
         }
-        for (key, m) in [
-            ("audio_model", &self.audio_model),
-            ("visual_model", &self.visual_model),
-        ] {
-            match m.family {
-                ModelFamily::Standin => {}
-                ModelFamily::Qwen2 if m.dir.is_empty() => {
-                    return Err(bad(
-                        &format!("{key}.dir"),
-                        "required when family = \"qwen2\"",
-                    ))
-                }
-                ModelFamily::Qwen2 => continue,
-            }
-            if m.encoder_hidden % m.encoder_heads != 0 || m.lm_hidden % m.lm_heads != 0 {
-                return Err(bad(
-                    key,
-                    "hidden sizes must be multiples of the head counts",
-                ));
-            }
-            if m.lm_heads % m.lm_kv_heads != 0 {
-                return Err(bad(&format!("{key}.lm_kv_heads"), "must divide lm_heads"));
-            }
+        at_least("control.workers", c.workers as u64, 1)?;
+        at_least("control.heartbeat_ms", c.heartbeat_ms, 1)?;
+        at_least("control.join_timeout_ms", c.join_timeout_ms, 1)?;
+        if c.heartbeat_timeout_ms <= c.heartbeat_ms {
+            return Err(bad(
+                "control.heartbeat_timeout_ms",
+                format!(
+                    "{} must exceed control.heartbeat_ms ({}): a worker would be lost between two beats",
+                    c.heartbeat_timeout_ms, c.heartbeat_ms
+                ),
+            ));
         }
-        self.validate_qwen2()
+        Ok(())
     }
 
     /// What a run with a Qwen2 model needs: the KL over the option letters (the two families'

@@ -151,6 +151,12 @@ enum ConfigAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // The tests' pause point is read by workers mid-run; a malformed one is refused here,
+    // before anything starts, instead of failing every generation of workers.
+    if let Err(e) = xkd_worker::hold::Hold::from_env() {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) if is_usage_error(&e) => {

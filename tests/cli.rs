@@ -179,3 +179,15 @@ fn worker_takes_a_host_name_and_refuses_an_address_without_port() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("certificate"), "{err}");
 }
+
+#[test]
+fn a_malformed_test_hold_exits_2_and_names_it() {
+    let out = xkd()
+        .args(["config", "show"])
+        .env("XKD_TEST_HOLD", "twenty:/tmp/release")
+        .output()
+        .expect("xkd starts");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("XKD_TEST_HOLD"), "{err}");
+}

@@ -479,6 +479,11 @@ impl Config {
         self.student_modality().other()
     }
 
+    /// Samples per clip: `data.sample_rate` times `data.clip_seconds`, rounded.
+    pub fn clip_samples(&self) -> usize {
+        (self.data.sample_rate as f32 * self.data.clip_seconds).round() as usize
+    }
+
     pub fn model(&self, modality: Modality) -> &ModelConfig {
         match modality {
             Modality::Audio => &self.audio_model,

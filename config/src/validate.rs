@@ -109,6 +109,16 @@ impl Config {
         within("data.clip_seconds", d.clip_seconds.into(), 0.0, 60.0, true)?;
         at_least("data.frames", d.frames as u64, 1)?;
         at_least("data.frame_size", d.frame_size as u64, 8)?;
+        // Bounds that keep one clip's decoded samples and pixels in memory.
+        for (key, n, max) in [
+            ("data.sample_rate", d.sample_rate as usize, 384_000),
+            ("data.frames", d.frames, 1024),
+            ("data.frame_size", d.frame_size, 4096),
+        ] {
+            if n > max {
+                return Err(bad(key, format!("{n} is more than {max}")));
+            }
+        }
         if d.source == DataSource::Synthetic {
             for (key, n) in [
                 ("data.pretrain_clips", d.pretrain_clips),
@@ -148,11 +158,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-
-    /// Samples per clip, as the loaders cut them.
-    fn clip_samples(&self) -> usize {
-        (self.data.sample_rate as f32 * self.data.clip_seconds).round() as usize
     }
 
     fn validate_models(&self) -> Result<(), ConfigError> {

@@ -43,7 +43,7 @@ impl Rank {
         let shape: Vec<usize> = match modality {
             Modality::Audio => {
                 let mel = &self.cache.mel;
-                let frames = mel.frames(self.cache.samples(&self.config));
+                let frames = mel.frames(self.config.clip_samples());
                 vec![b, frames, mel.n_mels()]
             }
             Modality::Visual => {
@@ -220,10 +220,6 @@ impl FeatureCache {
         };
         slot.get(&clip)
             .with_context(|| format!("clip {clip} was not prepared"))
-    }
-
-    pub(super) fn samples(&self, config: &Config) -> usize {
-        (config.data.sample_rate as f32 * config.data.clip_seconds).round() as usize
     }
 
     pub(super) fn get(

@@ -1,6 +1,6 @@
 //! `xkd`: parses the command line and hands over to the coordinator or the worker.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -100,6 +100,17 @@ enum Command {
         workers: Option<usize>,
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// The whole job three times on one recipe, distilling on the heuristic's hard classes, on
+    /// all classes and on as many random ones (`distill.classes`); writes each run under
+    /// OUT/<hard|all|random>/ and the side-by-side table to OUT/comparison.md.
+    Compare {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        #[arg(long)]
+        workers: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Inspect a checkpoint store (read-only).
     Checkpoint {
@@ -247,6 +258,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Compare { cfg, workers, out } => {
+            let config = resolve_to_run(&cfg, workers)?;
+            let table = compare(config, &out, log_format)?;
+            print!("{table}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Coordinator { cfg, listen, out } => {
             let mut config = resolve_to_run(&cfg, None)?;
             if let Some(addr) = listen {
@@ -301,6 +318,42 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             })
         }
     }
+}
+
+/// The three runs of `xkd compare`, one after another: the pretrained stand-ins are cached
+/// after the first, so the others pretrain nothing. A run id given in the config gets the
+/// mode as a suffix, so the runs never share checkpoints.
+fn compare(config: Config, out: &std::path::Path, log_format: String) -> Result<String> {
+    let rt = runtime()?;
+    let mut reports = Vec::new();
+    for classes in xkd_config::DistillClasses::ALL {
+        let mut config = config.clone();
+        config.distill.classes = classes;
+        if !config.run.run_id.is_empty() {
+            config.run.run_id = format!("{}-{}", config.run.run_id, classes.as_str());
+        }
+        let local = local_workers(config.control.workers, log_format.clone())?;
+        let outcome = rt.block_on(run::run(RunOptions {
+            config,
+            out_dir: Some(out.join(classes.as_str())),
+            local: Some(local),
+            only_hard_classes: false,
+        }))?;
+        match outcome {
+            Outcome::Finished(report) => reports.push(*report),
+            _ => bail!(
+                "the `{}` run stopped before its report (preempted?)",
+                classes.as_str()
+            ),
+        }
+    }
+    let table = xkd_coordinator::report::comparison(&reports)?;
+    let path = out.join("comparison.md");
+    std::fs::write(&path, &table).with_context(|| format!("writing {}", path.display()))?;
+    let json = out.join("comparison.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&reports)? + "\n")
+        .with_context(|| format!("writing {}", json.display()))?;
+    Ok(table)
 }
 
 /// `HOST:PORT` (or `[IPv6]:PORT`) in form; whether the host resolves is known only at start.

@@ -1,5 +1,8 @@
 //! The command-line contract, as a user meets it: exit codes, messages, printed config.
 
+mod common;
+
+use serde_json::Value;
 use std::process::Command;
 
 fn xkd() -> Command {
@@ -190,4 +193,81 @@ fn a_malformed_test_hold_exits_2_and_names_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("XKD_TEST_HOLD"), "{err}");
+}
+
+/// `xkd compare` runs the recipe three times, distilling on the heuristic's hard classes, on all
+/// classes and on a random draw of as many, and writes one table beside the three runs.
+#[test]
+fn compare_distills_on_hard_all_and_random_classes_side_by_side() {
+    let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("compare");
+    let _ = std::fs::remove_dir_all(&root);
+    let out = root.join("out");
+    let mut args = vec![
+        "compare".to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    let mut sets = common::small_recipe(&root.join("cache"), "cmp", 4, 2, 1);
+    // Four hard classes of 24, so the controls differ from the heuristic's pick.
+    sets.push("heuristic.top_k=4".into());
+    for s in sets {
+        args.extend(["--set".to_string(), s]);
+    }
+    let (code, stdout, stderr) = common::xkd(&args, &[]);
+    assert_eq!(code, 0, "xkd compare failed:\n{stderr}");
+    let table = std::fs::read_to_string(out.join("comparison.md")).expect("comparison.md");
+    assert_eq!(stdout, table, "prints the table it writes");
+    let report = |mode: &str| -> Value {
+        let text = std::fs::read_to_string(out.join(mode).join("report.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let names = |v: &Value| -> Vec<String> {
+        let mut n: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect();
+        n.sort();
+        n
+    };
+    let (hard, all, random) = (report("hard"), report("all"), report("random"));
+    let picked = names(&hard["hard_classes"]);
+    assert_eq!(picked.len(), 4, "{picked:?}");
+    assert_eq!(names(&hard["taught_classes"]), picked);
+    assert_eq!(names(&all["taught_classes"]).len(), 24);
+    let drawn = names(&random["taught_classes"]);
+    assert_eq!(drawn.len(), 4);
+    assert_ne!(
+        drawn, picked,
+        "seed 17's draw differs from the heuristic's pick"
+    );
+    for (r, mode) in [(&hard, "hard"), (&all, "all"), (&random, "random")] {
+        assert_eq!(r["distilled_on"], mode);
+        assert_eq!(
+            names(&r["hard_classes"]),
+            picked,
+            "one heuristic split in every row"
+        );
+        let after = r["student"]["after"]["hard"].as_f64().unwrap();
+        assert!(
+            table.contains(&format!(
+                "| {mode} | {} |",
+                names(&r["taught_classes"]).len()
+            )),
+            "{table}"
+        );
+        assert!(
+            table.contains(&format!("{:.1} |", 100.0 * after)),
+            "{mode}'s hard-class accuracy after in the table:\n{table}"
+        );
+        // The synthetic set's construction is in the report, with the heuristic's precision.
+        let check = &r["heuristic_vs_construction"];
+        assert_eq!(names(&check["built_hard"]).len(), 8, "{check}");
+        let hits = picked
+            .iter()
+            .filter(|c| names(&check["built_hard"]).contains(c))
+            .count();
+        assert_eq!(check["precision"].as_f64().unwrap(), hits as f64 / 4.0);
+    }
 }

@@ -74,6 +74,12 @@ fn check_heuristic(out: &Path, report: &Value, built: &[String]) {
     let picked = hard_classes(report);
     let found = built.iter().filter(|c| picked.contains(c)).count();
     assert!(found >= 6, "picked {picked:?}, built {built:?}");
+    // The report's own score of the heuristic agrees with this reading of the construction.
+    let check = &report["heuristic_vs_construction"];
+    let recall = found as f64 / built.len() as f64;
+    assert_eq!(check["recall"].as_f64(), Some(recall), "{check}");
+    let precision = found as f64 / picked.len() as f64;
+    assert_eq!(check["precision"].as_f64(), Some(precision), "{check}");
     let rows: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("hard_classes.json")).unwrap())
             .unwrap();
@@ -135,12 +141,10 @@ fn default_job_closes_the_sensory_gap_on_hard_classes() {
     assert_eq!(report["direction"], "visual_to_audio");
     assert_eq!(report["workers"], 2);
     check_heuristic(&out, &report, &built_hard(&cache, "audio"));
-    let (hard, other) = (gain(&report, "hard"), gain(&report, "other"));
-    assert!(hard >= 0.10, "hard-class gain {hard:.3} < 0.10");
-    assert!(other >= -0.02, "other-class change {other:.3} < -0.02");
-    // The last committed checkpoint of the distillation (every 100 of 400 steps; 3 kept).
+    check_gains(&report, "visual -> audio");
+    // The last committed checkpoint of the distillation (every 100 of 800 steps; 3 kept).
     let url = report["final_checkpoint"].as_str().expect("checkpoint URL");
-    assert!(url.ends_with("/ckpt/0000000400"), "{url}");
+    assert!(url.ends_with("/ckpt/0000000800"), "{url}");
     let dir = Path::new(url.trim_start_matches("file://"));
     assert!(
         dir.join("MANIFEST.json").is_file(),
@@ -160,6 +164,25 @@ fn default_job_closes_the_sensory_gap_on_hard_classes() {
     let report = xkd_run(&out, &cache, &["distill.direction=audio_to_visual"]);
     assert_eq!(report["direction"], "audio_to_visual");
     check_heuristic(&out, &report, &built_hard(&cache, "visual"));
+    // Only the hard-class gain: this direction still costs the other classes 3 to 5 points
+    // (issue 18 asks for at most 2).
     let hard = gain(&report, "hard");
-    assert!(hard >= 0.10, "reverse hard-class gain {hard:.3} < 0.10");
+    assert!(
+        hard >= 0.10,
+        "audio -> visual: hard-class gain {hard:.3} < 0.10"
+    );
+}
+
+/// The paper's claim for vision teaching hearing: a clear gain on the hard classes (10 points
+/// or more) that costs the other classes at most 2 points.
+fn check_gains(report: &Value, direction: &str) {
+    let (hard, other) = (gain(report, "hard"), gain(report, "other"));
+    assert!(
+        hard >= 0.10,
+        "{direction}: hard-class gain {hard:.3} < 0.10"
+    );
+    assert!(
+        other >= -0.02,
+        "{direction}: other-class change {other:.3} < -0.02"
+    );
 }

@@ -237,6 +237,10 @@ pub struct HeuristicConfig {
 pub struct DistillConfig {
     /// `visual_to_audio` (visual teacher, audio student) or `audio_to_visual`.
     pub direction: Direction,
+    /// Which classes the teacher teaches: `hard` (the heuristic's pick), `all`, or `random`
+    /// (as many as the heuristic picked, drawn from `run.seed`); the last two are the controls
+    /// `xkd compare` sets beside `hard`.
+    pub classes: DistillClasses,
     /// Weight of the teacher's KL term; 1 - alpha goes to cross-entropy on the labels.
     pub alpha: f64,
     pub temperature: f64,
@@ -269,6 +273,34 @@ impl DistillConfig {
             warmup_steps: self.warmup_steps,
             caption_weight: 0.0,
             grad_clip: self.grad_clip,
+        }
+    }
+}
+
+/// The classes distillation runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DistillClasses {
+    /// The classes the heuristic predicts hard for the student.
+    Hard,
+    /// Every class: the teacher everywhere, no replay rows.
+    All,
+    /// As many classes as the heuristic picked, drawn uniformly from `run.seed`.
+    Random,
+}
+
+impl DistillClasses {
+    pub const ALL: [DistillClasses; 3] = [
+        DistillClasses::Hard,
+        DistillClasses::All,
+        DistillClasses::Random,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DistillClasses::Hard => "hard",
+            DistillClasses::All => "all",
+            DistillClasses::Random => "random",
         }
     }
 }

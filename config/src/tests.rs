@@ -221,6 +221,7 @@ fn bad_values() -> Vec<(String, Option<&'static str>, &'static [&'static str])> 
         ("heuristic.coefficients", Some("[1.0]")),
         ("heuristic.prior_csv", None),
         ("distill.direction", Some("\"sideways\"")),
+        ("distill.classes", Some("\"some\"")),
         ("distill.alpha", Some("2")),
         ("distill.temperature", Some("nan")),
         ("distill.target", Some("\"truth\"")),

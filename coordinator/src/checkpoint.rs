@@ -32,6 +32,8 @@ pub struct Context {
     pub task_id: u64,
     pub task: TrainTask,
     pub world: usize,
+    /// The classes distillation runs on (`distill.classes`; the heuristic's hard classes by
+    /// default).
     pub hard_classes: Vec<String>,
     pub config_digest: String,
 }
@@ -59,6 +61,7 @@ pub struct TrainState {
     /// pretraining, heuristic, distillation, seed), so a resume can refuse a changed recipe;
     /// control, logging and checkpoint settings are left out, so it may change world size.
     pub config_digest: String,
+    /// The classes distilled on: the hard classes unless `distill.classes` says otherwise.
     pub hard_classes: Vec<String>,
     pub world_size: usize,
     /// Clips per step per rank, hard-class and replay.
@@ -223,7 +226,7 @@ impl Checkpoints {
         }
         if state.hard_classes != hard_classes {
             bail!(
-                "{url} distilled the hard classes {:?}, this run picked {:?}: use a new run.run_id",
+                "{url} distilled the classes {:?}, this run teaches {:?}: use a new run.run_id",
                 state.hard_classes,
                 hard_classes
             );

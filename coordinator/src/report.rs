@@ -18,6 +18,13 @@ pub struct Report {
     pub steps: u64,
     pub wall_seconds: f64,
     pub hard_classes: Vec<String>,
+    /// `distill.classes`, and the classes the teacher taught by it (the hard ones by default).
+    pub distilled_on: String,
+    pub taught_classes: Vec<String>,
+    /// Synthetic sets only: the heuristic's pick against the classes the generator made subtle
+    /// for the student (read here for the report, never by the pipeline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heuristic_vs_construction: Option<HeuristicCheck>,
     pub teacher: Accuracy,
     pub student: BeforeAfter,
     /// Teacher accuracy minus student accuracy (before distillation), per class.
@@ -28,6 +35,28 @@ pub struct Report {
     pub student_digest: String,
     pub config_digest: String,
     pub final_checkpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeuristicCheck {
+    /// The classes built subtle in the student's modality.
+    pub built_hard: Vec<String>,
+    /// Share of the picked classes that were built subtle (1 when nothing was picked).
+    pub precision: f64,
+    /// Share of the built-subtle classes that were picked.
+    pub recall: f64,
+}
+
+impl HeuristicCheck {
+    pub fn new(picked: &[String], built_hard: Vec<String>) -> HeuristicCheck {
+        let hits = picked.iter().filter(|c| built_hard.contains(c)).count() as f64;
+        let share = |n: usize| if n == 0 { 1.0 } else { hits / n as f64 };
+        HeuristicCheck {
+            precision: share(picked.len()),
+            recall: share(built_hard.len()),
+            built_hard,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,6 +85,8 @@ pub struct Inputs<'a> {
     pub workers: usize,
     pub classes: &'a [String],
     pub decision: &'a Decision,
+    pub taught: &'a [String],
+    pub heuristic_check: Option<HeuristicCheck>,
     pub teacher: &'a [ClipOutcome],
     pub before: &'a [ClipOutcome],
     pub after: &'a [ClipOutcome],
@@ -109,6 +140,9 @@ pub fn build(i: Inputs) -> Report {
         steps: i.distill.steps,
         wall_seconds: i.wall_seconds,
         hard_classes: i.decision.hard_names(),
+        distilled_on: i.config.distill.classes.as_str().to_string(),
+        taught_classes: i.taught.to_vec(),
+        heuristic_vs_construction: i.heuristic_check,
         teacher,
         student: BeforeAfter {
             before,
@@ -136,15 +170,29 @@ fn pct(x: f64) -> String {
     format!("{:.1}", 100.0 * x)
 }
 
+/// Which classes the teacher taught, in words.
+fn taught_line(r: &Report) -> String {
+    match r.distilled_on.as_str() {
+        "hard" => "Distilled on the hard classes.\n\n".to_string(),
+        "all" => format!(
+            "Distilled on all {} classes (`distill.classes = \"all\"`).\n\n",
+            r.taught_classes.len()
+        ),
+        other => format!(
+            "Distilled on {} classes drawn at random (`distill.classes = \"{other}\"`): {}.\n\n",
+            r.taught_classes.len(),
+            r.taught_classes.join("; ")
+        ),
+    }
+}
+
 pub fn markdown(r: &Report) -> String {
     let (b, a) = (&r.student.before, &r.student.after);
     let mut s = format!(
         "# xkd run {}\n\n{} teacher -> {} student, {} workers, {} distillation steps, {:.0} s.\n\n\
          | student accuracy (%) | before | after | change |\n|---|---:|---:|---:|\n\
          | hard classes ({}) | {} | {} | {:+.1} |\n| other classes | {} | {} | {:+.1} |\n\
-         | all classes | {} | {} | {:+.1} |\n\nTeacher accuracy on its own modality: {}%.\n\n\
-         | class | hard | teacher | student before | student after | sensory gap |\n\
-         |---|:---:|---:|---:|---:|---:|\n",
+         | all classes | {} | {} | {:+.1} |\n\nTeacher accuracy on its own modality: {}%.\n\n",
         r.run_id,
         r.teacher_modality,
         r.student_modality,
@@ -163,6 +211,18 @@ pub fn markdown(r: &Report) -> String {
         100.0 * (a.overall - b.overall),
         pct(r.teacher.overall),
     );
+    s += &taught_line(r);
+    if let Some(h) = &r.heuristic_vs_construction {
+        s += &format!(
+            "The heuristic against the synthetic set's construction: precision {:.2}, recall \
+             {:.2} (built subtle for the student: {}).\n\n",
+            h.precision,
+            h.recall,
+            h.built_hard.join("; ")
+        );
+    }
+    s += "| class | hard | teacher | student before | student after | sensory gap |\n\
+          |---|:---:|---:|---:|---:|---:|\n";
     for (class, t) in &r.teacher.per_class {
         let hard = if r.hard_classes.contains(class) {
             "yes"
@@ -178,4 +238,54 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     s
+}
+
+/// `xkd compare`'s table: one row per run of the same recipe with another `distill.classes`.
+/// "Hard" and "other" are the heuristic's split in every row, so the rows compare the same
+/// classes; the runs must agree on it.
+pub fn comparison(runs: &[Report]) -> Result<String> {
+    let first = runs.first().context("no run to compare")?;
+    for r in runs {
+        if r.hard_classes != first.hard_classes {
+            anyhow::bail!(
+                "the `{}` run picked the hard classes {:?}, the `{}` run {:?}: the runs are not \
+                 comparable",
+                r.distilled_on,
+                r.hard_classes,
+                first.distilled_on,
+                first.hard_classes
+            );
+        }
+    }
+    // Class names may hold commas ("heart sounds, heartbeat"): lists are joined with "; ".
+    let mut s = format!(
+        "# xkd compare: {} teacher -> {} student, {} distillation steps\n\n\
+         Student accuracy (%) on the eval split. Hard: the {} classes the heuristic picked ({}); \
+         other: the rest.\n\n\
+         | distilled on | classes | hard before | hard after | other before | other after | \
+         all before | all after |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        first.teacher_modality,
+        first.student_modality,
+        first.steps,
+        first.hard_classes.len(),
+        first.hard_classes.join("; "),
+    );
+    for r in runs {
+        let (b, a) = (&r.student.before, &r.student.after);
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.distilled_on,
+            r.taught_classes.len(),
+            pct(b.hard),
+            pct(a.hard),
+            pct(b.other),
+            pct(a.other),
+            pct(b.overall),
+            pct(a.overall)
+        );
+    }
+    for r in runs.iter().filter(|r| r.distilled_on == "random") {
+        s += &format!("\nThe random draw: {}.\n", r.taught_classes.join("; "));
+    }
+    Ok(s)
 }

@@ -10,7 +10,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::Instant;
-use xkd_config::{section_digest, CeTarget, Config, KlOver, Modality, ModelFamily};
+use xkd_config::{
+    section_digest, CeTarget, Config, DataSource, DistillClasses, KlOver, Modality, ModelFamily,
+};
 use xkd_protocol::{
     CheckpointOrder, ClipOutcome, DataSummary, EvalTask, Objective, ShardPlan, TaskKind,
     TaskResult, TrainSummary, TrainTask,
@@ -42,6 +44,12 @@ pub(crate) async fn stages(
     if decision.hard_labels().is_empty() {
         bail!("the heuristic found no hard class: nothing to distill (see hard_classes.json)");
     }
+    let taught = taught_classes(config, &decision);
+    tracing::info!(
+        classes = config.distill.classes.as_str(),
+        taught = ?names(&data.classes, &taught),
+        "classes the teacher teaches"
+    );
 
     d.stage = "eval_before".into();
     let eval = split(&data, "eval")?;
@@ -56,7 +64,7 @@ pub(crate) async fn stages(
         out_dir.join("student.safetensors")
     };
     let (summary, final_checkpoint) = d
-        .distill(config, &data, &decision, &teacher, &student, &distilled)
+        .distill(config, &data, &taught, &teacher, &student, &distilled)
         .await?;
 
     d.stage = "eval_after".into();
@@ -68,6 +76,8 @@ pub(crate) async fn stages(
         workers: d.world,
         classes: &data.classes,
         decision: &decision,
+        taught: &names(&data.classes, &taught),
+        heuristic_check: heuristic_check(config, &data, &decision),
         teacher: &t_eval,
         before: &before,
         after: &after,
@@ -77,6 +87,72 @@ pub(crate) async fn stages(
     });
     report::write(out_dir, &report)?;
     Ok(Outcome::Finished(Box::new(report)))
+}
+
+/// The labels distillation runs on, by `distill.classes`: the heuristic's hard classes, every
+/// class, or as many classes as the heuristic picked drawn from `run.seed` (the controls that
+/// show what the heuristic's choice is worth). Sorted.
+pub(crate) fn taught_classes(config: &Config, decision: &Decision) -> Vec<u32> {
+    let hard = decision.hard_labels();
+    let n = decision.classes.len() as u32;
+    let mut taught = match config.distill.classes {
+        DistillClasses::Hard => hard,
+        DistillClasses::All => (0..n).collect(),
+        DistillClasses::Random => {
+            // A partial Fisher-Yates shuffle of all labels; the first |hard| are the draw.
+            let mut labels: Vec<u32> = (0..n).collect();
+            let mut state = config.run.seed ^ 0x7a9e_c1a5_5e5d_0001;
+            for i in 0..hard.len() {
+                let left = (labels.len() - i) as u64;
+                let j = i + (xkd_protocol::splitmix64(&mut state) % left) as usize;
+                labels.swap(i, j);
+            }
+            labels.truncate(hard.len());
+            labels
+        }
+    };
+    taught.sort_unstable();
+    taught
+}
+
+/// For a synthetic set whose directory this process can read: the heuristic's pick against the
+/// classes the generator built subtle for the student. Only the report reads the construction.
+fn heuristic_check(
+    config: &Config,
+    data: &DataSummary,
+    decision: &Decision,
+) -> Option<report::HeuristicCheck> {
+    if config.data.source != DataSource::Synthetic {
+        return None;
+    }
+    let rows = match xkd_data::construction(Path::new(&data.dir)) {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::info!(error = %format!("{e:#}"), "no construction to check the heuristic against");
+            return None;
+        }
+    };
+    let student = config.student_modality();
+    let built = rows
+        .into_iter()
+        .filter(|(_, audio, visual)| {
+            let cue = if student == Modality::Audio {
+                audio
+            } else {
+                visual
+            };
+            *cue == xkd_data::Cue::Subtle
+        })
+        .map(|(name, _, _)| name)
+        .collect();
+    Some(report::HeuristicCheck::new(&decision.hard_names(), built))
+}
+
+fn names(classes: &[String], labels: &[u32]) -> Vec<String> {
+    labels
+        .iter()
+        .map(|&l| classes[l as usize].clone())
+        .collect()
 }
 
 pub(crate) fn split<'a>(data: &'a DataSummary, name: &str) -> Result<&'a xkd_protocol::SplitClips> {
@@ -216,16 +292,16 @@ impl Driver {
         &mut self,
         config: &Config,
         data: &DataSummary,
-        decision: &Decision,
+        taught: &[u32],
         teacher: &str,
         student: &str,
         save: &Path,
     ) -> Result<(TrainSummary, Option<String>)> {
-        let hard: HashSet<u32> = decision.hard_labels().into_iter().collect();
+        let taught_set: HashSet<u32> = taught.iter().copied().collect();
         let pool = split(data, "distill")?;
         let (mut main, mut others) = (Vec::new(), Vec::new());
         for (&clip, label) in pool.clips.iter().zip(&pool.labels) {
-            if hard.contains(label) {
+            if taught_set.contains(label) {
                 main.push(clip);
             } else {
                 others.push(clip);
@@ -265,7 +341,7 @@ impl Driver {
             resume_from: None,
         };
         if task.batch == 0 {
-            bail!("distill.replay_fraction leaves no hard-class clips in a worker's batch");
+            bail!("distill.replay_fraction leaves no taught-class clips in a worker's batch");
         }
         let checkpoints = self
             .checkpoints
@@ -277,7 +353,7 @@ impl Driver {
             every_steps: config.checkpoint.every_steps,
         });
         let recipe = checkpoint::recipe_digest(config);
-        let hard_classes = decision.hard_names();
+        let taught_names = names(&data.classes, taught);
         // Each pass starts (or, after a restart, resumes) from the newest checkpoint that
         // verifies; a failed generation is restarted by `recover` and the loop goes on.
         loop {
@@ -287,7 +363,7 @@ impl Driver {
             let resumed = checkpoints
                 .lock()
                 .await
-                .resume_point(&recipe, &hard_classes)
+                .resume_point(&recipe, &taught_names)
                 .await?;
             if let Some(resumed) = resumed {
                 let s = &resumed.state;
@@ -327,7 +403,7 @@ impl Driver {
                 task_id: self.next_task + 1,
                 task: attempt.clone(),
                 world: self.world,
-                hard_classes: hard_classes.clone(),
+                hard_classes: taught_names.clone(),
                 config_digest: recipe.clone(),
             });
             let all = self.all();

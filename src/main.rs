@@ -259,8 +259,21 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Compare { cfg, workers, out } => {
-            let config = resolve_to_run(&cfg, workers)?;
-            let table = compare(config, &out, log_format)?;
+            // All three configs are resolved, and so checked, before the first run starts: a
+            // run id too long for its suffix exits 2 here, not after a finished run.
+            let base = resolve_to_run(&cfg, workers)?;
+            let mut configs = Vec::new();
+            for classes in xkd_config::DistillClasses::ALL {
+                let mut mode = cfg.clone();
+                mode.sets
+                    .push(format!("distill.classes=\"{}\"", classes.as_str()));
+                if !base.run.run_id.is_empty() {
+                    let id = format!("{}-{}", base.run.run_id, classes.as_str());
+                    mode.sets.push(format!("run.run_id=\"{id}\""));
+                }
+                configs.push(resolve_to_run(&mode, workers)?);
+            }
+            let table = compare(configs, &out, log_format)?;
             print!("{table}");
             Ok(ExitCode::SUCCESS)
         }
@@ -323,15 +336,11 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 /// The three runs of `xkd compare`, one after another: the pretrained stand-ins are cached
 /// after the first, so the others pretrain nothing. A run id given in the config gets the
 /// mode as a suffix, so the runs never share checkpoints.
-fn compare(config: Config, out: &std::path::Path, log_format: String) -> Result<String> {
+fn compare(configs: Vec<Config>, out: &std::path::Path, log_format: String) -> Result<String> {
     let rt = runtime()?;
     let mut reports = Vec::new();
-    for classes in xkd_config::DistillClasses::ALL {
-        let mut config = config.clone();
-        config.distill.classes = classes;
-        if !config.run.run_id.is_empty() {
-            config.run.run_id = format!("{}-{}", config.run.run_id, classes.as_str());
-        }
+    for config in configs {
+        let classes = config.distill.classes;
         let local = local_workers(config.control.workers, log_format.clone())?;
         let outcome = rt.block_on(run::run(RunOptions {
             config,

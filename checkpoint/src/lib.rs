@@ -12,6 +12,7 @@
 //! and hashes only; it never interprets tensors beyond the safetensors table the parameter
 //! digest reads, and it never decides when to save.
 
+mod client;
 mod digest;
 mod error;
 mod location;
@@ -19,12 +20,13 @@ mod manifest;
 mod store;
 mod verify;
 
+pub use client::{Env, Retry};
 pub use digest::{digest_safetensors, digest_tensors, ParamDigest, TensorRef};
 pub use error::{BadManifest, Error, Result};
 pub use manifest::{
     check_object_name, check_run_id, check_step, sha256_hex, Manifest, ObjectEntry, FORMAT_VERSION,
 };
-pub use store::{Env, Listed, Pruned, Retry, Store, StoreOptions};
+pub use store::{Listed, Pruned, Store, StoreOptions};
 pub use verify::{ObjectCheck, ObjectStatus, ResumePoint, Skipped, Verification};
 
 /// Name of the manifest object, written last and create-only.

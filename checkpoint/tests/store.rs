@@ -6,7 +6,9 @@ mod common;
 use bytes::Bytes;
 use common::Fixture;
 use std::collections::HashMap;
-use xkd_checkpoint::{Error, ObjectEntry, ObjectStatus, StoreOptions, MANIFEST, STUDENT};
+use xkd_checkpoint::{
+    Env, Error, ObjectEntry, ObjectStatus, Retry, Store, StoreOptions, MANIFEST, STUDENT,
+};
 
 /// Runs each scenario once per backend: `<scenario>::file` and `<scenario>::s3`.
 macro_rules! on_every_backend {
@@ -347,4 +349,48 @@ async fn files_stream_up_with_their_hash(fx: Fixture) {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("absent"), "{e}");
+}
+
+/// reqwest is built without a crypto provider of its own (the workspace's Cargo.toml), and
+/// building an https client without one panics. The store installs ring: an https endpoint
+/// gets a client, which opens with a TLS ClientHello, and a server that hangs up mid-handshake
+/// is an error, not a panic.
+#[tokio::test]
+async fn an_https_store_speaks_tls_and_a_failed_handshake_is_an_error() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let first_byte = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut first = [0u8; 1];
+        socket.read_exact(&mut first).await.unwrap();
+        first[0]
+    });
+    let env = [
+        ("AWS_ENDPOINT", format!("https://127.0.0.1:{port}")),
+        ("AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test-secret".into()),
+    ];
+    let options = StoreOptions {
+        env: Env::Explicit(
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        ),
+        retry: Retry {
+            max_retries: 0,
+            ..common::test_retry()
+        },
+        ..StoreOptions::default()
+    };
+    let store = Store::open_with("s3://bucket/runs", options).expect("an https store opens");
+    let listed = store.list(RUN).await;
+    assert!(listed.is_err(), "a hung-up handshake listed {listed:?}");
+    // 0x16: a TLS handshake record.
+    assert_eq!(
+        first_byte.await.unwrap(),
+        0x16,
+        "the client did not speak TLS"
+    );
 }

@@ -3,7 +3,7 @@
 //! come back. `FeatureCache` keeps every clip's features for the rank's lifetime.
 
 use super::Rank;
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use candle_core::Tensor;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -62,10 +62,23 @@ impl Rank {
     }
 }
 
-/// The option letters' logits of a batch of clips, with what scoring them needs.
+/// What a loss or an evaluation asks of a model besides the ten letters' logits.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Ask {
+    /// The answer's logits over the whole vocabulary instead of the ten letters
+    /// (`kl_over = "vocab"`; stand-ins only).
+    pub(super) full_vocab: bool,
+    /// The caption's logits too, from the same forward (stand-ins only).
+    pub(super) caption: bool,
+}
+
+/// A model's answers to a batch of clips, with what scoring them needs.
 pub(super) struct Answers {
-    /// `[B, 10]`.
-    pub(super) letters: Tensor,
+    /// `[B, 10]`: the option letters' logits; `[B, vocab]` where `Ask::full_vocab`.
+    pub(super) logits: Tensor,
+    /// `[B, vocab]`: the next-token logits right after the modality tokens, where
+    /// `Ask::caption`.
+    pub(super) caption: Option<Tensor>,
     pub(super) answer_idx: Vec<u32>,
     pub(super) labels: Vec<(u32, [u32; OPTIONS])>,
     /// Prompt tokens of the batch.
@@ -73,21 +86,35 @@ pub(super) struct Answers {
 }
 
 impl Rank {
-    /// `net`'s letter logits for `samples` of `modality`, each asked its question.
+    /// `net`'s answers for `samples` of `modality`, each asked its question: a stand-in from
+    /// the clips' features and the prompt, a Qwen2 model from the clips as its own processor
+    /// prepares them. This is the one way every loss and every evaluation calls a model.
     pub(super) fn answers(
         &mut self,
         net: &Net,
         modality: Modality,
         samples: &[Sample],
         seed: u64,
+        ask: Ask,
     ) -> Result<Answers> {
         let qwen = match net {
             Net::StandIn(model) => {
                 let b = self.batch(modality, samples, seed)?;
-                let letters =
-                    letter_logits(&model.forward(&b.features, &b.prompts)?, &model.vocab)?;
+                // The answer and the caption come from one forward when both are asked.
+                let (answer, caption) = if ask.caption {
+                    let (answer, caption) = model.forward_with_caption(&b.features, &b.prompts)?;
+                    (answer, Some(caption))
+                } else {
+                    (model.forward(&b.features, &b.prompts)?, None)
+                };
+                let logits = if ask.full_vocab {
+                    answer
+                } else {
+                    letter_logits(&answer, &model.vocab)?
+                };
                 return Ok(Answers {
-                    letters,
+                    logits,
+                    caption,
                     tokens: b.prompts.elem_count(),
                     answer_idx: b.answer_idx,
                     labels: b.labels,
@@ -95,6 +122,10 @@ impl Rank {
             }
             Net::Qwen(qwen) => qwen,
         };
+        if ask.full_vocab || ask.caption {
+            // The config refuses both with a Qwen2 model; this names a caller that did not.
+            bail!("a Qwen2 model answers with the option letters only");
+        }
         let manifest = self.manifest.as_ref().context("dataset not loaded")?;
         let n_classes = manifest.classes.len();
         let (mut answer_idx, mut labels, mut options) = (Vec::new(), Vec::new(), Vec::new());
@@ -114,9 +145,10 @@ impl Rank {
             .iter()
             .map(|s| self.cache.prepared(s.clip, modality))
             .collect::<Result<_>>()?;
-        let (letters, tokens) = qwen.letter_logits(&clips, &options, &self.device)?;
+        let (logits, tokens) = qwen.letter_logits(&clips, &options, &self.device)?;
         Ok(Answers {
-            letters,
+            logits,
+            caption: None,
             answer_idx,
             labels,
             tokens,

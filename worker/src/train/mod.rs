@@ -31,7 +31,7 @@ use xkd_protocol::{
 mod inputs;
 mod loss;
 
-use inputs::{outcome, FeatureCache};
+use inputs::{outcome, Ask, FeatureCache};
 
 /// What one rank holds across tasks: config, dataset, feature caches and its collective.
 pub struct Rank {
@@ -338,7 +338,7 @@ fn all_reduce_grads(
 /// Where a step's time went before its backward pass, in ms (see `StepReport`).
 #[derive(Debug, Default, Clone, Copy)]
 struct Timings {
-    /// Frozen forwards, with building both batches.
+    /// Frozen forwards, with building their batches.
     teacher: f64,
     /// The distillation loss's forward (its backward is a scale inside the student's).
     loss: f64,
@@ -545,8 +545,8 @@ impl Rank {
             .collect();
         let mut out = Vec::with_capacity(mine.len());
         for chunk in mine.chunks(64) {
-            let a = self.answers(&net, task.modality, chunk, task.seed)?;
-            let probs = candle_nn::ops::softmax(&a.letters, D::Minus1)?.to_vec2::<f32>()?;
+            let a = self.answers(&net, task.modality, chunk, task.seed, Ask::default())?;
+            let probs = candle_nn::ops::softmax(&a.logits, D::Minus1)?.to_vec2::<f32>()?;
             for (i, p) in probs.iter().enumerate() {
                 out.push(outcome(chunk[i].clip, &a, i, p));
             }

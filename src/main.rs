@@ -227,7 +227,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run { cfg, workers, out } => {
             let config = resolve_to_run(&cfg, workers)?;
-            let local = local_workers(config.control.workers, log_format)?;
+            let local = local_workers(&config, log_format)?;
             match runtime()?.block_on(run::run(RunOptions {
                 config,
                 out_dir: out,
@@ -246,7 +246,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::HardClasses { cfg, workers, out } => {
             let config = resolve_to_run(&cfg, workers)?;
-            let local = local_workers(config.control.workers, log_format)?;
+            let local = local_workers(&config, log_format)?;
             let outcome = runtime()?.block_on(run::run(RunOptions {
                 config,
                 out_dir: out,
@@ -341,7 +341,7 @@ fn compare(configs: Vec<Config>, out: &std::path::Path, log_format: String) -> R
     let mut reports = Vec::new();
     for config in configs {
         let classes = config.distill.classes;
-        let local = local_workers(config.control.workers, log_format.clone())?;
+        let local = local_workers(&config, log_format.clone())?;
         let outcome = rt.block_on(run::run(RunOptions {
             config,
             out_dir: Some(out.join(classes.as_str())),
@@ -390,10 +390,11 @@ fn coordinator_addr(addr: &str) -> Result<SocketAddr> {
         .with_context(|| format!("--coordinator {addr}: the name resolves to no address"))
 }
 
-fn local_workers(count: usize, log_format: String) -> Result<LocalWorkers> {
+fn local_workers(config: &Config, log_format: String) -> Result<LocalWorkers> {
     Ok(LocalWorkers {
         exe: std::env::current_exe().context("locating the xkd executable")?,
-        count,
+        count: config.control.workers,
+        threads: config.run.threads_per_worker,
         log_format,
     })
 }

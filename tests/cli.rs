@@ -271,3 +271,36 @@ fn compare_distills_on_hard_all_and_random_classes_side_by_side() {
         assert_eq!(check["precision"].as_f64().unwrap(), hits as f64 / 4.0);
     }
 }
+
+/// `run.threads_per_worker` sets the compute threads of each worker `xkd run` starts; each
+/// says how many it has when it joins.
+#[test]
+fn threads_per_worker_sets_each_local_workers_compute_threads() {
+    let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("threads");
+    let _ = std::fs::remove_dir_all(&root);
+    let out = root.join("out");
+    let mut args = vec![
+        "--log-format".to_string(),
+        "json".into(),
+        "hard-classes".into(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    let mut sets = common::small_recipe(&root.join("cache"), "threads", 2, 2, 1);
+    sets.push("run.threads_per_worker=2".into());
+    for s in sets {
+        args.extend(["--set".to_string(), s]);
+    }
+    let (code, _, stderr) = common::xkd(&args, &[]);
+    assert_eq!(code, 0, "xkd hard-classes failed:\n{stderr}");
+    for rank in 0..2 {
+        let log = std::fs::read_to_string(out.join(format!("logs/worker-{rank}.log"))).unwrap();
+        let joined: Vec<Value> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == "joined")
+            .collect();
+        assert_eq!(joined.len(), 1, "worker {rank} logged:\n{log}");
+        assert_eq!(joined[0]["threads"], 2, "worker {rank}");
+    }
+}

@@ -60,7 +60,8 @@ pub struct RunConfig {
     /// `cpu`, `cuda` (the first GPU) or `cuda:N`; see `DeviceChoice`. `validate` checks the
     /// form; whether this binary can use CUDA is checked where that is known, at startup.
     pub device: String,
-    /// Compute threads per worker process; 0 = the machine's cores divided among local workers.
+    /// Compute threads of each worker process `xkd run` starts; 0 = the machine's cores
+    /// divided among them. A cluster's workers take `RAYON_NUM_THREADS` from their launcher.
     pub threads_per_worker: usize,
 }
 

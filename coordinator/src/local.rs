@@ -59,8 +59,13 @@ pub(crate) fn spawn_workers(
 ) -> Result<Vec<tokio::process::Child>> {
     let logs = out_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / local.count).max(1);
+    let threads = match local.threads {
+        0 => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cores / local.count).max(1)
+        }
+        n => n,
+    };
     (0..local.count)
         .map(|i| {
             let log_path = logs.join(format!("worker-{i}.log"));

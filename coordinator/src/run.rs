@@ -32,6 +32,9 @@ pub struct LocalWorkers {
     /// The `xkd` executable to start as `xkd worker ...`.
     pub exe: PathBuf,
     pub count: usize,
+    /// Compute threads of each (`run.threads_per_worker`); 0 divides the machine's cores
+    /// among them.
+    pub threads: usize,
     /// `--log-format` handed to the workers.
     pub log_format: String,
 }

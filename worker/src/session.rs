@@ -70,7 +70,13 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
     let config = Config::from_toml(&assignment.config_toml)
         .context("the coordinator sent a config this worker cannot read")?;
     let (rank, world) = (assignment.rank, assignment.world_size);
-    tracing::info!(rank, world, run_id = %assignment.run_id, "joined");
+    tracing::info!(
+        rank,
+        world,
+        run_id = %assignment.run_id,
+        threads = candle_core::utils::get_num_threads(),
+        "joined"
+    );
     let heartbeat = client::spawn_heartbeat(
         link.sender(),
         Duration::from_millis(config.control.heartbeat_ms),

@@ -202,17 +202,10 @@ fn compare_distills_on_hard_all_and_random_classes_side_by_side() {
     let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("compare");
     let _ = std::fs::remove_dir_all(&root);
     let out = root.join("out");
-    let mut args = vec![
-        "compare".to_string(),
-        "--out".into(),
-        out.display().to_string(),
-    ];
     let mut sets = common::small_recipe(&root.join("cache"), "cmp", 4, 2, 1);
     // Four hard classes of 24, so the controls differ from the heuristic's pick.
     sets.push("heuristic.top_k=4".into());
-    for s in sets {
-        args.extend(["--set".to_string(), s]);
-    }
+    let args = common::command_args(&["compare"], &out, &sets);
     let (code, stdout, stderr) = common::xkd(&args, &[]);
     assert_eq!(code, 0, "xkd compare failed:\n{stderr}");
     let table = std::fs::read_to_string(out.join("comparison.md")).expect("comparison.md");
@@ -279,18 +272,10 @@ fn threads_per_worker_sets_each_local_workers_compute_threads() {
     let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("threads");
     let _ = std::fs::remove_dir_all(&root);
     let out = root.join("out");
-    let mut args = vec![
-        "--log-format".to_string(),
-        "json".into(),
-        "hard-classes".into(),
-        "--out".into(),
-        out.display().to_string(),
-    ];
     let mut sets = common::small_recipe(&root.join("cache"), "threads", 2, 2, 1);
     sets.push("run.threads_per_worker=2".into());
-    for s in sets {
-        args.extend(["--set".to_string(), s]);
-    }
+    let command = ["--log-format", "json", "hard-classes"];
+    let args = common::command_args(&command, &out, &sets);
     let (code, _, stderr) = common::xkd(&args, &[]);
     assert_eq!(code, 0, "xkd hard-classes failed:\n{stderr}");
     for rank in 0..2 {

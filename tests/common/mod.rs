@@ -64,12 +64,18 @@ pub fn small_recipe(
 
 /// `xkd run --out out --set s...` plus `extra` arguments, as arguments.
 pub fn run_args(out: &Path, sets: &[String], extra: &[&str]) -> Vec<String> {
-    let mut args = vec!["run".to_string(), "--out".into(), out.display().to_string()];
-    for set in sets {
-        args.push("--set".into());
-        args.push(set.clone());
-    }
+    let mut args = command_args(&["run"], out, sets);
     args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// `xkd <command...> --out out --set s...`, as arguments.
+pub fn command_args(command: &[&str], out: &Path, sets: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = command.iter().map(|a| a.to_string()).collect();
+    args.extend(["--out".to_string(), out.display().to_string()]);
+    for set in sets {
+        args.extend(["--set".to_string(), set.clone()]);
+    }
     args
 }
 

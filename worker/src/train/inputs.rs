@@ -55,7 +55,6 @@ impl Rank {
         Ok(Batch {
             features: Tensor::from_vec(features, shape, &self.device)?,
             prompts: Tensor::from_vec(prompts, (b, seq), &self.device)?,
-            answers: Tensor::from_vec(answers.clone(), b, &self.device)?,
             answer_idx: answers,
             labels,
         })
@@ -179,8 +178,7 @@ pub(super) fn mm_tokens(config: &Config, modality: Modality) -> usize {
 pub(super) struct Batch {
     pub(super) features: Tensor,
     pub(super) prompts: Tensor,
-    /// Index of the true option, as a tensor and as numbers.
-    pub(super) answers: Tensor,
+    /// Index of the true option.
     pub(super) answer_idx: Vec<u32>,
     pub(super) labels: Vec<(u32, [u32; OPTIONS])>,
 }

@@ -8,7 +8,7 @@ use super::{clock, ms, Anchors, Rank, Timings};
 use anyhow::{bail, Context as _, Result};
 use candle_core::{Tensor, D};
 use xkd_kernels::{FusedLoss, LossParts};
-use xkd_models::model::{Model, Vocab};
+use xkd_models::model::Vocab;
 use xkd_models::net::Net;
 use xkd_protocol::{Objective, Sample, TrainTask};
 
@@ -24,39 +24,50 @@ impl Rank {
     ) -> Result<(Tensor, (f64, f64), Timings)> {
         match (anchors, student) {
             (Some(anchors), _) => self.distill_loss(task, student, anchors, step),
-            (None, Net::StandIn(s)) => self.supervised_loss(task, s, step),
+            (None, Net::StandIn(s)) => self.supervised_loss(task, student, &s.vocab, step),
             (None, Net::Qwen(_)) => bail!("a qwen2 model is only distilled, not pretrained"),
         }
     }
 
-    /// Pretraining a stand-in: cross-entropy on the true letter, plus the caption's
-    /// cross-entropy on the class name, weighted.
+    /// Pretraining a stand-in: cross-entropy on the true letter (a token of the whole
+    /// vocabulary), plus the caption's cross-entropy on the class name, weighted.
     fn supervised_loss(
         &mut self,
         task: &TrainTask,
-        student: &Model,
+        student: &Net,
+        vocab: &Vocab,
         step: u64,
     ) -> Result<(Tensor, (f64, f64), Timings)> {
         let clips = task.plan.samples(self.rank, self.world, step, task.batch);
-        let b = self.batch(task.modality, &clips, task.seed)?;
-        let (logits, caption) = student.forward_with_caption(&b.features, &b.prompts)?;
-        let letters = Tensor::new(student.vocab.letters().as_slice(), &self.device)?;
-        let targets = letters.index_select(&b.answers, 0)?;
-        let mut loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        let ask = Ask {
+            full_vocab: true,
+            caption: true,
+        };
+        let a = self.answers(student, task.modality, &clips, task.seed, ask)?;
+        let letters: Vec<u32> = a
+            .answer_idx
+            .iter()
+            .map(|&i| vocab.letter(i as usize))
+            .collect();
+        let targets = Tensor::new(letters.as_slice(), &self.device)?;
+        let mut loss = candle_nn::loss::cross_entropy(&a.logits, &targets)?;
         if task.caption_weight > 0.0 {
-            let names: Vec<u32> = b
+            let caption = a
+                .caption
+                .as_ref()
+                .context("a stand-in answers with a caption")?;
+            let names: Vec<u32> = a
                 .labels
                 .iter()
-                .map(|(label, _)| student.vocab.class_token(*label))
+                .map(|(label, _)| vocab.class_token(*label))
                 .collect();
             let names = Tensor::new(names.as_slice(), &self.device)?;
-            let caption_loss = candle_nn::loss::cross_entropy(&caption, &names)?;
+            let caption_loss = candle_nn::loss::cross_entropy(caption, &names)?;
             loss = (loss + (caption_loss * task.caption_weight)?)?;
         }
         let v = loss.to_scalar::<f32>()? as f64;
-        let tokens = b.prompts.elem_count();
         let times = Timings {
-            tokens,
+            tokens: a.tokens,
             ..Timings::default()
         };
         Ok((loss, (0.0, v), times))

@@ -191,7 +191,7 @@ fn bad_values() -> Vec<(String, Option<&'static str>, &'static [&'static str])> 
         ("run.run_id", Some("\"../elsewhere\"")),
         ("run.cache_dir", Some("\"\"")),
         ("run.device", Some("\"gpu\"")),
-        ("run.threads_per_worker", None),
+        ("run.threads_per_worker", Some("1025")),
         ("data.source", Some("\"s3\"")),
         ("data.dir", None),
         ("data.seed", None),

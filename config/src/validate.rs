@@ -97,6 +97,15 @@ impl Config {
         if self.run.cache_dir.is_empty() {
             return Err(bad("run.cache_dir", "must name a directory"));
         }
+        // Each thread is an OS thread of every worker's pool: a typo like 10000 would start
+        // the workers and fail there, not here.
+        const MAX_THREADS: usize = 1024;
+        if self.run.threads_per_worker > MAX_THREADS {
+            return Err(bad(
+                "run.threads_per_worker",
+                format!("{} is more than {MAX_THREADS}", self.run.threads_per_worker),
+            ));
+        }
         Ok(())
     }
 

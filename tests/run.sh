@@ -61,7 +61,7 @@ ptx_log=$(mktemp)
 s3s_log=$(mktemp)
 e2e_log=$(mktemp)
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null; rm -f "$ptx_log" "$s3s_log" "$e2e_log"' EXIT
+trap 'kill "${pids[@]}" 2>/dev/null || true; rm -f "$ptx_log" "$s3s_log" "$e2e_log"' EXIT
 (
     echo "== 1/3 CUDA kernels: PTX for sm_90, ptxas, spills"
     kernels/ptx-check.sh

@@ -11,8 +11,8 @@
 mod common;
 
 use common::{
-    find, hold_env, is, json_of, release, report, run_args, s3, signal, small_recipe, xkd,
-    Background,
+    find, hold_env, is, json_of, release, report, run_args, s3, seconds_of_day, signal,
+    small_recipe, xkd, Background,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -414,14 +414,6 @@ fn a_finished_run_started_again_resumes_after_its_last_step_and_reports_its_loss
     assert_eq!(second["final_loss"], first["final_loss"]);
     assert_eq!(second["steps"], STEPS);
     assert_eq!(&final_digest(&out, "rec", &[]), want);
-}
-
-/// Seconds since midnight of an RFC 3339 UTC timestamp (`...THH:MM:SS.fffZ`).
-fn seconds_of_day(ts: &str) -> f64 {
-    let time = ts.split('T').nth(1).expect("a time").trim_end_matches('Z');
-    time.split(':')
-        .map(|p| p.parse::<f64>().expect("a number"))
-        .fold(0.0, |acc, p| acc * 60.0 + p)
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -49,6 +49,11 @@ pub trait Collective: Send {
     }
     /// Block until every rank has called barrier.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
+    /// `barrier` under its own deadline instead of the collective timeout: ranks reach the
+    /// first barrier after loading their models, which may take far longer on one rank than
+    /// on another, and that wait says nothing about a step's health. The collective timeout
+    /// applies again afterwards.
+    fn barrier_within(&mut self, limit: Duration) -> Result<(), CollectiveError>;
 }
 
 /// Everything that can go wrong in the collective; each variant names who failed and at what.
@@ -154,6 +159,10 @@ impl Collective for Solo {
     }
 
     fn barrier(&mut self) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+
+    fn barrier_within(&mut self, _limit: Duration) -> Result<(), CollectiveError> {
         Ok(())
     }
 }

@@ -203,4 +203,11 @@ impl Collective for Nccl {
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.all_reduce_mean(&mut [0.0])
     }
+
+    fn barrier_within(&mut self, limit: Duration) -> Result<(), CollectiveError> {
+        let timeout = std::mem::replace(&mut self.timeout, limit);
+        let waited = self.barrier();
+        self.timeout = timeout;
+        waited
+    }
 }

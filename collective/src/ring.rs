@@ -91,10 +91,12 @@ impl RingListener {
             world,
             links: Some(Links {
                 rank,
+                world,
                 next_rank,
                 prev_rank,
                 next,
                 prev,
+                timeout,
                 step: 0,
                 send_buf: Vec::new(),
                 recv_buf: Vec::new(),
@@ -167,6 +169,23 @@ impl Collective for TcpRing {
             Ok(())
         })
     }
+
+    fn barrier_within(&mut self, limit: Duration) -> Result<(), CollectiveError> {
+        if limit.is_zero() {
+            return Err(CollectiveError::Config {
+                rank: self.rank,
+                reason: "a barrier's time limit must be greater than zero".into(),
+            });
+        }
+        self.guarded(|links, _| links.set_timeout(limit))?;
+        let waited = self.barrier();
+        // Restored even after a failed barrier; the ring is poisoned then anyway.
+        if let Some(links) = self.links.as_mut() {
+            let timeout = links.timeout;
+            links.set_timeout(timeout)?;
+        }
+        waited
+    }
 }
 
 /// Who is talking to whom, for error messages and handshakes.
@@ -180,10 +199,13 @@ struct PeerIds {
 #[derive(Debug)]
 struct Links {
     rank: usize,
+    world: usize,
     next_rank: usize,
     prev_rank: usize,
     next: TcpStream,
     prev: TcpStream,
+    /// The sockets' read and write timeout (the collective timeout).
+    timeout: Duration,
     /// Counts messages over the ring's life; every rank sends and receives the same sequence, so
     /// a mismatch on receipt means the ranks have drifted apart.
     step: u32,
@@ -193,6 +215,20 @@ struct Links {
 }
 
 impl Links {
+    fn ids(&self, peer: usize) -> PeerIds {
+        PeerIds {
+            rank: self.rank,
+            peer,
+            world: self.world,
+        }
+    }
+
+    /// Sets both sockets' read and write timeouts to `limit` (`self.timeout` is unchanged).
+    fn set_timeout(&mut self, limit: Duration) -> Result<(), CollectiveError> {
+        configure(&self.next, self.ids(self.next_rank), limit)?;
+        configure(&self.prev, self.ids(self.prev_rank), limit)
+    }
+
     /// One ring step: send `outgoing` to the next rank while receiving `incoming_len` floats from
     /// the previous rank into `recv_buf`. Sending runs on its own thread because with large
     /// buffers both sides would otherwise block in write with full socket buffers.

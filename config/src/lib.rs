@@ -450,11 +450,20 @@ pub struct ControlConfig {
     pub heartbeat_ms: u64,
     /// A worker silent for this long is declared dead.
     pub heartbeat_timeout_ms: u64,
-    /// How long the coordinator waits for all workers to join.
+    /// How long the coordinator waits for all workers to join; also the limit of the barrier
+    /// every rank passes once its models are loaded, before the first step.
     pub join_timeout_ms: u64,
-    /// Times a run restarts its workers after losing one (or after a task fails) before it
-    /// gives up; each restart resumes distillation from the newest verified checkpoint.
+    /// A collective (a step's gradient all-reduce, a barrier) that has not finished within
+    /// this fails the task as transient: a rank is gone or stuck.
+    pub collective_timeout_ms: u64,
+    /// A task whose compute thread reports no progress for this long, outside a collective,
+    /// is ended and the workers restart (a read hung on a dead filesystem, a hung device call).
+    pub stall_timeout_ms: u64,
+    /// Times a run may restart its workers after a transient failure within any
+    /// `restart_window_s` before it gives up; each restart resumes distillation from the
+    /// newest verified checkpoint.
     pub max_restarts: u32,
+    pub restart_window_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -244,7 +244,10 @@ fn bad_values() -> Vec<(String, Option<&'static str>, &'static [&'static str])> 
         ("control.heartbeat_ms", Some("0")),
         ("control.heartbeat_timeout_ms", Some("1")),
         ("control.join_timeout_ms", Some("0")),
+        ("control.collective_timeout_ms", Some("0")),
+        ("control.stall_timeout_ms", Some("1000")),
         ("control.max_restarts", None),
+        ("control.restart_window_s", Some("0")),
         ("log.every", None),
     ]
     .into_iter()

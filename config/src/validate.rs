@@ -352,6 +352,17 @@ impl Config {
         at_least("control.workers", c.workers as u64, 1)?;
         at_least("control.heartbeat_ms", c.heartbeat_ms, 1)?;
         at_least("control.join_timeout_ms", c.join_timeout_ms, 1)?;
+        at_least("control.collective_timeout_ms", c.collective_timeout_ms, 1)?;
+        at_least("control.restart_window_s", c.restart_window_s, 1)?;
+        if c.stall_timeout_ms <= c.heartbeat_ms {
+            return Err(bad(
+                "control.stall_timeout_ms",
+                format!(
+                    "{} must exceed control.heartbeat_ms ({}): progress is read from heartbeats",
+                    c.stall_timeout_ms, c.heartbeat_ms
+                ),
+            ));
+        }
         if c.heartbeat_timeout_ms <= c.heartbeat_ms {
             return Err(bad(
                 "control.heartbeat_timeout_ms",

@@ -1,25 +1,28 @@
 //! The driver: orders tasks to the current generation of workers, collects what comes back,
 //! commits checkpoints in step order, and survives a lost worker by restarting the generation
-//! (up to `control.max_restarts`) and resuming from the newest checkpoint.
+//! (up to `control.max_restarts` within `control.restart_window_s`) and resuming from the
+//! newest checkpoint. A worker's permanent failure ends the run; a task whose compute thread
+//! stops making progress (`control.stall_timeout_ms`) is ended like a lost worker.
 
 use crate::checkpoint::Checkpoints;
 use crate::local::Generations;
 use crate::run::{collective_kind, Preempted};
 use crate::server::{Cluster, Event};
 use anyhow::{anyhow, Context, Result};
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io::Write;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::signal::unix::Signal;
 use xkd_config::Config;
 use xkd_protocol::{
-    Assignment, CollectiveKind, CoordinatorMsg, Task, TaskKind, TaskResult, WorkerMsg,
+    Assignment, CollectiveKind, CoordinatorMsg, FailureKind, Task, TaskKind, TaskResult, WorkerMsg,
 };
 
 /// Why a task did not come back with results.
 pub(crate) enum Interrupt {
-    /// A worker was lost or failed: restart the workers (counted in `control.max_restarts`).
+    /// A worker was lost, stalled or failed transiently: restart the workers (counted in
+    /// `control.max_restarts`).
     Failed(anyhow::Error),
     /// A worker was preempted on its own (its SIGTERM) and left in order, after every rank
     /// stopped at one step and that step's checkpoint was committed: restart the workers
@@ -27,7 +30,8 @@ pub(crate) enum Interrupt {
     Replaced(anyhow::Error),
     /// SIGTERM to the coordinator: stop the run (after a checkpoint, if one was running).
     Preempted,
-    /// Something restarting will not mend (a file the coordinator cannot write).
+    /// Something restarting will not mend (a worker's permanent failure, a file the
+    /// coordinator cannot write).
     Fatal(anyhow::Error),
 }
 
@@ -38,7 +42,7 @@ impl From<anyhow::Error> for Interrupt {
 }
 
 /// Orders tasks to the cluster and collects what comes back; replaces the workers when one
-/// is lost (up to `control.max_restarts` times).
+/// is lost (up to `control.max_restarts` times within `control.restart_window_s`).
 pub(crate) struct Driver {
     pub(crate) cluster: Cluster,
     pub(crate) generations: Generations,
@@ -53,7 +57,7 @@ pub(crate) struct Driver {
     pub(crate) checkpoints: Option<Arc<tokio::sync::Mutex<Checkpoints>>>,
     /// The last commit queued; each waits for the one before, so commits keep step order.
     pub(crate) commits: Option<tokio::task::JoinHandle<()>>,
-    pub(crate) restarts: u32,
+    pub(crate) restarts: RestartBudget,
     pub(crate) sigterm: Signal,
     /// SIGTERM was received: the run is winding down.
     pub(crate) terminating: bool,
@@ -86,7 +90,10 @@ impl Driver {
             stage: "setup".into(),
             checkpoints: checkpoints.map(|c| Arc::new(tokio::sync::Mutex::new(c))),
             commits: None,
-            restarts: 0,
+            restarts: RestartBudget::new(
+                config.control.max_restarts,
+                Duration::from_secs(config.control.restart_window_s),
+            ),
             sigterm,
             terminating: false,
         };
@@ -171,18 +178,16 @@ impl Driver {
         };
         loop {
             let max = self.config.control.max_restarts;
-            if counted && self.restarts >= max {
+            if counted && !self.restarts.take(Instant::now()) {
                 return Err(error.context(format!(
-                    "{} failed and the run has used its {max} restarts (control.max_restarts)",
-                    self.stage
+                    "{} failed and the run has used its {max} restarts within {} s \
+                     (control.max_restarts, control.restart_window_s)",
+                    self.stage, self.config.control.restart_window_s
                 )));
-            }
-            if counted {
-                self.restarts += 1;
             }
             tracing::warn!(
                 stage = %self.stage,
-                restart = self.restarts,
+                restart = self.restarts.used(),
                 max_restarts = max,
                 counted,
                 error = format!("{error:#}"),
@@ -266,12 +271,24 @@ impl Driver {
         }
         let mut results: Vec<Option<TaskResult>> = vec![None; self.world];
         let mut waiting: HashSet<u32> = ranks.iter().copied().collect();
+        let stall = Duration::from_millis(self.config.control.stall_timeout_ms);
+        let mut watch = Watchdog::new(self.world, stall);
+        let mut checks = tokio::time::interval((stall / 4).min(Duration::from_secs(1)));
         // Ranks that left after answering (a worker preempted by its own SIGTERM): the task
         // still completes; the generation is replaced afterwards.
         let mut departed = Vec::new();
         while !waiting.is_empty() {
             let event = tokio::select! {
                 event = self.cluster.next_event() => event,
+                _ = checks.tick() => {
+                    match watch.stalled(&waiting) {
+                        Some(stalled) => return Err(Interrupt::Failed(anyhow!(
+                            "{stalled} during {} (control.stall_timeout_ms)",
+                            self.stage
+                        ))),
+                        None => continue,
+                    }
+                }
                 _ = self.sigterm.recv(), if !self.terminating => {
                     self.terminating = true;
                     if !checkpointed {
@@ -303,11 +320,14 @@ impl Driver {
                         waiting.remove(&rank);
                         results[rank as usize] = Some(result);
                     }
-                    WorkerMsg::Failed { task, error } if task == id => {
-                        return Err(Interrupt::Failed(anyhow!(
-                            "worker {rank} failed in {}: {error}",
-                            self.stage
-                        )))
+                    WorkerMsg::Failed { task, error, kind } if task == id => {
+                        let e = anyhow!("worker {rank} failed in {}: {error}", self.stage);
+                        return Err(match kind {
+                            FailureKind::Transient => Interrupt::Failed(e),
+                            FailureKind::Permanent => Interrupt::Fatal(e.context(
+                                "a permanent failure (restarting would fail the same way)",
+                            )),
+                        });
                     }
                     WorkerMsg::Step(report) => self.log_step(&report)?,
                     WorkerMsg::Saved(saved) if rank == 0 => match self.checkpoints.clone() {
@@ -322,7 +342,9 @@ impl Driver {
                             "checkpoint not saved; the next one retries"
                         )
                     }
-                    WorkerMsg::Heartbeat { .. } => {}
+                    WorkerMsg::Heartbeat {
+                        progress, waiting, ..
+                    } => watch.beat(rank, progress, waiting),
                     other => tracing::warn!(rank, ?other, "unexpected message"),
                 },
             }
@@ -384,5 +406,148 @@ impl Driver {
 
     pub(crate) fn all(&self) -> Vec<u32> {
         (0..self.world as u32).collect()
+    }
+}
+
+/// The progress watchdog of one task: when each rank's compute thread last reported new
+/// progress on its heartbeat, and whether it now waits on a deadline of its own (a
+/// collective, the store's retries), which the watchdog leaves to that deadline.
+struct Watchdog {
+    limit: Duration,
+    /// Per rank: the last progress count heard, when it last changed (or the task started),
+    /// and the last `waiting` flag.
+    ranks: Vec<(Option<u64>, Instant, bool)>,
+}
+
+impl Watchdog {
+    fn new(world: usize, limit: Duration) -> Watchdog {
+        Watchdog {
+            limit,
+            ranks: vec![(None, Instant::now(), false); world],
+        }
+    }
+
+    fn beat(&mut self, rank: u32, progress: u64, waiting: bool) {
+        if let Some(r) = self.ranks.get_mut(rank as usize) {
+            if r.0 != Some(progress) {
+                *r = (Some(progress), Instant::now(), waiting);
+            } else {
+                r.2 = waiting;
+            }
+        }
+    }
+
+    /// Which of the ranks still running the task made no progress for the limit outside a
+    /// wait of their own, with the ranks waiting on them, as a sentence; `None` when none did.
+    fn stalled(&self, running: &HashSet<u32>) -> Option<String> {
+        let mut running: Vec<u32> = running.iter().copied().collect();
+        running.sort_unstable();
+        let stuck: Vec<String> = running
+            .iter()
+            .filter(|&&r| {
+                let (_, since, waiting) = self.ranks[r as usize];
+                !waiting && since.elapsed() >= self.limit
+            })
+            .map(|r| r.to_string())
+            .collect();
+        if stuck.is_empty() {
+            return None;
+        }
+        let waiting: Vec<String> = running
+            .iter()
+            .filter(|&&r| self.ranks[r as usize].2)
+            .map(|r| r.to_string())
+            .collect();
+        let mut sentence = format!(
+            "worker {} made no progress for {:?}",
+            stuck.join(", "),
+            self.limit
+        );
+        if !waiting.is_empty() {
+            sentence.push_str(&format!(" (worker {} waiting on it)", waiting.join(", ")));
+        }
+        Some(sentence)
+    }
+}
+
+/// `max` restarts within any `window`, as elastic launchers count them: a long run that meets
+/// a transient failure now and then is not ended by their sum.
+pub(crate) struct RestartBudget {
+    max: u32,
+    window: Duration,
+    /// When each counted restart happened, oldest first, within the last `window`.
+    taken: VecDeque<Instant>,
+}
+
+impl RestartBudget {
+    pub(crate) fn new(max: u32, window: Duration) -> RestartBudget {
+        RestartBudget {
+            max,
+            window,
+            taken: VecDeque::new(),
+        }
+    }
+
+    /// Takes one restart at `now` if the window has one left.
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        while self
+            .taken
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= self.window)
+        {
+            self.taken.pop_front();
+        }
+        if self.taken.len() >= self.max as usize {
+            return false;
+        }
+        self.taken.push_back(now);
+        true
+    }
+
+    /// Restarts counted within the window, as of the last `take`.
+    pub(crate) fn used(&self) -> usize {
+        self.taken.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_are_counted_within_a_sliding_window() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut budget = RestartBudget::new(2, Duration::from_secs(3600));
+        assert!(budget.take(at(0)));
+        assert!(budget.take(at(1000)));
+        assert!(!budget.take(at(2000)), "a third within the hour");
+        // The first has left the window: one is free again, and only one.
+        assert!(budget.take(at(3600)));
+        assert!(!budget.take(at(3700)));
+        assert!(budget.take(at(4600)));
+        assert_eq!(budget.used(), 2);
+        assert!(!RestartBudget::new(0, Duration::from_secs(1)).take(at(0)));
+    }
+
+    #[test]
+    fn the_watchdog_names_a_rank_without_progress_and_not_one_waiting() {
+        let limit = Duration::from_millis(50);
+        let mut watch = Watchdog::new(3, limit);
+        let running: HashSet<u32> = [0, 1, 2].into();
+        watch.beat(0, 1, true);
+        watch.beat(1, 5, false);
+        watch.beat(2, 9, false);
+        assert_eq!(watch.stalled(&running), None);
+        std::thread::sleep(limit * 2);
+        // Rank 2 moved on; rank 0 waits in a collective; rank 1 has not moved.
+        watch.beat(2, 10, false);
+        watch.beat(1, 5, false);
+        assert_eq!(
+            watch.stalled(&running).as_deref(),
+            Some("worker 1 made no progress for 50ms (worker 0 waiting on it)")
+        );
+        let done: HashSet<u32> = [0, 2].into();
+        assert_eq!(watch.stalled(&done), None, "rank 1 has answered");
     }
 }

@@ -602,7 +602,7 @@ mod tests {
         assert_eq!(prefix, Err(Reject::BadToken));
         let old = check_join(Ok(WorkerMsg::Join(join("t0k", 0))), "t0k");
         assert!(matches!(old, Err(Reject::VersionMismatch { got: 0, .. })));
-        let not_join = check_join(Ok(WorkerMsg::Heartbeat { seq: 0 }), "t0k");
+        let not_join = check_join(Ok(WorkerMsg::heartbeat(0)), "t0k");
         assert!(matches!(not_join, Err(Reject::Malformed { .. })));
     }
 }

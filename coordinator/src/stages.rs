@@ -307,6 +307,13 @@ impl Driver {
                 others.push(clip);
             }
         }
+        if main.is_empty() {
+            bail!(
+                "the distill split has no clip of the classes the teacher teaches ({}): \
+                 nothing to distill (data.distill_clips, distill.classes)",
+                names(&data.classes, taught).join(", ")
+            );
+        }
         let dc = &config.distill;
         let per_worker = dc.batch / self.world;
         let replay_batch = if others.is_empty() {

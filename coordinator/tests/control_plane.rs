@@ -299,10 +299,10 @@ async fn silent_worker_is_lost_within_the_heartbeat_timeout() {
 
         // Beating every 100 ms for well over the timeout keeps the worker in.
         for seq in 0..15 {
-            worker.send_msg(&WorkerMsg::Heartbeat { seq }).await;
+            worker.send_msg(&WorkerMsg::heartbeat(seq)).await;
             match cluster.next_event().await {
                 Some(Event::Msg { rank: 0, msg }) => {
-                    assert_eq!(msg, WorkerMsg::Heartbeat { seq })
+                    assert_eq!(msg, WorkerMsg::heartbeat(seq))
                 }
                 other => panic!("expected heartbeat {seq}, got {other:?}"),
             }
@@ -388,7 +388,7 @@ async fn rank_zeros_nccl_id_is_handed_to_every_rank() {
         let (_server, mut cluster, mut clients) = cluster_of(3).await;
         let id = nccl_id(NCCL_UNIQUE_ID_BYTES);
         // Heartbeats before the id are ignored; only rank 0's id is handed on.
-        clients[1].send_msg(&WorkerMsg::Heartbeat { seq: 1 }).await;
+        clients[1].send_msg(&WorkerMsg::heartbeat(1)).await;
         clients[0]
             .send_msg(&WorkerMsg::CollectiveId { id: id.clone() })
             .await;
@@ -445,7 +445,7 @@ async fn a_bad_nccl_hand_off_fails_naming_the_cause() {
 
         // Rank 0 silent (heartbeats only): the wait ends at the timeout.
         let (_s, mut cluster, mut clients) = cluster_of(1).await;
-        clients[0].send_msg(&WorkerMsg::Heartbeat { seq: 1 }).await;
+        clients[0].send_msg(&WorkerMsg::heartbeat(1)).await;
         let started = Instant::now();
         let e = format!(
             "{:#}",

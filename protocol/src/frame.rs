@@ -246,7 +246,11 @@ mod tests {
     fn worker_msgs() -> Vec<WorkerMsg> {
         vec![
             WorkerMsg::Join(join()),
-            WorkerMsg::Heartbeat { seq: u64::MAX },
+            WorkerMsg::Heartbeat {
+                seq: u64::MAX,
+                progress: 7,
+                waiting: true,
+            },
             WorkerMsg::Step(step()),
             WorkerMsg::Saved(SavedCheckpoint {
                 task: 3,
@@ -298,6 +302,12 @@ mod tests {
             WorkerMsg::Failed {
                 task: 4,
                 error: "boom".into(),
+                kind: FailureKind::Permanent,
+            },
+            WorkerMsg::Failed {
+                task: 5,
+                error: "peer gone".into(),
+                kind: FailureKind::Transient,
             },
             WorkerMsg::CollectiveId {
                 id: (0..NCCL_UNIQUE_ID_BYTES as u8).collect(),
@@ -390,7 +400,7 @@ mod tests {
 
     #[test]
     fn header_carries_length_and_version() {
-        let frame = encode(&WorkerMsg::Heartbeat { seq: 1 }).unwrap();
+        let frame = encode(&WorkerMsg::heartbeat(1)).unwrap();
         let n = u32::from_be_bytes(frame[..4].try_into().unwrap());
         assert_eq!(n as usize, frame.len() - 4);
         assert_eq!(u16::from_be_bytes([frame[4], frame[5]]), PROTOCOL_VERSION);
@@ -443,13 +453,14 @@ mod tests {
         let big = WorkerMsg::Failed {
             task: 0,
             error: "x".repeat(MAX_FRAME_BYTES as usize),
+            kind: FailureKind::Permanent,
         };
         assert!(matches!(encode(&big), Err(FrameError::Oversized { .. })));
     }
 
     #[tokio::test]
     async fn wrong_version_is_rejected() {
-        let mut frame = encode(&WorkerMsg::Heartbeat { seq: 3 }).unwrap();
+        let mut frame = encode(&WorkerMsg::heartbeat(3)).unwrap();
         frame[4..6].copy_from_slice(&(PROTOCOL_VERSION + 1).to_be_bytes());
         let got = read_frame::<WorkerMsg, _>(&mut Cursor::new(frame), MAX_FRAME_BYTES).await;
         match got {
@@ -487,7 +498,7 @@ mod tests {
 
     #[tokio::test]
     async fn trailing_bytes_are_malformed() {
-        let mut payload = encode(&WorkerMsg::Heartbeat { seq: 3 }).unwrap()[6..].to_vec();
+        let mut payload = encode(&WorkerMsg::heartbeat(3)).unwrap()[6..].to_vec();
         payload.push(0);
         let detail = expect_malformed(raw_frame(&payload)).await;
         assert!(detail.contains("trailing"), "{detail}");

@@ -6,14 +6,24 @@ use serde::{Deserialize, Serialize};
 use xkd_config::Modality;
 
 /// Bumped whenever the encoding of any message changes.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// What a worker sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum WorkerMsg {
     Join(Join),
+    /// "Alive", from the control link's own task every `control.heartbeat_ms`, with what the
+    /// compute thread has done: the coordinator's progress watchdog (`control.stall_timeout_ms`)
+    /// reads `progress`, not the heartbeat's arrival.
     Heartbeat {
         seq: u64,
+        /// Units of work the compute thread has finished in this process (steps, evaluation
+        /// batches, models loaded, ...): it only grows while the thread works.
+        progress: u64,
+        /// The compute thread waits on something with a deadline of its own (a collective's
+        /// timeout, the checkpoint store's retries): a stall there is not the thread's, and
+        /// that deadline covers it.
+        waiting: bool,
     },
     Step(StepReport),
     /// Rank 0 has put a checkpoint's tensors into the store; the coordinator adds
@@ -33,12 +43,36 @@ pub enum WorkerMsg {
     Failed {
         task: u64,
         error: String,
+        /// Whether restarting the workers can mend it.
+        kind: FailureKind,
     },
     /// Rank 0's NCCL unique id (`NCCL_UNIQUE_ID_BYTES` opaque bytes), sent once after an
     /// `Assignment` with `CollectiveKind::Nccl`; the coordinator hands it to every rank.
     CollectiveId {
         id: Vec<u8>,
     },
+}
+
+/// What a failed task's error says about retrying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The same inputs would fail the same way (a bad model directory, a shape the recipe
+    /// makes, a diverged loss, a panic): the coordinator ends the run with it.
+    Permanent,
+    /// Something outside the task went away (a peer, the store, the network): the coordinator
+    /// restarts the workers and resumes.
+    Transient,
+}
+
+impl WorkerMsg {
+    /// A heartbeat from a process whose compute thread has done nothing yet.
+    pub fn heartbeat(seq: u64) -> WorkerMsg {
+        WorkerMsg::Heartbeat {
+            seq,
+            progress: 0,
+            waiting: false,
+        }
+    }
 }
 
 /// Length of an NCCL unique id (`ncclUniqueId`): the coordinator refuses any other length

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
 #[path = "../../checkpoint/tests/common/s3.rs"]
 pub mod s3;
 
@@ -247,4 +248,12 @@ pub fn signal(pid: i64, sig: &str) {
 /// Whether `record` is the log line `message` with field `key` equal to `value`.
 pub fn is(record: &Value, message: &str, key: &str, value: u64) -> bool {
     record["message"] == message && record[key].as_u64() == Some(value)
+}
+
+/// Seconds since midnight of an RFC 3339 UTC timestamp (`...THH:MM:SS.fffZ`).
+pub fn seconds_of_day(ts: &str) -> f64 {
+    let time = ts.split('T').nth(1).expect("a time").trim_end_matches('Z');
+    time.split(':')
+        .map(|p| p.parse::<f64>().expect("a number"))
+        .fold(0.0, |acc, p| acc * 60.0 + p)
 }

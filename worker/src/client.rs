@@ -4,9 +4,11 @@
 //! Outgoing messages go through an unbounded channel to a writer task, so any thread (a
 //! blocking training loop included) can report without touching the async stream.
 
+use crate::progress::Progress;
 use anyhow::{anyhow, bail, Context};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
@@ -185,8 +187,13 @@ impl LinkSender {
     }
 }
 
-/// Sends `Heartbeat` every `every`, numbered from 0, until the link closes.
-pub fn spawn_heartbeat(sender: LinkSender, every: Duration) -> JoinHandle<()> {
+/// Sends `Heartbeat` every `every`, numbered from 0, with the compute thread's `progress`,
+/// until the link closes.
+pub fn spawn_heartbeat(
+    sender: LinkSender,
+    every: Duration,
+    progress: Arc<Progress>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(every);
         // After a stall, beat once rather than in a burst.
@@ -196,7 +203,13 @@ pub fn spawn_heartbeat(sender: LinkSender, every: Duration) -> JoinHandle<()> {
                 _ = ticks.tick() => {}
                 _ = sender.tx.closed() => return,
             }
-            if sender.send(WorkerMsg::Heartbeat { seq }).is_err() {
+            let (done, waiting) = progress.read();
+            let beat = WorkerMsg::Heartbeat {
+                seq,
+                progress: done,
+                waiting,
+            };
+            if sender.send(beat).is_err() {
                 return;
             }
         }
@@ -210,10 +223,16 @@ mod tests {
     #[tokio::test]
     async fn heartbeat_stops_when_the_link_closes() {
         let (tx, mut rx) = unbounded_channel();
-        let beat = spawn_heartbeat(LinkSender { tx }, Duration::from_millis(5));
+        let progress = Arc::new(Progress::default());
+        progress.tick();
+        let beat = spawn_heartbeat(LinkSender { tx }, Duration::from_millis(5), progress);
         for seq in 0..3 {
             match rx.recv().await {
-                Some(Outgoing::Msg(WorkerMsg::Heartbeat { seq: got })) => assert_eq!(got, seq),
+                Some(Outgoing::Msg(WorkerMsg::Heartbeat {
+                    seq: got,
+                    progress: 1,
+                    waiting: false,
+                })) => assert_eq!(got, seq),
                 Some(Outgoing::Msg(other)) => panic!("expected heartbeat {seq}, got {other:?}"),
                 other => panic!("expected heartbeat {seq}, got {}", other.is_some()),
             }
@@ -298,7 +317,7 @@ mod wire_tests {
             let (addr, cert, server) = start(CoordinatorMsg::Assignment(assignment()));
             let (got, mut link) = join(addr, &cert, join_msg()).await.unwrap();
             assert_eq!(got, assignment());
-            link.sender().send(WorkerMsg::Heartbeat { seq: 9 }).unwrap();
+            link.sender().send(WorkerMsg::heartbeat(9)).unwrap();
             match link.recv().await.unwrap() {
                 Some(CoordinatorMsg::Shutdown { reason }) => assert!(reason.contains("seq: 9")),
                 other => panic!("expected the echo, got {other:?}"),

@@ -7,6 +7,14 @@
 //! a test that kills or stops something then acts at a known point, on any machine speed.
 //! Heartbeats come from the control link's own tasks and go on. Nothing but tests sets it;
 //! unset, this module does nothing.
+//!
+//! Two more hooks act on every rank of a checkpointed training task (distillation), for the
+//! liveness tests:
+//! - `XKD_TEST_SETUP_DELAY=RANK:MS`: rank RANK sleeps MS milliseconds after loading its models,
+//!   before the barrier that ends setup (a slow model load);
+//! - `XKD_TEST_STALL=RANK:STEP:FILE`: once step STEP is taken, rank RANK creates FILE and then
+//!   sleeps for ever without reporting progress (a read hung on a dead filesystem). It does so
+//!   only while FILE does not exist, so the generation that replaces it trains on.
 
 use anyhow::{Context as _, Result};
 use std::path::PathBuf;
@@ -54,6 +62,79 @@ impl Hold {
     }
 }
 
+pub const DELAY_VAR: &str = "XKD_TEST_SETUP_DELAY";
+pub const STALL_VAR: &str = "XKD_TEST_STALL";
+
+/// The setup delay and the stall asked of this rank, if any.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Faults {
+    pub setup_delay: Option<Duration>,
+    pub stall: Option<(u64, PathBuf)>,
+}
+
+impl Faults {
+    pub fn from_env(rank: u32) -> Result<Faults> {
+        let var = |name| std::env::var(name).ok();
+        Faults::parse(rank, var(DELAY_VAR).as_deref(), var(STALL_VAR).as_deref())
+    }
+
+    fn parse(rank: u32, delay: Option<&str>, stall: Option<&str>) -> Result<Faults> {
+        let mine = |name: &str, value: &str| -> Result<Option<String>> {
+            let (r, rest) = value
+                .split_once(':')
+                .with_context(|| format!("{name}={value:?}: expected RANK:..."))?;
+            let r: u32 = r
+                .parse()
+                .with_context(|| format!("{name}={value:?}: {r:?} is not a rank"))?;
+            Ok((r == rank).then(|| rest.to_string()))
+        };
+        let mut faults = Faults::default();
+        if let Some(value) = delay {
+            if let Some(ms) = mine(DELAY_VAR, value)? {
+                let ms: u64 = ms.parse().with_context(|| {
+                    format!("{DELAY_VAR}={value:?}: {ms:?} is not milliseconds")
+                })?;
+                faults.setup_delay = Some(Duration::from_millis(ms));
+            }
+        }
+        if let Some(value) = stall {
+            if let Some(rest) = mine(STALL_VAR, value)? {
+                let hold = Hold::parse(&rest)
+                    .with_context(|| format!("{STALL_VAR}={value:?}: expected RANK:STEP:FILE"))?;
+                faults.stall = Some((hold.step, hold.release));
+            }
+        }
+        Ok(faults)
+    }
+
+    /// Sleeps for the setup delay, if one is asked.
+    pub fn delay_setup(&self, rank: u32) {
+        if let Some(delay) = self.setup_delay {
+            tracing::info!(
+                rank,
+                ms = delay.as_millis() as u64,
+                "setup delayed for a test"
+            );
+            std::thread::sleep(delay);
+        }
+    }
+
+    /// Stalls for ever once `step` is taken, if asked and its file does not exist yet.
+    pub fn stall_after(&self, rank: u32, step: u64) -> Result<()> {
+        let Some((at, file)) = self.stall.as_ref().filter(|(at, _)| *at == step) else {
+            return Ok(());
+        };
+        if file.exists() {
+            return Ok(());
+        }
+        std::fs::write(file, b"").with_context(|| format!("creating {}", file.display()))?;
+        tracing::warn!(rank, step = at, "stalled for a test");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +147,18 @@ mod tests {
         let err = format!("{:#}", Hold::parse("twenty:/tmp/x").unwrap_err());
         assert!(err.contains("\"twenty\" is not a step"), "{err}");
         assert!(Hold::parse("20").is_err());
+    }
+
+    #[test]
+    fn faults_apply_to_the_rank_they_name() {
+        let both = Faults::parse(1, Some("1:250"), Some("1:30:/tmp/s")).unwrap();
+        assert_eq!(both.setup_delay, Some(Duration::from_millis(250)));
+        assert_eq!(both.stall, Some((30, PathBuf::from("/tmp/s"))));
+        let other = Faults::parse(0, Some("1:250"), Some("1:30:/tmp/s")).unwrap();
+        assert_eq!(other, Faults::default());
+        let err = format!("{:#}", Faults::parse(0, Some("0:soon"), None).unwrap_err());
+        assert!(err.contains("\"soon\" is not milliseconds"), "{err}");
+        assert!(Faults::parse(0, None, Some("0:30")).is_err());
     }
 
     #[test]

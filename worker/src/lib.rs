@@ -8,6 +8,7 @@
 pub mod client;
 pub mod hold;
 pub mod optim;
+pub mod progress;
 pub mod saver;
 pub mod session;
 pub mod train;

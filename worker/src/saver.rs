@@ -3,9 +3,11 @@
 //! put into the store on a background thread while training goes on. The coordinator hears
 //! what was written and commits; a worker never commits.
 //!
-//! At most one upload runs at a time: a save that comes due while the previous one is still
-//! uploading waits for it, so memory holds at most two snapshots and the coordinator hears of
-//! checkpoints in step order.
+//! At most one upload runs at a time, and training never waits for one: the training loop
+//! defers a save that comes due while the previous upload is still running (`busy`) to the
+//! first step after it finished, and only the last save of a task is queued behind a running
+//! upload (its thread waits for the previous one). So memory holds at most two snapshots and
+//! the coordinator hears of checkpoints in step order.
 
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
@@ -154,13 +156,23 @@ impl Saver {
         self.order.due(done, total)
     }
 
-    /// Starts uploading checkpoint `step` in the background, after the previous upload (if
-    /// still running) has finished.
+    /// Whether the previous upload is still running.
+    pub fn busy(&self) -> bool {
+        self.pending.as_ref().is_some_and(|h| !h.is_finished())
+    }
+
+    /// Uploads checkpoint `step` on a thread of its own, which first waits for the previous
+    /// upload (if still running): this returns at once.
     pub fn save(&mut self, step: u64, loss: f64, student: Bytes, optimizer: Bytes) {
-        self.wait();
+        let previous = self.pending.take();
         let (store, runtime, sink) = (self.store.clone(), self.runtime.clone(), self.sink.clone());
         let (run_id, task) = (self.order.run_id.clone(), self.task);
         let upload = move || {
+            if let Some(previous) = previous {
+                if previous.join().is_err() {
+                    tracing::error!("the checkpoint upload thread panicked");
+                }
+            }
             let put: xkd_checkpoint::Result<Vec<_>> = runtime.block_on(async {
                 let s = store.put_object(&run_id, step, STUDENT, student).await?;
                 let o = store

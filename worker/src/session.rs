@@ -3,18 +3,20 @@
 //! id), then run each task it orders and report back.
 
 use crate::client::{self, LinkSender};
+use crate::progress::{failure_kind, Progress};
 use crate::train::{self, Rank};
 use anyhow::{bail, Context, Result};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 use xkd_collective::{Collective, RingListener};
 use xkd_config::{Config, DataSource};
 use xkd_data as data;
 use xkd_protocol::{
-    CollectiveKind, CoordinatorMsg, DataSummary, Join, SplitClips, Task, TaskKind, TaskResult,
-    WorkerMsg, PROTOCOL_VERSION,
+    CollectiveKind, CoordinatorMsg, DataSummary, FailureKind, Join, SplitClips, Task, TaskKind,
+    TaskResult, WorkerMsg, PROTOCOL_VERSION,
 };
 
 pub struct WorkerArgs {
@@ -77,11 +79,13 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
         threads = candle_core::utils::get_num_threads(),
         "joined"
     );
+    let progress = Arc::new(Progress::default());
     let heartbeat = client::spawn_heartbeat(
         link.sender(),
         Duration::from_millis(config.control.heartbeat_ms),
+        progress.clone(),
     );
-    let timeout = Duration::from_millis(config.control.heartbeat_timeout_ms.max(10_000));
+    let timeout = Duration::from_millis(config.control.collective_timeout_ms);
     let device = train::device(config.run.device_choice())?;
     let collective: Box<dyn Collective> = match assignment.collective {
         CollectiveKind::TcpRing => {
@@ -96,7 +100,9 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
             nccl_collective(&mut link, &device, ranks, timeout, setup).await?
         }
     };
-    let mut state = Some(Rank::with_device(config, rank, world, device, collective));
+    let mut rank_state = Rank::with_device(config, rank, world, device, collective);
+    rank_state.progress = progress;
+    let mut state = Some(rank_state);
     let sender = link.sender();
     let exit = loop {
         let msg = tokio::select! {
@@ -126,7 +132,7 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
                 let mut terminating = false;
                 let finished = loop {
                     tokio::select! {
-                        done = &mut running => break Some(done?),
+                        done = &mut running => break Some(done),
                         msg = link.recv() => match msg? {
                             Some(CoordinatorMsg::Stop { task }) if task == id => {
                                 tracing::info!(task, "stop ordered: finishing the current step");
@@ -152,17 +158,37 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
                         }
                     }
                 };
-                let Some((back, outcome)) = finished else {
+                let Some(finished) = finished else {
                     break Exit::Finished;
+                };
+                let (back, outcome) = match finished {
+                    Ok(done) => done,
+                    Err(joined) => {
+                        // The rank's state went with the panic: report it, and leave.
+                        let error =
+                            format!("rank {rank} panicked in task {id}: {}", panic_text(joined));
+                        tracing::error!(task = id, error, "task panicked");
+                        sender.send(WorkerMsg::Failed {
+                            task: id,
+                            error: error.clone(),
+                            kind: FailureKind::Permanent,
+                        })?;
+                        heartbeat.abort();
+                        link.finish(FINISH_LIMIT).await;
+                        bail!(error);
+                    }
                 };
                 state = Some(back);
                 let reply = match outcome {
                     Ok(result) => WorkerMsg::Done { task: id, result },
                     Err(e) => {
-                        tracing::error!(task = id, error = format!("{e:#}"), "task failed");
+                        let kind = failure_kind(&e);
+                        let error = format!("{e:#}");
+                        tracing::error!(task = id, error, ?kind, "task failed");
                         WorkerMsg::Failed {
                             task: id,
-                            error: format!("{e:#}"),
+                            error,
+                            kind,
                         }
                     }
                 };
@@ -246,6 +272,21 @@ fn execute(rank: &mut Rank, task: &Task, tx: &LinkSender) -> Result<TaskResult> 
     }
 }
 
+/// What a panicking task said, from its join error.
+fn panic_text(joined: tokio::task::JoinError) -> String {
+    if !joined.is_panic() {
+        return format!("{joined}");
+    }
+    let payload = joined.into_panic();
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".into()
+    }
+}
+
 /// Generate the synthetic set (rank 0 is ordered first; the others then find it complete) or
 /// read a manifest, and describe its splits.
 fn prepare_data(rank: &mut Rank) -> Result<DataSummary> {
@@ -258,6 +299,7 @@ fn prepare_data(rank: &mut Rank) -> Result<DataSummary> {
     };
     let summary = summarise(&manifest);
     rank.manifest = Some(manifest);
+    rank.progress.tick();
     Ok(summary)
 }
 

@@ -193,6 +193,31 @@ fn barrier_waits_for_every_rank() {
 }
 
 #[test]
+fn a_barrier_within_waits_past_the_timeout_and_then_the_timeout_applies_again() {
+    let timeout = Duration::from_secs(1);
+    let late = Duration::from_secs(3);
+    let outcomes = run_ranks(2, timeout, move |rank, mut ring| {
+        if rank == 1 {
+            thread::sleep(late);
+        }
+        let setup = ring.barrier_within(Duration::from_secs(30));
+        if rank == 1 {
+            thread::sleep(late);
+        }
+        let step = ring.all_reduce_mean(&mut [rank as f32]);
+        (setup.map_err(|e| e.to_string()), step.is_err())
+    });
+    for (rank, (setup, step_failed)) in outcomes.iter().enumerate() {
+        assert!(setup.is_ok(), "rank {rank}: {setup:?}");
+        // Rank 0 waits 3 s for a step under a 1 s timeout: the barrier's limit is gone.
+        assert!(
+            *step_failed,
+            "rank {rank}: the step outlived the collective timeout"
+        );
+    }
+}
+
+#[test]
 fn a_dead_peer_is_an_error_not_a_hang() {
     let timeout = Duration::from_secs(2);
     let outcomes = run_ranks(3, timeout, move |rank, mut ring| {

@@ -5,8 +5,9 @@
 //! parameters. Gradients are packed in parameter name order into `Buckets`, the same layout on
 //! every rank.
 
-use crate::hold::Hold;
+use crate::hold::{Faults, Hold};
 use crate::optim::AdamW;
+use crate::progress::Progress;
 use crate::saver::{self, Saver, Sink};
 use anyhow::{bail, Context as _, Result};
 use candle_core::backprop::GradStore;
@@ -43,6 +44,8 @@ pub struct Rank {
     /// Set to end the running training task early (preemption): ranks agree on the step
     /// through the all-reduce, rank 0 checkpoints it, and `train` returns `stopped`.
     pub stop: Arc<AtomicBool>,
+    /// What this rank's compute thread has done, read by the heartbeat (`Progress`).
+    pub progress: Arc<Progress>,
     cache: FeatureCache,
     device: Device,
 }
@@ -76,6 +79,7 @@ impl Rank {
             collective,
             manifest: None,
             stop: Arc::new(AtomicBool::new(false)),
+            progress: Arc::default(),
             cache: FeatureCache::new(mel),
             device,
         }
@@ -289,6 +293,7 @@ pub fn gpu_ordinal(
 /// stop, else 0), the last element of the last bucket: every rank sees the same mean, so all
 /// of them stop after the same step without another round trip.
 fn all_reduce_grads(
+    progress: &Progress,
     collective: &mut dyn Collective,
     buckets: &Buckets,
     vars: &[(String, Var)],
@@ -305,7 +310,7 @@ fn all_reduce_grads(
         Some(last) => *last = Tensor::cat(&[&*last, &vote], 0)?,
         None => buffers.push(vote),
     }
-    collective.all_reduce_buckets(&mut buffers)?;
+    progress.waiting(|| collective.all_reduce_buckets(&mut buffers))?;
     let last = buffers.pop().expect("the vote's bucket");
     let n = last.elem_count() - 1;
     let stop = last.get(n)?.to_scalar::<f32>()? > 0.0;
@@ -387,8 +392,14 @@ impl Rank {
     ) -> Result<TrainSummary> {
         let start = Instant::now();
         let send: Sink = Arc::new(send);
+        let faults = match task.checkpoint {
+            Some(_) => Faults::from_env(self.rank)?,
+            None => Faults::default(),
+        };
         let (params, student) = self.build_student(task)?;
+        self.progress.tick();
         let anchors = self.anchors(task)?;
+        self.progress.tick();
         let vars = params.trainable();
         let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
         let parameters: usize = params.named().iter().map(|(_, v)| v.elem_count()).sum();
@@ -410,7 +421,17 @@ impl Rank {
             restore(&params, &mut opt, &student, &optimizer)
                 .with_context(|| format!("restoring checkpoint {step} of {}", order.url))?;
             tracing::info!(rank = self.rank, step, "resumed from checkpoint");
+            self.progress.tick();
         }
+        // Ranks load their models at their own pace (tens of GB each, for the paper's pair);
+        // they meet here, under the join timeout, so the collective timeout bounds only how
+        // far they drift apart within a step.
+        faults.delay_setup(self.rank);
+        let setup = std::time::Duration::from_millis(self.config.control.join_timeout_ms);
+        let collective = self.collective.as_mut();
+        self.progress
+            .waiting(|| collective.barrier_within(setup))
+            .context("waiting for every rank to finish loading its models")?;
         let mut saver = match &task.checkpoint {
             Some(order) if self.rank == 0 => Some(Saver::new(task_id, order, send.clone())?),
             _ => None,
@@ -422,6 +443,7 @@ impl Rank {
         let mut last_loss = f64::NAN;
         let mut taken = first;
         let mut stopped = false;
+        let mut deferred = false;
         for step in first..task.steps {
             let lr = learning_rate(step, task.steps, task.warmup_steps, task.lr);
             opt.set_learning_rate(lr);
@@ -432,6 +454,7 @@ impl Rank {
             let t1 = clock(&self.device)?;
             let ms_student = ms(t1 - t0) - times.teacher - times.loss;
             let (grad_norm, stop) = all_reduce_grads(
+                &self.progress,
                 self.collective.as_mut(),
                 &buckets,
                 &vars,
@@ -442,6 +465,7 @@ impl Rank {
             let t2 = clock(&self.device)?;
             let ms_allreduce = ms(t2 - t1);
             opt.step(&grads)?;
+            self.progress.tick();
             let ms_optimizer = ms(clock(&self.device)? - t2);
             last_loss = loss.to_scalar::<f32>()? as f64;
             if !last_loss.is_finite() {
@@ -471,30 +495,47 @@ impl Rank {
             }
             taken = step + 1;
             stopped = stop && taken < task.steps;
-            if let Some(saver) = saver
-                .as_mut()
-                .filter(|s| stopped || s.due(taken, task.steps))
-            {
-                let (student, optimizer) = snapshot(&params, &opt)?;
-                saver.save(taken, last_loss, student, optimizer);
-                if let Some(hold) = hold.as_ref().filter(|h| h.step == taken && !stopped) {
-                    saver.wait();
-                    hold.wait(self.rank, &self.stop);
+            if let Some(saver) = saver.as_mut() {
+                // A save never waits inside a step (the other ranks would wait for rank 0 in
+                // the next all-reduce): one that comes due while the previous upload is still
+                // running is deferred to the first step after it has finished. The last one
+                // (the final step, or the step all ranks stopped at) is queued behind it.
+                let due = stopped || saver.due(taken, task.steps);
+                let last = stopped || taken == task.steps;
+                if due && !last && saver.busy() {
+                    tracing::info!(
+                        rank = self.rank,
+                        step = taken,
+                        "checkpoint deferred: the previous upload is still running"
+                    );
+                    deferred = true;
+                } else if due || (deferred && !saver.busy()) {
+                    let (student, optimizer) = snapshot(&params, &opt)?;
+                    saver.save(taken, last_loss, student, optimizer);
+                    deferred = false;
+                    if let Some(hold) = hold.as_ref().filter(|h| h.step == taken && !stopped) {
+                        saver.wait();
+                        hold.wait(self.rank, &self.stop);
+                    }
                 }
             }
+            faults.stall_after(self.rank, taken)?;
             if stopped {
                 tracing::info!(rank = self.rank, step = taken, "stopping early, as asked");
                 break;
             }
         }
-        if let Some(mut saver) = saver.take() {
-            saver.wait();
-        }
         let digest = digest_params(&params)?;
         if self.rank == 0 && !stopped {
             params.save(Path::new(&task.save))?;
         }
-        self.collective.barrier()?;
+        let collective = self.collective.as_mut();
+        self.progress.waiting(|| collective.barrier())?;
+        // Rank 0's last uploads finish after the barrier, so no rank waits for the store in a
+        // collective; the store's retries bound this wait.
+        if let Some(mut saver) = saver.take() {
+            self.progress.waiting(|| saver.wait());
+        }
         Ok(TrainSummary {
             steps: taken,
             stopped,
@@ -537,6 +578,7 @@ impl Rank {
     /// Predict this rank's share of the plan's clips.
     pub fn evaluate(&mut self, task: &EvalTask) -> Result<Vec<ClipOutcome>> {
         let net = self.build_net(task.modality, &task.model, task.seed, false)?;
+        self.progress.tick();
         let mine: Vec<Sample> = task
             .plan
             .pass(self.rank, self.world)
@@ -550,6 +592,7 @@ impl Rank {
             for (i, p) in probs.iter().enumerate() {
                 out.push(outcome(chunk[i].clip, &a, i, p));
             }
+            self.progress.tick();
         }
         Ok(out)
     }

@@ -1,9 +1,9 @@
 //! A run survives losing its processes and its store (issue 5's "must show"): a worker
 //! killed with SIGKILL, the coordinator stopped with SIGTERM and resumed on fewer workers, a
-//! worker stopped with SIGTERM, the coordinator killed with SIGKILL and started again, the
-//! S3-compatible server down for 15 s, a corrupted checkpoint, and a finished run started
-//! again. Every run is a real `xkd run` with real worker processes; the store is a directory
-//! or a real s3s-fs server.
+//! worker stopped with SIGTERM, the coordinator killed with SIGKILL and started again (reusing
+//! the decisions its first start stored, without probing again), the S3-compatible server
+//! down for 15 s, a corrupted checkpoint, and a finished run started again. Every run is a
+//! real `xkd run` with real worker processes; the store is a directory or a real s3s-fs server.
 //!
 //! The tests take a lock so only one run trains at a time (they share a cache of pretrained
 //! stand-ins and a 2-core machine), and compare against one undisturbed run made once.
@@ -278,6 +278,30 @@ fn a_killed_coordinator_started_again_resumes_from_the_store() {
     assert_eq!(resumed.len(), 1, "{text}");
     assert_eq!(resumed[0]["step"], EVERY);
     assert_eq!(&final_digest(&out, "coordinator-killed", &[]), want);
+
+    // The first start probed and stored its decisions before distilling; the second took
+    // them from the store and never probed (the probe always ends in `hard classes decided`).
+    let first = common::records(&out.with_extension("log"));
+    let decided = find(&first, "hard classes decided");
+    let stored = find(&first, "run decisions stored");
+    assert_eq!((decided.len(), stored.len()), (1, 1), "first start");
+    let url = stored[0]["url"].as_str().expect("url");
+    assert!(
+        url.ends_with("/coordinator-killed/run/decisions.json"),
+        "{url}"
+    );
+    let reused = find(&records, "reusing the run's decisions");
+    assert_eq!(reused.len(), 1, "{text}");
+    assert_eq!(reused[0]["url"], url, "{text}");
+    assert_eq!(reused[0]["hard"], decided[0]["hard"], "{text}");
+    assert!(find(&records, "hard classes decided").is_empty(), "{text}");
+    assert!(find(&records, "run decisions stored").is_empty(), "{text}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["stage"] != "probe" && r["stage"] != "eval_before"),
+        "{text}"
+    );
 }
 
 #[test]

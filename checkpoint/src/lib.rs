@@ -3,7 +3,9 @@
 //!
 //! Layout: `<store>/<run_id>/ckpt/<step, 10 digits>/<object>`, where a checkpoint is any set of
 //! named objects (`student.safetensors`, `optimizer.safetensors`, `state.json`, and whatever
-//! else a caller adds) plus `MANIFEST.json`. The manifest is written last, with a create-only
+//! else a caller adds) plus `MANIFEST.json`; and `<store>/<run_id>/run/<object>`, objects of
+//! the run as a whole (what it decided once, for every later start to reuse), each put whole
+//! in one request. The manifest is written last, with a create-only
 //! put, and lists every object with its size and sha256: a checkpoint exists only when its
 //! manifest exists and every object it lists verifies.
 //!
@@ -39,6 +41,8 @@ pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const STATE: &str = "state.json";
 /// Directory between the run and the step directories.
 pub const CKPT_DIR: &str = "ckpt";
+/// Directory of the run-level objects, beside `ckpt`.
+pub const RUN_DIR: &str = "run";
 
 /// A URL naming a run (`<store>/<run_id>`) or one checkpoint
 /// (`<store>/<run_id>/ckpt/<step, 10 digits>`), opened: what `xkd checkpoint` commands take.

@@ -7,7 +7,7 @@ use crate::client::{build, Env, Retry};
 use crate::error::BadManifest;
 use crate::location::{parse_step_dir, Location, Scheme};
 use crate::manifest::{check_object_name, check_run_id, check_step, Manifest, ObjectEntry};
-use crate::{Error, Result, CKPT_DIR, MANIFEST};
+use crate::{Error, Result, CKPT_DIR, MANIFEST, RUN_DIR};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
@@ -43,8 +43,8 @@ impl Default for StoreOptions {
     }
 }
 
-/// One checkpoint store: `<store>/<run_id>/ckpt/<step, 10 digits>/<object>`.
-/// Cheap to clone; clones share the client.
+/// One checkpoint store: `<store>/<run_id>/ckpt/<step, 10 digits>/<object>`, and the run-level
+/// objects `<store>/<run_id>/run/<object>`. Cheap to clone; clones share the client.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
@@ -357,6 +357,45 @@ impl Store {
         Ok(bytes)
     }
 
+    /// The URL of the run-level object `name` of `run_id`: `<store>/<run_id>/run/<name>`.
+    pub fn run_object_url(&self, run_id: &str, name: &str) -> String {
+        self.root.child(run_id).child(RUN_DIR).child(name).display()
+    }
+
+    /// Puts the run-level object `name` of `run_id`, replacing one of the same name, and
+    /// returns its size and sha256. One put request whatever the size (never multipart), so a
+    /// reader finds the object whole or not at all. Meaning and integrity of the bytes are the
+    /// caller's: no manifest lists run-level objects.
+    pub async fn put_run_object(
+        &self,
+        run_id: &str,
+        name: &str,
+        bytes: Bytes,
+    ) -> Result<ObjectEntry> {
+        let path = self.run_object_path(run_id, name)?;
+        let entry = hash(name, bytes.clone()).await?;
+        self.inner
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .map_err(|e| self.err("writing", &path, e))?;
+        tracing::debug!(object = %self.show(&path), size = entry.size, "run object written");
+        Ok(entry)
+    }
+
+    /// The bytes of the run-level object `name` of `run_id`, or `None` when the store has no
+    /// such object. An unreachable store is an error, never `None`.
+    pub async fn get_run_object(&self, run_id: &str, name: &str) -> Result<Option<Bytes>> {
+        let path = self.run_object_path(run_id, name)?;
+        match self.get(&path).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Deletes all but the newest `keep` committed checkpoints of `run_id`, and uncommitted
     /// leftovers older than the newest commit. Each checkpoint loses its manifest first, so
     /// at every moment a manifest in the store still lists only objects that are there.
@@ -527,6 +566,12 @@ impl Store {
             .join(run_id)
             .join(CKPT_DIR)
             .join(step_dir(step))
+    }
+
+    fn run_object_path(&self, run_id: &str, name: &str) -> Result<Path> {
+        check_run_id(run_id)?;
+        check_object_name(name)?;
+        Ok(self.prefix.clone().join(run_id).join(RUN_DIR).join(name))
     }
 
     pub(crate) fn object_path(&self, run_id: &str, step: u64, name: &str) -> Path {

@@ -37,6 +37,7 @@ on_every_backend!(
     digest_depends_on_parameters_only,
     large_objects_go_up_in_parts,
     files_stream_up_with_their_hash,
+    run_objects_are_replaced_whole_and_absent_is_none,
 );
 
 const RUN: &str = "run-7";
@@ -210,6 +211,48 @@ async fn missing_and_truncated_objects_are_reported(fx: Fixture) {
         "{:?}",
         resume.skipped
     );
+}
+
+async fn run_objects_are_replaced_whole_and_absent_is_none(fx: Fixture) {
+    let name = "decisions.json";
+    assert_eq!(fx.store.get_run_object(RUN, name).await.unwrap(), None);
+    let first = Bytes::from_static(b"{\"a\":1}");
+    let entry = fx
+        .store
+        .put_run_object(RUN, name, first.clone())
+        .await
+        .unwrap();
+    assert_eq!(entry, ObjectEntry::of(name, &first));
+    let second = Bytes::from(vec![7u8; 9 << 20]); // above the multipart threshold: one put
+    fx.store
+        .put_run_object(RUN, name, second.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        fx.store.get_run_object(RUN, name).await.unwrap(),
+        Some(second)
+    );
+    assert!(
+        fx.store
+            .run_object_url(RUN, name)
+            .ends_with("/run-7/run/decisions.json"),
+        "{}",
+        fx.store.run_object_url(RUN, name)
+    );
+    // Run-level objects are no checkpoint: listing and pruning do not see them.
+    assert!(fx.store.list(RUN).await.unwrap().is_empty());
+    let e = fx
+        .store
+        .put_run_object(RUN, MANIFEST, first)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::BadObjectName { .. }), "{e}");
+    assert!(fx
+        .store
+        .get_run_object("../x", name)
+        .await
+        .unwrap_err()
+        .is_usage());
 }
 
 async fn prune_keeps_the_newest_and_cleans_leftovers(fx: Fixture) {

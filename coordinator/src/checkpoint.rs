@@ -234,6 +234,23 @@ impl Checkpoints {
         Ok(Some(Resumed { url, state }))
     }
 
+    /// The URL of the run-level object `name` (`<store>/<run_id>/run/<name>`).
+    pub fn run_object_url(&self, name: &str) -> String {
+        as_url(self.store.run_object_url(&self.run_id, name))
+    }
+
+    /// The run-level object `name`, or `None` when the store has none. (The store's errors
+    /// name the object.)
+    pub async fn get_run_object(&self, name: &str) -> Result<Option<bytes::Bytes>> {
+        Ok(self.store.get_run_object(&self.run_id, name).await?)
+    }
+
+    /// Puts the run-level object `name`, replacing one of the same name.
+    pub async fn put_run_object(&self, name: &str, bytes: bytes::Bytes) -> Result<()> {
+        self.store.put_run_object(&self.run_id, name, bytes).await?;
+        Ok(())
+    }
+
     /// From now on, checkpoints belong to the task `cx` describes.
     pub fn begin(&mut self, cx: Context) {
         self.current = Some(cx);

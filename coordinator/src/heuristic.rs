@@ -29,7 +29,7 @@ pub struct ClassRow {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
     pub coefficients: Vec<f64>,
     pub fitted: bool,

@@ -2,6 +2,7 @@
 //! stages. The coordinator never touches tensors: it sees statistics, manifests and messages.
 
 pub mod checkpoint;
+pub mod decisions;
 mod driver;
 pub mod heuristic;
 mod local;

@@ -1,7 +1,10 @@
 //! The stages of a run as the driver carries them out: the dataset, the pretrained models, the
-//! probe and hard classes, evaluation, distillation; `stages` puts them in order.
+//! probe and hard classes, evaluation, distillation; `stages` puts them in order. What the
+//! probe and the evaluation before distillation decide is stored once per run
+//! (`decisions.rs`) and reused by every later start.
 
 use crate::checkpoint::{self};
+use crate::decisions::{self, RunDecisions};
 use crate::driver::Driver;
 use crate::heuristic::{self, Decision};
 use crate::report::{self};
@@ -31,30 +34,20 @@ pub(crate) async fn stages(
     let teacher = d.pretrained(config, &data, teacher_m).await?;
     let student = d.pretrained(config, &data, student_m).await?;
 
-    d.stage = "probe".into();
-    let probe = split(&data, "probe")?;
-    let t_probe = d.evaluate(config, teacher_m, &teacher, probe).await?;
-    let s_probe = d.evaluate(config, student_m, &student, probe).await?;
-    let decision = heuristic::decide(&config.heuristic, &data.classes, &s_probe, &t_probe)?;
-    write_json(&out_dir.join("hard_classes.json"), &decision)?;
-    tracing::info!(hard = ?decision.hard_names(), "hard classes decided");
-    if only_hard {
-        return Ok(Outcome::HardClasses(decision));
-    }
-    if decision.hard_labels().is_empty() {
-        bail!("the heuristic found no hard class: nothing to distill (see hard_classes.json)");
-    }
-    let taught = taught_classes(config, &decision);
-    tracing::info!(
-        classes = config.distill.classes.as_str(),
-        taught = ?names(&data.classes, &taught),
-        "classes the teacher teaches"
-    );
-
-    d.stage = "eval_before".into();
-    let eval = split(&data, "eval")?;
-    let t_eval = d.evaluate(config, teacher_m, &teacher, eval).await?;
-    let before = d.evaluate(config, student_m, &student, eval).await?;
+    // A run started again reuses what its first start decided: probing again could flip a
+    // borderline class under its checkpoints, and costs as much as a share of the training.
+    let decided = match d.stored_decisions(config).await? {
+        Some((stored, url)) => reuse(config, stored, &url, out_dir)?,
+        None => {
+            let decision = d.probe(config, &data, &teacher, &student, out_dir).await?;
+            if only_hard {
+                return Ok(Outcome::HardClasses(decision));
+            }
+            d.evaluate_before(config, &data, decision, &teacher, &student)
+                .await?
+        }
+    };
+    let taught = decided.taught_labels(&data.classes)?;
 
     d.stage = "distill".into();
     // A stand-in student is saved whole; a Qwen2 student as its LoRA adapters, in PEFT's format.
@@ -69,17 +62,18 @@ pub(crate) async fn stages(
 
     d.stage = "eval_after".into();
     let after_path = distilled.display().to_string();
+    let eval = split(&data, "eval")?;
     let after = d.evaluate(config, student_m, &after_path, eval).await?;
     let report = report::build(report::Inputs {
         run_id: &d.run_id,
         config,
         workers: d.world,
         classes: &data.classes,
-        decision: &decision,
-        taught: &names(&data.classes, &taught),
-        heuristic_check: heuristic_check(config, &data, &decision),
-        teacher: &t_eval,
-        before: &before,
+        decision: &decided.decision,
+        taught: &decided.taught,
+        heuristic_check: heuristic_check(config, &data, &decided.decision),
+        teacher: &decided.teacher,
+        before: &decided.before,
         after: &after,
         distill: &summary,
         final_checkpoint,
@@ -87,6 +81,27 @@ pub(crate) async fn stages(
     });
     report::write(out_dir, &report)?;
     Ok(Outcome::Finished(Box::new(report)))
+}
+
+/// Decisions an earlier start of the run stored, taken as this start's: `hard_classes.json`
+/// is written from them as the probe would have.
+fn reuse(config: &Config, stored: RunDecisions, url: &str, out_dir: &Path) -> Result<RunDecisions> {
+    write_json(&out_dir.join("hard_classes.json"), &stored.decision)?;
+    tracing::info!(
+        hard = ?stored.decision.hard_names(),
+        url,
+        "reusing the run's decisions"
+    );
+    log_taught(config, &stored.taught);
+    Ok(stored)
+}
+
+fn log_taught(config: &Config, taught: &[String]) {
+    tracing::info!(
+        classes = config.distill.classes.as_str(),
+        taught = ?taught,
+        "classes the teacher teaches"
+    );
 }
 
 /// The labels distillation runs on, by `distill.classes`: the heuristic's hard classes, every
@@ -163,6 +178,79 @@ pub(crate) fn split<'a>(data: &'a DataSummary, name: &str) -> Result<&'a xkd_pro
 }
 
 impl Driver {
+    /// The decisions an earlier start of this run stored, with their URL; none for a run
+    /// without a checkpoint store (`xkd hard-classes`).
+    async fn stored_decisions(&self, config: &Config) -> Result<Option<(RunDecisions, String)>> {
+        let Some(checkpoints) = self.checkpoints.clone() else {
+            return Ok(None);
+        };
+        let checkpoints = checkpoints.lock().await;
+        decisions::load(&checkpoints, &checkpoint::recipe_digest(config)).await
+    }
+
+    /// Both models on the probe split, and the heuristic's hard classes from them, written to
+    /// `hard_classes.json`.
+    async fn probe(
+        &mut self,
+        config: &Config,
+        data: &DataSummary,
+        teacher: &str,
+        student: &str,
+        out_dir: &Path,
+    ) -> Result<Decision> {
+        self.stage = "probe".into();
+        let probe = split(data, "probe")?;
+        let t_probe = self
+            .evaluate(config, config.teacher_modality(), teacher, probe)
+            .await?;
+        let s_probe = self
+            .evaluate(config, config.student_modality(), student, probe)
+            .await?;
+        let decision = heuristic::decide(&config.heuristic, &data.classes, &s_probe, &t_probe)?;
+        write_json(&out_dir.join("hard_classes.json"), &decision)?;
+        tracing::info!(hard = ?decision.hard_names(), "hard classes decided");
+        Ok(decision)
+    }
+
+    /// The rest of what the run decides before it distills: the taught classes, and teacher
+    /// and student on the eval split. Stored in the run's checkpoint store before the first
+    /// distillation task is ordered, so that every later start reuses them; a store that
+    /// cannot take them (after its retries) ends the run.
+    async fn evaluate_before(
+        &mut self,
+        config: &Config,
+        data: &DataSummary,
+        decision: Decision,
+        teacher: &str,
+        student: &str,
+    ) -> Result<RunDecisions> {
+        if decision.hard_labels().is_empty() {
+            bail!("the heuristic found no hard class: nothing to distill (see hard_classes.json)");
+        }
+        let taught = names(&data.classes, &taught_classes(config, &decision));
+        log_taught(config, &taught);
+        self.stage = "eval_before".into();
+        let eval = split(data, "eval")?;
+        let teacher_eval = self
+            .evaluate(config, config.teacher_modality(), teacher, eval)
+            .await?;
+        let before = self
+            .evaluate(config, config.student_modality(), student, eval)
+            .await?;
+        let decided = RunDecisions {
+            recipe_digest: checkpoint::recipe_digest(config),
+            decision,
+            taught,
+            teacher: teacher_eval,
+            before,
+        };
+        if let Some(checkpoints) = self.checkpoints.clone() {
+            let url = decisions::store(&*checkpoints.lock().await, &decided).await?;
+            tracing::info!(url, "run decisions stored");
+        }
+        Ok(decided)
+    }
+
     /// Rank 0 generates the dataset first; the others then load what it wrote.
     pub(crate) async fn prepare_data(&mut self) -> Result<DataSummary> {
         self.stage = "data".into();

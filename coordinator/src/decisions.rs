@@ -11,8 +11,8 @@
 //! decisions do not hash to its sha256 (a damaged or hand-edited object), is an error naming
 //! its URL: never used, and never silently replaced, since deciding again could flip a class
 //! under the run's checkpoints. Deleting the object makes the next start decide again.
-//! (Floats come back as serde_json parses them, which may differ from what was written in
-//! the last bit; the hard classes, labels and predictions are exact.)
+//! Floats come back bit for bit (serde_json's `float_roundtrip`), so a resumed run's report
+//! says what the first start's would have.
 
 use crate::checkpoint::Checkpoints;
 use crate::heuristic::Decision;

@@ -1,5 +1,7 @@
 //! Qwen2-Audio and Qwen2-VL against transformers, on the tiny random checkpoints and real
-//! inputs that tests/reference/make_qwen2_fixtures.py writes (torch 2.7.0, transformers 4.51.3).
+//! inputs that tests/reference/make_qwen2_fixtures.py writes (torch 2.7.0, transformers 4.51.3),
+//! and the same checkpoints under the config.json transformers 5 writes
+//! (tests/reference/make_tf5_configs.py, transformers 5.25.0).
 //!
 //! Tolerances (issue 4): processor outputs to 1e-4 absolute; logits to 1e-4 relative at every
 //! position (the largest difference over the vocabulary divided by the largest reference
@@ -454,6 +456,58 @@ fn qwen2_vl_right_padded_batch_gives_each_prompts_own_logits() {
     let (at, err) = worst_position(&head(&logits, 1, short.len()), &alone);
     eprintln!("padded batch, short prompt vs alone: worst position {at}, relative error {err:.3e}");
     assert!(err <= 1e-5, "short prompt at {at}: {err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Model directories as transformers 5 writes them (make_tf5_configs.py): only config.json is
+// stored, the weights' names being those of 4.51; each model is built from the tf5 config with
+// the 4.x directory's weights.
+
+fn tf5_dir(dir: &str) -> std::path::PathBuf {
+    fixtures().join(format!("{dir}-tf5"))
+}
+
+#[test]
+fn transformers_5_configs_read_as_the_4x_ones() {
+    let audio = |dir: &std::path::Path| Qwen2Audio::read_config(dir).unwrap();
+    let vl = |dir: &std::path::Path| Qwen2Vl::read_config(dir).unwrap();
+    let (old, new) = (fixtures().join(AUDIO_DIR), tf5_dir(AUDIO_DIR));
+    assert_eq!(audio(&new), audio(&old), "qwen2-audio");
+    let (old, new) = (fixtures().join(VL_DIR), tf5_dir(VL_DIR));
+    assert_eq!(vl(&new), vl(&old), "qwen2-vl");
+    assert_eq!(vl(&new).text.mrope_section, Some(vec![2, 3, 3]));
+    assert_eq!(vl(&new).text.head_dim(), 16);
+}
+
+#[test]
+fn transformers_5_configs_give_the_reference_logits() {
+    let c = case(AUDIO_CASE);
+    let weights = Weights::load(&fixtures().join(AUDIO_DIR), DType::F32, &Device::Cpu).unwrap();
+    let model = Qwen2Audio::load(&tf5_dir(AUDIO_DIR), &weights).unwrap();
+    let (features, valid) = audio_inputs(&c);
+    let logits = model
+        .forward(&ids(&c["input_ids"]), &features, &valid)
+        .unwrap();
+    let (at, err) = worst_position(&logits, &c["logits"]);
+    eprintln!("qwen2-audio from the tf5 config: worst position {at}, relative error {err:.3e}");
+    assert!(
+        err <= 1e-4,
+        "audio logits at position {at}: relative error {err}"
+    );
+
+    let c = case(VL_CASE);
+    let weights = Weights::load(&fixtures().join(VL_DIR), DType::F32, &Device::Cpu).unwrap();
+    let model = Qwen2Vl::load(&tf5_dir(VL_DIR), &weights).unwrap();
+    let (image, video) = vl_inputs(&c);
+    let logits = model
+        .forward(&ids(&c["input_ids"]), Some(&image), Some(&video))
+        .unwrap();
+    let (at, err) = worst_position(&logits, &c["logits"]);
+    eprintln!("qwen2-vl from the tf5 config: worst position {at}, relative error {err:.3e}");
+    assert!(
+        err <= 1e-4,
+        "vl logits at position {at}: relative error {err}"
+    );
 }
 
 /// A frozen teacher runs in bf16 on a GPU: both families load in bf16 and give f32 logits close

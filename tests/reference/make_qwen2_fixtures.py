@@ -105,8 +105,9 @@ def text_config():
     )
 
 
-def audio_model():
-    cfg = Qwen2AudioConfig(
+def audio_config():
+    """The tiny Qwen2-Audio's config (also built under transformers 5 by make_tf5_configs.py)."""
+    return Qwen2AudioConfig(
         audio_config=dict(
             model_type="qwen2_audio_encoder",
             num_mel_bins=128,
@@ -129,6 +130,10 @@ def audio_model():
         audio_token_index=AUDIO_TOKEN,
         tie_word_embeddings=False,
     )
+
+
+def audio_model():
+    cfg = audio_config()
     cfg.audio_config._attn_implementation = "eager"
     cfg.text_config._attn_implementation = "eager"
     cfg._attn_implementation = "eager"
@@ -143,8 +148,9 @@ def audio_model():
     return model
 
 
-def vl_model():
-    cfg = Qwen2VLConfig(
+def vl_config():
+    """The tiny Qwen2-VL's config (also built under transformers 5 by make_tf5_configs.py)."""
+    return Qwen2VLConfig(
         vision_config=dict(
             depth=2,
             embed_dim=32,
@@ -169,6 +175,10 @@ def vl_model():
         attn_implementation="eager",
         **text_config(),
     )
+
+
+def vl_model():
+    cfg = vl_config()
     cfg.vision_config._attn_implementation = "eager"
     torch.manual_seed(SEED + 1)
     model = Qwen2VLForConditionalGeneration(cfg).eval()

@@ -3,8 +3,16 @@
 //! transformers writes only the keys that differ from its config classes' defaults (the
 //! published Qwen2-Audio-7B `text_config`, for one, leaves out hidden size, layer and head
 //! counts), so every key here falls back to the default of the class that would read it:
-//! `Qwen2Config` for Qwen2-Audio's text model, `Qwen2VLConfig` for Qwen2-VL (whose text keys sit
-//! at the top level), `Qwen2AudioEncoderConfig` and `Qwen2VLVisionConfig` for the towers.
+//! `Qwen2Config` for Qwen2-Audio's text model, `Qwen2VLConfig` for Qwen2-VL,
+//! `Qwen2AudioEncoderConfig` and `Qwen2VLVisionConfig` for the towers.
+//!
+//! Two layouts are read, as transformers itself reads them. transformers 4.x writes Qwen2-VL's
+//! text keys at the top level, its M-RoPE sections under `rope_scaling` and `rope_theta` beside
+//! them; transformers 5 nests Qwen2-VL's text keys under `text_config` (Qwen2-Audio's were
+//! nested already) and writes, for both families, one `rope_parameters` map holding
+//! `rope_theta` and, for Qwen2-VL, `mrope_section`. Reading one layout's keys out of the other
+//! would build a different model silently (class defaults standing in for the nested sizes), so
+//! which level holds the text keys is decided once: `text_config` when present.
 
 use serde::Deserialize;
 
@@ -78,18 +86,39 @@ struct RawText {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     tie_word_embeddings: Option<bool>,
-    rope_scaling: Option<RopeScaling>,
+    /// Written by no Qwen2 config; honoured by transformers' attention when present, so one
+    /// that disagrees with `hidden_size / num_attention_heads` is refused, not ignored.
+    head_dim: Option<usize>,
+    /// transformers 4.x.
+    rope_scaling: Option<Rope>,
+    /// transformers 5.
+    rope_parameters: Option<Rope>,
 }
 
+/// `rope_scaling` (4.x: no `rope_theta` inside) or `rope_parameters` (5: with it).
 #[derive(Debug, Clone, Default, Deserialize)]
-struct RopeScaling {
+struct Rope {
+    rope_theta: Option<f64>,
     mrope_section: Option<Vec<usize>>,
 }
 
 impl RawText {
-    fn resolve(self, d: TextConfig) -> TextConfig {
+    /// transformers 5's reading (`convert_rope_params_to_dict`): `rope_scaling` if present,
+    /// else `rope_parameters`; the map's own `rope_theta` before the flat key.
+    fn rope(&self) -> (Option<f64>, Option<Vec<usize>>) {
+        let rope = self
+            .rope_scaling
+            .as_ref()
+            .or(self.rope_parameters.as_ref())
+            .cloned()
+            .unwrap_or_default();
+        (rope.rope_theta.or(self.rope_theta), rope.mrope_section)
+    }
+
+    fn resolve(self, d: TextConfig) -> Result<TextConfig, String> {
         let heads = self.num_attention_heads.unwrap_or(d.num_attention_heads);
-        TextConfig {
+        let (rope_theta, mrope_section) = self.rope();
+        let cfg = TextConfig {
             vocab_size: self.vocab_size.unwrap_or(d.vocab_size),
             hidden_size: self.hidden_size.unwrap_or(d.hidden_size),
             intermediate_size: self.intermediate_size.unwrap_or(d.intermediate_size),
@@ -99,9 +128,16 @@ impl RawText {
             num_key_value_heads: self.num_key_value_heads.unwrap_or(heads),
             hidden_act: self.hidden_act.unwrap_or(d.hidden_act),
             rms_norm_eps: self.rms_norm_eps.unwrap_or(d.rms_norm_eps),
-            rope_theta: self.rope_theta.unwrap_or(d.rope_theta),
+            rope_theta: rope_theta.unwrap_or(d.rope_theta),
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(d.tie_word_embeddings),
-            mrope_section: self.rope_scaling.and_then(|r| r.mrope_section),
+            mrope_section,
+        };
+        match self.head_dim {
+            Some(h) if cfg.num_attention_heads > 0 && h != cfg.head_dim() => Err(format!(
+                "head_dim {h} differs from hidden_size {} / num_attention_heads {}: not supported",
+                cfg.hidden_size, cfg.num_attention_heads
+            )),
+            _ => Ok(cfg),
         }
     }
 }
@@ -196,7 +232,7 @@ impl Qwen2AudioConfig {
         let raw: RawAudio = serde_json::from_str(text).map_err(|e| e.to_string())?;
         let cfg = Self {
             audio: raw.audio_config,
-            text: raw.text_config.resolve(qwen2_defaults()),
+            text: raw.text_config.resolve(qwen2_defaults())?,
             audio_token_index: raw.audio_token_index,
         };
         cfg.text.validate()?;
@@ -264,8 +300,8 @@ impl VisionConfig {
     }
 }
 
-/// Qwen2-VL (`Qwen2VLConfig`): the text keys at the top level, the ViT under `vision_config`,
-/// and the special token ids.
+/// Qwen2-VL (`Qwen2VLConfig`): the text keys at the top level (transformers 4.x) or under
+/// `text_config` (5), the ViT under `vision_config`, and the special token ids.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Qwen2VlConfig {
     pub text: TextConfig,
@@ -278,7 +314,8 @@ pub struct Qwen2VlConfig {
 #[derive(Debug, Deserialize)]
 struct RawVl {
     #[serde(flatten)]
-    text: RawText,
+    top: RawText,
+    text_config: Option<RawText>,
     #[serde(default)]
     vision_config: VisionConfig,
     #[serde(default = "default_image_token")]
@@ -302,8 +339,18 @@ fn default_vision_start() -> u32 {
 impl Qwen2VlConfig {
     pub fn from_json(text: &str) -> Result<Self, String> {
         let raw: RawVl = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        // transformers 5 keeps `tie_word_embeddings` at the top level, beside `text_config`;
+        // saves that nested the text keys before it put it inside. Either one ties (as
+        // Qwen2VLConfig reads it).
+        let tie_top = raw.top.tie_word_embeddings == Some(true);
+        let nested = raw.text_config.is_some();
+        let mut text = raw
+            .text_config
+            .unwrap_or(raw.top)
+            .resolve(qwen2_vl_defaults())?;
+        text.tie_word_embeddings |= tie_top;
         let cfg = Self {
-            text: raw.text.resolve(qwen2_vl_defaults()),
+            text,
             vision: raw.vision_config,
             image_token_id: raw.image_token_id,
             video_token_id: raw.video_token_id,
@@ -311,7 +358,14 @@ impl Qwen2VlConfig {
         };
         cfg.text.validate()?;
         if cfg.text.mrope_section.is_none() {
-            return Err("Qwen2-VL config has no rope_scaling.mrope_section".into());
+            return Err(if nested {
+                "Qwen2-VL config has no text_config.rope_parameters.mrope_section \
+                 (nor text_config.rope_scaling.mrope_section)"
+            } else {
+                "Qwen2-VL config has no rope_scaling.mrope_section \
+                 (nor rope_parameters.mrope_section)"
+            }
+            .into());
         }
         let v = &cfg.vision;
         if v.num_heads == 0 || !v.embed_dim.is_multiple_of(v.num_heads) {
@@ -370,5 +424,70 @@ mod tests {
         assert!(Qwen2VlConfig::from_json(&bad)
             .unwrap_err()
             .contains("mrope_section"));
+    }
+
+    /// transformers 5's Qwen2-VL: text keys under `text_config` (none at the top level, whose
+    /// class defaults would make a 64-head, 8192-wide model), rope under `rope_parameters`,
+    /// `tie_word_embeddings` at the top level.
+    #[test]
+    fn qwen2_vl_reads_the_transformers_5_layout() {
+        let json = r#"{"tie_word_embeddings": true, "image_token_id": 7,
+            "text_config": {"hidden_size": 1536, "num_attention_heads": 12,
+                "num_key_value_heads": 2, "model_type": "qwen2_vl_text",
+                "rope_parameters": {"mrope_section": [16, 24, 24], "rope_theta": 500000.0,
+                                    "rope_type": "default", "type": "mrope"}},
+            "vision_config": {"hidden_size": 1536, "model_type": "qwen2_vl_vision",
+                "rope_parameters": {"rope_theta": 10000.0, "rope_type": "axial"}}}"#;
+        let cfg = Qwen2VlConfig::from_json(json).unwrap();
+        assert_eq!(cfg.text.hidden_size, 1536);
+        assert_eq!(cfg.text.head_dim(), 128);
+        assert_eq!(cfg.text.mrope_section, Some(vec![16, 24, 24]));
+        assert_eq!(cfg.text.rope_theta, 500000.0);
+        assert!(cfg.text.tie_word_embeddings);
+        assert_eq!(cfg.text.rms_norm_eps, 1e-5, "Qwen2VLTextConfig's default");
+        assert_eq!(cfg.image_token_id, 7);
+
+        let no_sections = json.replace(r#""mrope_section": [16, 24, 24], "#, "");
+        let err = Qwen2VlConfig::from_json(&no_sections).unwrap_err();
+        assert!(
+            err.contains("text_config.rope_parameters.mrope_section"),
+            "{err}"
+        );
+    }
+
+    /// transformers 5's Qwen2-Audio: `rope_theta` inside `rope_parameters`, which transformers
+    /// prefers to a flat `rope_theta`; 4.x's `rope_scaling` wins over `rope_parameters`.
+    #[test]
+    fn rope_theta_is_read_where_transformers_reads_it() {
+        let audio = |text: &str| {
+            let json = format!(r#"{{"text_config": {{"hidden_size": 64, {text}}}}}"#);
+            Qwen2AudioConfig::from_json(&json).unwrap().text
+        };
+        let nested = r#""rope_parameters": {"rope_theta": 250000.0, "rope_type": "default"}"#;
+        assert_eq!(audio(nested).rope_theta, 250000.0);
+        let both = format!(r#"{nested}, "rope_theta": 1.0"#);
+        assert_eq!(audio(&both).rope_theta, 250000.0);
+        assert_eq!(audio(r#""rope_theta": 5000.0"#).rope_theta, 5000.0);
+        assert_eq!(audio(r#""rope_scaling": null"#).rope_theta, 10000.0);
+        let vl = r#"{"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "rope_parameters": {"mrope_section": [8, 0, 0]},
+            "vision_config": {"hidden_size": 64}}"#;
+        let cfg = Qwen2VlConfig::from_json(vl).unwrap();
+        assert_eq!(cfg.text.mrope_section, Some(vec![2, 3, 3]));
+        assert_eq!(cfg.text.rope_theta, 1000000.0);
+    }
+
+    #[test]
+    fn a_head_dim_other_than_the_width_over_the_heads_is_refused() {
+        let json = |h: usize| {
+            format!(
+                r#"{{"text_config": {{"hidden_size": 64, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": {h}}}}}"#
+            )
+        };
+        assert!(Qwen2AudioConfig::from_json(&json(16)).is_ok());
+        let err = Qwen2AudioConfig::from_json(&json(32)).unwrap_err();
+        assert!(err.contains("head_dim 32"), "{err}");
     }
 }

@@ -11,10 +11,11 @@ mod common;
 
 use common::proxy::SlowProxy;
 use common::{
-    find, is, json_of, run_args, s3, seconds_of_day, small_recipe, worker_records, xkd, Background,
+    find, is, json_of, run_args, s3, seconds_of_day, serial, small_recipe, worker_records, xkd,
+    Background,
 };
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 const STEPS: u64 = 60;
@@ -26,11 +27,6 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("liveness")
 }
 
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn recipe(run_id: &str, extra: &[&str]) -> Vec<String> {
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("recovery/cache");
     let mut sets = small_recipe(&cache, run_id, STEPS, EVERY, 3);
@@ -39,9 +35,7 @@ fn recipe(run_id: &str, extra: &[&str]) -> Vec<String> {
 }
 
 fn fresh(name: &str) -> PathBuf {
-    let dir = root().join("runs").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    common::fresh_dir(&root(), name)
 }
 
 /// `xkd checkpoint digest` of the last checkpoint of `run_id` in the store `url`.

@@ -11,12 +11,12 @@
 mod common;
 
 use common::{
-    find, hold_env, is, json_of, release, report, run_args, s3, seconds_of_day, signal,
+    find, hold_env, is, json_of, release, report, run_args, s3, seconds_of_day, serial, signal,
     small_recipe, xkd, Background,
 };
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// 60 steps with a checkpoint every 20: a test acts after the commit of step 20, while rank 0
@@ -31,20 +31,12 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("recovery")
 }
 
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn recipe(run_id: &str) -> Vec<String> {
     small_recipe(&root().join("cache"), run_id, STEPS, EVERY, KEEP)
 }
 
-/// A fresh output directory under the test root.
 fn fresh(name: &str) -> PathBuf {
-    let dir = root().join("runs").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+    common::fresh_dir(&root(), name)
 }
 
 /// The undisturbed 2-worker run every test compares with: its output directory and the

@@ -11,6 +11,7 @@ use serde_json::Value;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Runs `xkd args` with `env` added; returns exit status, stdout and stderr.
@@ -256,4 +257,18 @@ pub fn seconds_of_day(ts: &str) -> f64 {
     time.split(':')
         .map(|p| p.parse::<f64>().expect("a number"))
         .fold(0.0, |acc, p| acc * 60.0 + p)
+}
+
+/// One run at a time within a test binary: the runs share a cache of pretrained stand-ins and
+/// a 2-core machine.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `root/runs/name`, emptied.
+pub fn fresh_dir(root: &Path, name: &str) -> PathBuf {
+    let dir = root.join("runs").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
 }

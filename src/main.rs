@@ -410,9 +410,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("XKD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal (and not under NO_COLOR): a log redirected to a file, as
+    // Slurm and `xkd run`'s worker logs are, stays plain text.
+    let colour = xkd_coordinator::bars::on_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(colour)
+        .with_writer(|| xkd_coordinator::bars::LogWriter);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Pretty => builder.compact().with_target(false).init(),

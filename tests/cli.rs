@@ -208,6 +208,17 @@ fn compare_distills_on_hard_all_and_random_classes_side_by_side() {
     let args = common::command_args(&["compare"], &out, &sets);
     let (code, stdout, stderr) = common::xkd(&args, &[]);
     assert_eq!(code, 0, "xkd compare failed:\n{stderr}");
+    // Not a terminal: plain text, in its own output and in every worker's log file.
+    assert!(
+        !stderr.contains('\x1b'),
+        "escape codes in a redirected log:\n{stderr}"
+    );
+    let logs = log_files(&out);
+    assert_eq!(logs.len(), 6, "two worker logs per run: {logs:?}");
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(!text.contains('\x1b'), "escape codes in {}", log.display());
+    }
     let table = std::fs::read_to_string(out.join("comparison.md")).expect("comparison.md");
     assert_eq!(stdout, table, "prints the table it writes");
     let report = |mode: &str| -> Value {
@@ -288,4 +299,18 @@ fn threads_per_worker_sets_each_local_workers_compute_threads() {
         assert_eq!(joined.len(), 1, "worker {rank} logged:\n{log}");
         assert_eq!(joined[0]["threads"], 2, "worker {rank}");
     }
+}
+
+/// Every `*.log` file under `dir`.
+fn log_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(log_files(&path));
+        } else if path.extension().is_some_and(|e| e == "log") {
+            found.push(path);
+        }
+    }
+    found
 }

@@ -263,6 +263,12 @@ impl Driver {
         self.next_task += 1;
         let id = self.next_task;
         let checkpointed = matches!(&kind, TaskKind::Train(t) if t.checkpoint.is_some());
+        let bar = match &kind {
+            TaskKind::Train(t) => {
+                crate::bars::Stage::start(&self.stage, Some(t.steps), t.resume_from.unwrap_or(0))
+            }
+            _ => crate::bars::Stage::start(&self.stage, None, 0),
+        };
         let task = CoordinatorMsg::Task(Task { id, kind });
         for &r in ranks {
             if let Err(e) = self.cluster.send(r, &task).await {
@@ -329,7 +335,12 @@ impl Driver {
                             )),
                         });
                     }
-                    WorkerMsg::Step(report) => self.log_step(&report)?,
+                    WorkerMsg::Step(report) => {
+                        if report.rank == 0 {
+                            bar.set(report.step);
+                        }
+                        self.log_step(&report)?
+                    }
                     WorkerMsg::Saved(saved) if rank == 0 => match self.checkpoints.clone() {
                         Some(c) => self.queue_commit(c, saved),
                         None => tracing::warn!(step = saved.step, "unordered checkpoint ignored"),

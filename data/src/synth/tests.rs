@@ -192,7 +192,7 @@ fn files_load_back() {
     let cfg = small_cfg(7);
     let (_tmp, m) = generate(&cfg);
     for clip in m.clips.iter().step_by(37) {
-        let wav = load_audio(&m.audio_path(clip)).expect("wav");
+        let wav = load_audio(&m.audio_path(clip), 16000).expect("wav");
         assert_eq!(wav.len(), 8000);
         assert!(wav.iter().all(|x| (-1.0..=1.0).contains(x)));
         assert!(wav.iter().any(|&x| x != 0.0));
@@ -326,14 +326,14 @@ fn load_audio_rejects_stereo_and_names_the_file() {
         w.write_sample(100i16).expect("sample");
     }
     w.finalize().expect("finalize");
-    let err = format!("{:#}", load_audio(&path).expect_err("stereo"));
+    let err = format!("{:#}", load_audio(&path, 16000).expect_err("stereo"));
     assert!(
         err.contains("stereo.wav") && err.contains("2 channels"),
         "{err}"
     );
     let err = format!(
         "{:#}",
-        load_audio(&tmp.path().join("gone.wav")).expect_err("missing")
+        load_audio(&tmp.path().join("gone.wav"), 16000).expect_err("missing")
     );
     assert!(err.contains("gone.wav"), "{err}");
     let bad = tmp.path().join("bad.png");
@@ -342,13 +342,33 @@ fn load_audio_rejects_stereo_and_names_the_file() {
     assert!(err.contains("bad.png"), "{err}");
 }
 
+#[test]
+fn load_audio_refuses_another_sample_rate_and_names_both() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("fast.wav");
+    write_wav(&path, 48000, &[0.25; 480]).expect("write");
+    let err = format!(
+        "{:#}",
+        load_audio(&path, 16000).expect_err("48 kHz as 16 kHz")
+    );
+    assert!(
+        err.contains("fast.wav")
+            && err.contains("48000 Hz")
+            && err.contains("prepare the data at 16000 Hz"),
+        "{err}"
+    );
+    let wav = load_audio(&path, 48000).expect("at its own rate");
+    assert_eq!(wav.len(), 480);
+    assert!((wav[0] - 0.25).abs() < 1e-4, "{}", wav[0]);
+}
+
 /// Mean log-mel over time of every clip, `[40]` each.
 fn mel_profiles(m: &Manifest) -> Vec<Vec<f32>> {
     let lm = LogMel::new(16000, 400, 160, 40);
     m.clips
         .iter()
         .map(|clip| {
-            let wav = load_audio(&m.audio_path(clip)).expect("wav");
+            let wav = load_audio(&m.audio_path(clip), 16000).expect("wav");
             let spec = lm.compute(&wav);
             let frames = spec.len() / 40;
             let mut profile = vec![0f32; 40];

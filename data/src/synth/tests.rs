@@ -362,6 +362,41 @@ fn load_audio_refuses_another_sample_rate_and_names_both() {
     assert!((wav[0] - 0.25).abs() < 1e-4, "{}", wav[0]);
 }
 
+#[test]
+fn a_sparse_unordered_manifest_loads_and_finds_every_clip_by_id() {
+    let (_tmp, m) = generate(&small_cfg(4));
+    // Ids 7, 1007, 2007, ... written in reverse order: neither dense nor sorted.
+    let sparse = |id: u32| id * 1000 + 7;
+    let rows: Vec<String> = m
+        .clips
+        .iter()
+        .rev()
+        .map(|c| {
+            let clip = ClipRecord {
+                id: sparse(c.id),
+                ..c.clone()
+            };
+            serde_json::to_string(&clip).expect("row")
+        })
+        .collect();
+    fs::write(m.dir.join(MANIFEST_FILE), rows.join("\n")).expect("write");
+    let loaded = load_manifest(&m.dir).expect("a sparse manifest loads");
+    assert_eq!(loaded.clips.len(), m.clips.len());
+    for clip in &m.clips {
+        let found = loaded.clip(sparse(clip.id)).expect("every id is found");
+        assert_eq!((found.id, &found.audio), (sparse(clip.id), &clip.audio));
+        let wav = load_audio(&loaded.audio_path(found), 16000).expect("its audio");
+        assert_eq!(wav, load_audio(&m.audio_path(clip), 16000).expect("wav"));
+    }
+    for absent in [0, 1, 8, 1006, u32::MAX] {
+        assert!(
+            loaded.clip(absent).is_none(),
+            "id {absent} is not in the manifest"
+        );
+    }
+    assert_eq!(m.clip(3).map(|c| c.id), Some(3), "dense ids are found too");
+}
+
 /// Mean log-mel over time of every clip, `[40]` each.
 fn mel_profiles(m: &Manifest) -> Vec<Vec<f32>> {
     let lm = LogMel::new(16000, 400, 160, 40);

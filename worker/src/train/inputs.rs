@@ -157,9 +157,7 @@ impl Rank {
 
 pub(super) fn clip_record(manifest: &Manifest, clip: u32) -> Result<&data::ClipRecord> {
     manifest
-        .clips
-        .get(clip as usize)
-        .filter(|r| r.id == clip)
+        .clip(clip)
         .with_context(|| format!("clip {clip} is not in the manifest"))
 }
 

@@ -357,12 +357,7 @@ mod tests {
     use xkd_protocol::{Objective, ShardPlan};
 
     fn task() -> TrainTask {
-        let plan = |seed| ShardPlan {
-            clips: (0..50).collect(),
-            seed,
-            cursor: 0,
-            shuffle: true,
-        };
+        let plan = |seed| ShardPlan::shuffled((0..50).collect(), seed);
         TrainTask {
             modality: xkd_config::Modality::Audio,
             objective: Objective::Supervised,

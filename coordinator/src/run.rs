@@ -173,12 +173,7 @@ pub(crate) fn one_summary(results: Vec<TaskResult>) -> Result<TrainSummary> {
 }
 
 pub(crate) fn shuffled(clips: Vec<u32>, seed: u64) -> ShardPlan {
-    ShardPlan {
-        clips,
-        seed,
-        cursor: 0,
-        shuffle: true,
-    }
+    ShardPlan::shuffled(clips, seed)
 }
 
 pub(crate) fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {

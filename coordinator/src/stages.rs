@@ -349,12 +349,7 @@ impl Driver {
         let task = EvalTask {
             modality,
             model: model.to_string(),
-            plan: ShardPlan {
-                clips: clips.clips.clone(),
-                seed: config.run.seed,
-                cursor: 0,
-                shuffle: false,
-            },
+            plan: ShardPlan::in_order(clips.clips.clone(), config.run.seed),
             seed: config.run.seed,
         };
         let all = self.all();

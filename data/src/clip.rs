@@ -1,6 +1,6 @@
 //! Clip files both ways: 16-bit mono wav for audio, 8-bit RGB png per frame, and the loaders that
-//! turn them into what the models take (samples in [-1, 1]; frames normalised by CLIP's mean
-//! and standard deviation, channels first).
+//! turn them into what the models take (samples in [-1, 1], at the configured rate and mono or
+//! refused; frames normalised by CLIP's mean and standard deviation, channels first).
 
 use anyhow::{anyhow, bail, Context};
 use std::fs;
@@ -55,15 +55,27 @@ pub(crate) fn write_png(path: &Path, size: usize, rgb: &[u8]) -> anyhow::Result<
 
 // ---------------------------------------------------------------------------------------------
 
-/// Mono samples in [-1, 1]. Integer wavs are scaled by their bit depth; float wavs are read as
-/// they are. Multi-channel files are refused rather than silently mixed.
-pub fn load_audio(path: &Path) -> anyhow::Result<Vec<f32>> {
+/// Mono samples in [-1, 1] of a wav recorded at `sample_rate` Hz (`data.sample_rate`). Integer
+/// wavs are scaled by their bit depth; float wavs are read as they are. A file at another rate
+/// or with more than one channel is refused, naming the file: read as it is, 48 kHz audio would
+/// pass for 16 kHz three times as long and an interleaved stereo file for mono twice as long,
+/// silently. Resampling and downmixing belong to preparing the data, not to loading it.
+pub fn load_audio(path: &Path, sample_rate: u32) -> anyhow::Result<Vec<f32>> {
     let reader = hound::WavReader::open(path)
         .with_context(|| format!("cannot open wav {}", path.display()))?;
     let spec = reader.spec();
+    if spec.sample_rate != sample_rate {
+        bail!(
+            "{} is sampled at {} Hz but data.sample_rate is {sample_rate} Hz; \
+             prepare the data at {sample_rate} Hz (xkd does not resample when it loads)",
+            path.display(),
+            spec.sample_rate
+        );
+    }
     if spec.channels != 1 {
         bail!(
-            "{} has {} channels; only mono audio is supported",
+            "{} has {} channels; only mono audio is supported: prepare the data as mono \
+             (xkd does not downmix when it loads)",
             path.display(),
             spec.channels
         );

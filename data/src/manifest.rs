@@ -1,11 +1,13 @@
 //! A dataset on disk: `manifest.jsonl` (one `ClipRecord` per clip) and `classes.json` (class
 //! names in label order), as the synthetic generator writes them and as a prepared real set
-//! will. Loading checks every row and names the file and line of the first bad one.
+//! will. Loading checks every row and names the file and line of the first bad one. Clip ids
+//! are names, not positions: they need only be unique, and `Manifest::clip` finds a clip by
+//! its id through an index built at load.
 
 use crate::synth::Cue;
 use anyhow::{anyhow, bail, Context};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -16,12 +18,15 @@ pub const CLASSES_FILE: &str = "classes.json";
 /// Split names in clip-id order.
 pub const SPLITS: [&str; 4] = ["pretrain", "probe", "distill", "eval"];
 
-/// A loaded dataset: class names in label order and one record per clip.
+/// A loaded dataset: class names in label order and one record per clip, in file order.
 #[derive(Clone, Debug)]
 pub struct Manifest {
     pub dir: PathBuf,
     pub classes: Vec<String>,
     pub clips: Vec<ClipRecord>,
+    /// Clip id -> index in `clips`, built by `load_manifest`: ids may be sparse and in any
+    /// order, so an id is never used as an index.
+    rows: HashMap<u32, usize>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -49,7 +54,15 @@ impl Manifest {
         clip.frames.iter().map(|f| self.dir.join(f)).collect()
     }
 
-    /// Clips of one split, in id order.
+    /// The clip with id `id`, in O(1).
+    pub fn clip(&self, id: u32) -> Option<&ClipRecord> {
+        self.rows
+            .get(&id)
+            .and_then(|&row| self.clips.get(row))
+            .filter(|clip| clip.id == id)
+    }
+
+    /// Clips of one split, in manifest order.
     pub fn split<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a ClipRecord> + 'a {
         self.clips.iter().filter(move |c| c.split == name)
     }
@@ -82,11 +95,12 @@ pub fn load_manifest(dir: &Path) -> anyhow::Result<Manifest> {
     } else {
         classes_from_rows(&clips, &manifest_path)?
     };
-    check_rows(&clips, &classes, &manifest_path)?;
+    let rows = check_rows(&clips, &classes, &manifest_path)?;
     Ok(Manifest {
         dir: dir.to_path_buf(),
         classes,
         clips,
+        rows,
     })
 }
 
@@ -155,13 +169,13 @@ fn classes_from_rows(clips: &[ClipRecord], manifest_path: &Path) -> anyhow::Resu
         .collect()
 }
 
-/// Labels in range, names matching labels, ids unique, splits known.
+/// Labels in range, names matching labels, ids unique, splits known. Returns the id -> row index.
 fn check_rows(
     clips: &[ClipRecord],
     classes: &[String],
     manifest_path: &Path,
-) -> anyhow::Result<()> {
-    let mut ids = HashSet::new();
+) -> anyhow::Result<HashMap<u32, usize>> {
+    let mut rows = HashMap::with_capacity(clips.len());
     for (row, clip) in clips.iter().enumerate() {
         let at = format!("{}:{} (clip {})", manifest_path.display(), row + 1, clip.id);
         let Some(name) = classes.get(clip.label as usize) else {
@@ -178,8 +192,8 @@ fn check_rows(
                 clip.label
             );
         }
-        if !ids.insert(clip.id) {
-            bail!("{at}: duplicate clip id");
+        if let Some(first) = rows.insert(clip.id, row) {
+            bail!("{at}: duplicate clip id (also on row {})", first + 1);
         }
         if !SPLITS.contains(&clip.split.as_str()) {
             bail!(
@@ -188,5 +202,5 @@ fn check_rows(
             );
         }
     }
-    Ok(())
+    Ok(rows)
 }

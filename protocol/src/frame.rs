@@ -176,12 +176,9 @@ mod tests {
     use xkd_config::Modality;
 
     fn plan() -> ShardPlan {
-        ShardPlan {
-            clips: vec![3, 1, 4, 1, 5],
-            seed: 9,
-            cursor: 2,
-            shuffle: true,
-        }
+        let mut plan = ShardPlan::shuffled(vec![3, 1, 4, 1, 5], 9);
+        plan.cursor = 2;
+        plan
     }
 
     fn join() -> Join {

@@ -3,6 +3,8 @@
 //! that alters its bincode encoding must bump it.
 
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use xkd_config::Modality;
 
 /// Bumped whenever the encoding of any message changes.
@@ -297,6 +299,11 @@ pub struct ShardPlan {
     pub cursor: u64,
     /// `false` for evaluation: one pass in the listed order, no permutation.
     pub shuffle: bool,
+    /// The last epoch's permutation, so a draw costs O(1) instead of a Fisher-Yates over the
+    /// whole list. Never on the wire (`serde(skip)` keeps the encoding of the four fields
+    /// above), and ignored by `==`.
+    #[serde(skip)]
+    order: EpochOrder,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -370,6 +377,25 @@ pub struct ClipOutcome {
 }
 
 impl ShardPlan {
+    /// A plan shuffled per epoch from (seed, epoch), from its first sample.
+    pub fn shuffled(clips: Vec<u32>, seed: u64) -> ShardPlan {
+        ShardPlan {
+            clips,
+            seed,
+            cursor: 0,
+            shuffle: true,
+            order: EpochOrder::default(),
+        }
+    }
+
+    /// A plan that goes through `clips` in the listed order (evaluation).
+    pub fn in_order(clips: Vec<u32>, seed: u64) -> ShardPlan {
+        ShardPlan {
+            shuffle: false,
+            ..ShardPlan::shuffled(clips, seed)
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.clips.len()
     }
@@ -378,14 +404,17 @@ impl ShardPlan {
         self.clips.is_empty()
     }
 
-    /// The clip at global sample index `g` (epoch = g / len, shuffled per epoch).
+    /// The clip at global sample index `g` (epoch = g / len, shuffled per epoch). O(1) while
+    /// `g` stays in the epoch of the previous draw; the first draw of an epoch builds its
+    /// permutation (O(len)), which replaces the previous epoch's.
     pub fn clip_at(&self, g: u64) -> u32 {
         let n = self.clips.len() as u64;
         let (epoch, pos) = (g / n, (g % n) as usize);
         if !self.shuffle {
             return self.clips[pos];
         }
-        self.clips[permutation(n as usize, self.seed, epoch)[pos]]
+        let cached = self.order.get(self.clips.len(), self.seed, epoch);
+        self.clips[cached.order[pos] as usize]
     }
 
     /// The `batch` clips rank `rank` of `world` takes at training step `step`.
@@ -431,15 +460,85 @@ pub struct Sample {
 }
 
 /// Fisher-Yates over 0..n driven by splitmix64 of (seed, epoch): a pure function, so every
-/// rank and every resumed run computes the same order without talking.
-pub fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+/// rank and every resumed run computes the same order without talking. Indices are `u32`
+/// (a plan's clips are `u32` ids, so a list longer than that is not a plan); the draws are
+/// those of the `usize` version it replaced, so the order is the same (a test keeps that one).
+pub fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<u32> {
+    assert!(
+        u32::try_from(n).is_ok(),
+        "a plan of {n} clips is longer than u32 indices"
+    );
     let mut state = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    let mut order: Vec<usize> = (0..n).collect();
+    let mut order: Vec<u32> = (0..n as u32).collect();
     for i in (1..n).rev() {
         let j = (splitmix64(&mut state) % (i as u64 + 1)) as usize;
         order.swap(i, j);
     }
     order
+}
+
+/// One plan's permutation of one epoch, kept between draws: memory is one `u32` per clip
+/// however many epochs the plan goes through. Keyed by (len, seed, epoch), so a plan whose
+/// public fields change (a new cursor, seed or list) never reads a stale order; the clips
+/// themselves are looked up at draw time. Clones share the cached order (it is immutable);
+/// two caches always compare equal, as the cache is not part of what a plan says.
+#[derive(Default)]
+struct EpochOrder {
+    last: Mutex<Option<Arc<CachedOrder>>>,
+    /// Permutations built by this plan (tests count them; a relaxed counter costs nothing).
+    builds: AtomicU64,
+}
+
+struct CachedOrder {
+    key: (usize, u64, u64),
+    order: Vec<u32>,
+}
+
+impl EpochOrder {
+    fn get(&self, n: usize, seed: u64, epoch: u64) -> Arc<CachedOrder> {
+        let key = (n, seed, epoch);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match last.as_ref() {
+            Some(cached) if cached.key == key => cached.clone(),
+            _ => {
+                self.builds.fetch_add(1, Ordering::Relaxed);
+                let cached = Arc::new(CachedOrder {
+                    key,
+                    order: permutation(n, seed, epoch),
+                });
+                *last = Some(cached.clone());
+                cached
+            }
+        }
+    }
+}
+
+impl Clone for EpochOrder {
+    fn clone(&self) -> Self {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        EpochOrder {
+            last: Mutex::new(last),
+            builds: AtomicU64::new(0),
+        }
+    }
+}
+
+impl PartialEq for EpochOrder {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for EpochOrder {}
+
+impl std::fmt::Debug for EpochOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match last.as_ref() {
+            Some(c) => write!(f, "EpochOrder(epoch {})", c.key.2),
+            None => f.write_str("EpochOrder(empty)"),
+        }
+    }
 }
 
 pub fn splitmix64(state: &mut u64) -> u64 {
@@ -455,12 +554,121 @@ mod tests {
     use super::*;
 
     fn plan() -> ShardPlan {
-        ShardPlan {
-            clips: (100..137).collect(),
-            seed: 5,
-            cursor: 0,
-            shuffle: true,
+        ShardPlan::shuffled((100..137).collect(), 5)
+    }
+
+    /// The permutation as it was before it was cached (`usize` indices, rebuilt per draw):
+    /// the reference the cached path must repeat exactly, since the default job's numbers
+    /// and the recovery tests' digests depend on this order.
+    fn reference_permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+        let mut state = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = (splitmix64(&mut state) % (i as u64 + 1)) as usize;
+            order.swap(i, j);
         }
+        order
+    }
+
+    fn reference_clip_at(p: &ShardPlan, g: u64) -> u32 {
+        let n = p.clips.len() as u64;
+        let (epoch, pos) = (g / n, (g % n) as usize);
+        if !p.shuffle {
+            return p.clips[pos];
+        }
+        p.clips[reference_permutation(n as usize, p.seed, epoch)[pos]]
+    }
+
+    fn builds(p: &ShardPlan) -> u64 {
+        p.order.builds.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn cached_order_repeats_the_reference_order() {
+        for n in [1usize, 2, 3, 7, 37, 256, 1000] {
+            for seed in [0u64, 5, 0xDEAD_BEEF, u64::MAX] {
+                let clips: Vec<u32> = (0..n as u32).map(|i| 7 * i + 3).collect();
+                let p = ShardPlan::shuffled(clips, seed);
+                // Four epochs, then back to the first: a revisited epoch is rebuilt right.
+                let draws = (0..4 * n as u64).chain(0..n as u64);
+                for g in draws {
+                    assert_eq!(
+                        p.clip_at(g),
+                        reference_clip_at(&p, g),
+                        "n {n} seed {seed} g {g}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn samples_repeat_the_reference_order_for_every_rank() {
+        let mut p = ShardPlan::shuffled((0..53).map(|i| i * 11).collect(), 17);
+        p.cursor = 40;
+        for world in [1u32, 2, 3] {
+            for rank in 0..world {
+                for step in 0..20 {
+                    let got: Vec<u32> = p.batch(rank, world, step, 4);
+                    let base = p.cursor + step * world as u64 * 4;
+                    let want: Vec<u32> = (0..4)
+                        .map(|k| reference_clip_at(&p, base + rank as u64 + k * world as u64))
+                        .collect();
+                    assert_eq!(got, want, "world {world} rank {rank} step {step}");
+                }
+            }
+        }
+        let in_order = ShardPlan::in_order(vec![4, 2, 9], 1);
+        let got: Vec<u32> = (0..6).map(|g| in_order.clip_at(g)).collect();
+        assert_eq!(got, [4, 2, 9, 4, 2, 9]);
+    }
+
+    #[test]
+    fn a_permutation_is_built_once_per_epoch_not_per_draw() {
+        // 10^5 draws from 2*10^5 clips: one epoch, one permutation (the old code built one
+        // per draw: 10^5 Fisher-Yates over 2*10^5 entries).
+        let p = ShardPlan::shuffled((0..200_000).collect(), 3);
+        let mut drawn = 0;
+        for step in 0..(100_000 / 64) {
+            drawn += p.samples(0, 1, step, 64).len();
+        }
+        assert_eq!((drawn, builds(&p)), (100_000 - 100_000 % 64, 1));
+        // Across three epochs: three builds, and one epoch held at a time.
+        let q = ShardPlan::shuffled((0..1000).collect(), 3);
+        for step in 0..(3000 / 50) {
+            q.samples(0, 1, step, 50);
+        }
+        assert_eq!(builds(&q), 3);
+        assert_eq!(format!("{:?}", q.order), "EpochOrder(epoch 2)");
+    }
+
+    #[test]
+    fn the_cache_is_not_on_the_wire_and_not_compared() {
+        #[derive(Serialize)]
+        struct FourFields {
+            clips: Vec<u32>,
+            seed: u64,
+            cursor: u64,
+            shuffle: bool,
+        }
+        let mut p = plan();
+        p.cursor = 9;
+        let fresh = p.clone();
+        p.clip_at(100); // fills the cache
+        let config = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&p, config).unwrap();
+        let four = FourFields {
+            clips: p.clips.clone(),
+            seed: p.seed,
+            cursor: p.cursor,
+            shuffle: p.shuffle,
+        };
+        assert_eq!(bytes, bincode::serde::encode_to_vec(&four, config).unwrap());
+        let (back, _): (ShardPlan, usize) =
+            bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(fresh, p);
+        assert_eq!(back.clip_at(100), p.clip_at(100));
     }
 
     #[test]

@@ -43,12 +43,7 @@ fn task(config: &Config, modality: Modality, batch: usize, save: &Path) -> Train
         objective: Objective::Supervised,
         init: None,
         save: save.display().to_string(),
-        plan: ShardPlan {
-            clips,
-            seed: 3,
-            cursor: 0,
-            shuffle: true,
-        },
+        plan: ShardPlan::shuffled(clips, 3),
         replay: None,
         steps: 5,
         batch,

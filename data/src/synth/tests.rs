@@ -192,7 +192,7 @@ fn files_load_back() {
     let cfg = small_cfg(7);
     let (_tmp, m) = generate(&cfg);
     for clip in m.clips.iter().step_by(37) {
-        let wav = load_audio(&m.audio_path(clip)).expect("wav");
+        let wav = load_audio(&m.audio_path(clip), 16000).expect("wav");
         assert_eq!(wav.len(), 8000);
         assert!(wav.iter().all(|x| (-1.0..=1.0).contains(x)));
         assert!(wav.iter().any(|&x| x != 0.0));
@@ -326,14 +326,14 @@ fn load_audio_rejects_stereo_and_names_the_file() {
         w.write_sample(100i16).expect("sample");
     }
     w.finalize().expect("finalize");
-    let err = format!("{:#}", load_audio(&path).expect_err("stereo"));
+    let err = format!("{:#}", load_audio(&path, 16000).expect_err("stereo"));
     assert!(
         err.contains("stereo.wav") && err.contains("2 channels"),
         "{err}"
     );
     let err = format!(
         "{:#}",
-        load_audio(&tmp.path().join("gone.wav")).expect_err("missing")
+        load_audio(&tmp.path().join("gone.wav"), 16000).expect_err("missing")
     );
     assert!(err.contains("gone.wav"), "{err}");
     let bad = tmp.path().join("bad.png");
@@ -342,13 +342,68 @@ fn load_audio_rejects_stereo_and_names_the_file() {
     assert!(err.contains("bad.png"), "{err}");
 }
 
+#[test]
+fn load_audio_refuses_another_sample_rate_and_names_both() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("fast.wav");
+    write_wav(&path, 48000, &[0.25; 480]).expect("write");
+    let err = format!(
+        "{:#}",
+        load_audio(&path, 16000).expect_err("48 kHz as 16 kHz")
+    );
+    assert!(
+        err.contains("fast.wav")
+            && err.contains("48000 Hz")
+            && err.contains("prepare the data at 16000 Hz"),
+        "{err}"
+    );
+    let wav = load_audio(&path, 48000).expect("at its own rate");
+    assert_eq!(wav.len(), 480);
+    assert!((wav[0] - 0.25).abs() < 1e-4, "{}", wav[0]);
+}
+
+#[test]
+fn a_sparse_unordered_manifest_loads_and_finds_every_clip_by_id() {
+    let (_tmp, m) = generate(&small_cfg(4));
+    // Ids 7, 1007, 2007, ... written in reverse order: neither dense nor sorted.
+    let sparse = |id: u32| id * 1000 + 7;
+    let rows: Vec<String> = m
+        .clips
+        .iter()
+        .rev()
+        .map(|c| {
+            let clip = ClipRecord {
+                id: sparse(c.id),
+                ..c.clone()
+            };
+            serde_json::to_string(&clip).expect("row")
+        })
+        .collect();
+    fs::write(m.dir.join(MANIFEST_FILE), rows.join("\n")).expect("write");
+    let loaded = load_manifest(&m.dir).expect("a sparse manifest loads");
+    assert_eq!(loaded.clips.len(), m.clips.len());
+    for clip in &m.clips {
+        let found = loaded.clip(sparse(clip.id)).expect("every id is found");
+        assert_eq!((found.id, &found.audio), (sparse(clip.id), &clip.audio));
+        let wav = load_audio(&loaded.audio_path(found), 16000).expect("its audio");
+        assert_eq!(wav, load_audio(&m.audio_path(clip), 16000).expect("wav"));
+    }
+    for absent in [0, 1, 8, 1006, u32::MAX] {
+        assert!(
+            loaded.clip(absent).is_none(),
+            "id {absent} is not in the manifest"
+        );
+    }
+    assert_eq!(m.clip(3).map(|c| c.id), Some(3), "dense ids are found too");
+}
+
 /// Mean log-mel over time of every clip, `[40]` each.
 fn mel_profiles(m: &Manifest) -> Vec<Vec<f32>> {
     let lm = LogMel::new(16000, 400, 160, 40);
     m.clips
         .iter()
         .map(|clip| {
-            let wav = load_audio(&m.audio_path(clip)).expect("wav");
+            let wav = load_audio(&m.audio_path(clip), 16000).expect("wav");
             let spec = lm.compute(&wav);
             let frames = spec.len() / 40;
             let mut profile = vec![0f32; 40];

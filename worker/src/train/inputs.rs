@@ -157,9 +157,7 @@ impl Rank {
 
 pub(super) fn clip_record(manifest: &Manifest, clip: u32) -> Result<&data::ClipRecord> {
     manifest
-        .clips
-        .get(clip as usize)
-        .filter(|r| r.id == clip)
+        .clip(clip)
         .with_context(|| format!("clip {clip} is not in the manifest"))
 }
 
@@ -187,6 +185,8 @@ pub(super) struct Batch {
 /// as a Qwen2 model's own processor prepares them.
 pub(super) struct FeatureCache {
     mel: LogMel,
+    /// `data.sample_rate`: every wav must be at this rate (`load_audio` refuses others).
+    sample_rate: u32,
     audio: HashMap<u32, Vec<f32>>,
     visual: HashMap<u32, Vec<f32>>,
     qwen_audio: HashMap<u32, Prepared>,
@@ -194,9 +194,10 @@ pub(super) struct FeatureCache {
 }
 
 impl FeatureCache {
-    pub(super) fn new(mel: LogMel) -> Self {
+    pub(super) fn new(mel: LogMel, sample_rate: u32) -> Self {
         Self {
             mel,
+            sample_rate,
             audio: HashMap::new(),
             visual: HashMap::new(),
             qwen_audio: HashMap::new(),
@@ -225,7 +226,8 @@ impl FeatureCache {
         if let Entry::Vacant(e) = slot.entry(record.id) {
             let prepared = match modality {
                 Modality::Audio => {
-                    qwen.prepare(Clip::Audio(&data::load_audio(&dir.join(&record.audio))?))?
+                    let wav = data::load_audio(&dir.join(&record.audio), self.sample_rate)?;
+                    qwen.prepare(Clip::Audio(&wav))?
                 }
                 Modality::Visual => {
                     let paths: Vec<PathBuf> = record.frames.iter().map(|f| dir.join(f)).collect();
@@ -265,9 +267,10 @@ impl FeatureCache {
         };
         if let Entry::Vacant(entry) = slot.entry(record.id) {
             entry.insert(match modality {
-                Modality::Audio => self
-                    .mel
-                    .compute(&data::load_audio(&dir.join(&record.audio))?),
+                Modality::Audio => self.mel.compute(&data::load_audio(
+                    &dir.join(&record.audio),
+                    self.sample_rate,
+                )?),
                 Modality::Visual => {
                     let paths: Vec<PathBuf> = record.frames.iter().map(|f| dir.join(f)).collect();
                     data::load_frames(&paths)?

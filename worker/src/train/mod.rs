@@ -72,6 +72,7 @@ impl Rank {
     ) -> Rank {
         let f = &config.features;
         let mel = LogMel::new(config.data.sample_rate, f.n_fft, f.hop, f.n_mels);
+        let cache = FeatureCache::new(mel, config.data.sample_rate);
         Rank {
             config,
             rank,
@@ -80,7 +81,7 @@ impl Rank {
             manifest: None,
             stop: Arc::new(AtomicBool::new(false)),
             progress: Arc::default(),
-            cache: FeatureCache::new(mel),
+            cache,
             device,
         }
     }

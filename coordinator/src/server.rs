@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use subtle::ConstantTimeEq;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -310,13 +311,11 @@ fn reject_for(error: FrameError) -> Reject {
 }
 
 /// Compares in time independent of where the tokens differ, so response timing does not leak
-/// how much of a guessed token is right.
+/// how much of a guessed token is right. `subtle`'s comparison is vetted against the compiler
+/// turning it back into an early exit (which a hand-written fold does not guard against); it
+/// answers a length mismatch at once, which leaks only the token's length.
 fn same_token(a: &str, b: &str) -> bool {
-    let diff = a
-        .bytes()
-        .zip(b.bytes())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    a.len() == b.len() && diff == 0
+    bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
 /// Sends `reject`, gives the peer a moment to receive it, and closes the connection.
@@ -595,11 +594,24 @@ mod tests {
     }
 
     #[test]
+    fn token_comparison_takes_only_the_same_token() {
+        assert!(same_token("t0k", "t0k"));
+        assert!(same_token("", ""));
+        for wrong in ["t0K", "t0", "t0kx", "", "x0k", "t0k\0"] {
+            assert!(!same_token(wrong, "t0k"), "{wrong:?} was taken for t0k");
+        }
+    }
+
+    #[test]
     fn bad_joins_are_named() {
         let bad_token = check_join(Ok(WorkerMsg::Join(join("nope", PROTOCOL_VERSION))), "t0k");
         assert_eq!(bad_token, Err(Reject::BadToken));
         let prefix = check_join(Ok(WorkerMsg::Join(join("t0", PROTOCOL_VERSION))), "t0k");
         assert_eq!(prefix, Err(Reject::BadToken));
+        let longer = check_join(Ok(WorkerMsg::Join(join("t0kk", PROTOCOL_VERSION))), "t0k");
+        assert_eq!(longer, Err(Reject::BadToken));
+        let empty = check_join(Ok(WorkerMsg::Join(join("", PROTOCOL_VERSION))), "t0k");
+        assert_eq!(empty, Err(Reject::BadToken));
         let old = check_join(Ok(WorkerMsg::Join(join("t0k", 0))), "t0k");
         assert!(matches!(old, Err(Reject::VersionMismatch { got: 0, .. })));
         let not_join = check_join(Ok(WorkerMsg::heartbeat(0)), "t0k");

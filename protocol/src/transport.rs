@@ -73,6 +73,15 @@ impl ServerIdentity {
     }
 }
 
+/// Whether `cert_der` is a certificate a worker can trust as its only root (it parses as
+/// X.509 with a usable public key): a launcher that hands over the wrong file fails here,
+/// at start, rather than in every handshake.
+pub fn check_certificate(cert_der: &[u8]) -> Result<(), TransportError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(cert_der.to_vec()))?;
+    Ok(())
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -221,6 +230,14 @@ mod tests {
             got.is_err(),
             "handshake with an untrusted certificate succeeded"
         );
+    }
+
+    #[test]
+    fn a_generated_certificate_checks_and_garbage_does_not() {
+        let id = ServerIdentity::generate().unwrap();
+        check_certificate(&id.cert_der).unwrap();
+        assert!(check_certificate(&id.cert_der[..id.cert_der.len() / 2]).is_err());
+        assert!(check_certificate(b"not a certificate").is_err());
     }
 
     #[test]

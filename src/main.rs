@@ -3,10 +3,11 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use xkd_config::{Config, ConfigError, DeviceChoice};
 use xkd_coordinator::run::{self, LocalWorkers, Outcome, RunOptions};
+use xkd_protocol::transport::{check_certificate, Fingerprint, Trust};
 use xkd_worker::session::Exit;
 
 mod inspect;
@@ -81,8 +82,17 @@ enum Command {
         #[arg(long, value_parser = host_port)]
         coordinator: String,
         /// The coordinator's certificate (DER), written into its output directory at start.
-        #[arg(long, env = "XKD_COORDINATOR_CERT")]
-        cert: PathBuf,
+        #[arg(
+            long,
+            env = "XKD_COORDINATOR_CERT",
+            required_unless_present = "fingerprint"
+        )]
+        cert: Option<PathBuf>,
+        /// Pins the coordinator by its certificate's SHA-256 (64 hex digits; it logs it at
+        /// start as `fingerprint`), so the certificate file need not reach this node. With
+        /// `--cert` too, the file must have this fingerprint.
+        #[arg(long, env = "XKD_COORDINATOR_FINGERPRINT", value_parser = fingerprint)]
+        fingerprint: Option<Fingerprint>,
         /// Host to bind the gradient ring on (default: the address that reaches the coordinator).
         #[arg(long)]
         collective_host: Option<String>,
@@ -307,18 +317,17 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Worker {
             coordinator,
             cert,
+            fingerprint,
             collective_host,
         } => {
             let coordinator = coordinator_addr(&coordinator)?;
-            let cert_der = std::fs::read(&cert).with_context(|| {
-                format!("reading the coordinator certificate {}", cert.display())
-            })?;
             let token = std::env::var("XKD_JOIN_TOKEN")
                 .context("XKD_JOIN_TOKEN is not set: a worker needs the run's join token")?;
+            let trust = coordinator_trust(cert.as_deref(), fingerprint)?;
             let rt = runtime()?;
             let exit = rt.block_on(xkd_worker::session::run(xkd_worker::session::WorkerArgs {
                 coordinator,
-                cert_der,
+                trust,
                 token,
                 collective_host,
             }));
@@ -371,6 +380,34 @@ fn host_port(arg: &str) -> Result<String, String> {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(arg.into()),
         _ => Err(format!("{arg:?} is not HOST:PORT")),
     }
+}
+
+fn fingerprint(arg: &str) -> Result<Fingerprint, String> {
+    Fingerprint::parse(arg).map_err(|e| e.to_string())
+}
+
+/// What a worker trusts: the certificate file (which must have the pinned fingerprint when
+/// one is given too), or else the pin alone. clap has made sure one of them is there.
+fn coordinator_trust(cert: Option<&Path>, pin: Option<Fingerprint>) -> Result<Trust> {
+    let Some(cert) = cert else {
+        return pin
+            .map(Trust::Fingerprint)
+            .context("neither --cert nor XKD_COORDINATOR_FINGERPRINT names the coordinator");
+    };
+    let der = std::fs::read(cert)
+        .with_context(|| format!("reading the coordinator certificate {}", cert.display()))?;
+    check_certificate(&der)
+        .with_context(|| format!("the coordinator certificate {}", cert.display()))?;
+    if let Some(pin) = pin {
+        let got = Fingerprint::of(&der);
+        if got != pin {
+            bail!(
+                "the coordinator certificate {} has SHA-256 fingerprint {got}, but {pin} was pinned",
+                cert.display()
+            );
+        }
+    }
+    Ok(Trust::Certificate(der))
 }
 
 /// `addr` as a socket address: an `IP:PORT` as it is, a `HOST:PORT` through the resolver (a

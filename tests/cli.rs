@@ -289,3 +289,35 @@ fn threads_per_worker_sets_each_local_workers_compute_threads() {
         assert_eq!(joined[0]["threads"], 2, "worker {rank}");
     }
 }
+
+/// A worker pinning the coordinator by fingerprint: a malformed pin is a usage error naming it,
+/// and a certificate file that does not have the pinned fingerprint is refused at start,
+/// naming both.
+#[test]
+fn worker_checks_its_pinned_fingerprint_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let worker = |args: &[&str], pin: &str| {
+        xkd()
+            .args(["worker", "--coordinator", "127.0.0.1:9"])
+            .args(args)
+            .env("XKD_JOIN_TOKEN", "t")
+            .env("XKD_COORDINATOR_FINGERPRINT", pin)
+            .env_remove("XKD_COORDINATOR_CERT")
+            .output()
+            .unwrap()
+    };
+    let out = worker(&[], "abc");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("`abc` is not a SHA-256 fingerprint"), "{err}");
+
+    let id = xkd_protocol::transport::ServerIdentity::generate().unwrap();
+    let cert = tmp.path().join("cert.der");
+    std::fs::write(&cert, &id.cert_der).unwrap();
+    let actual = xkd_protocol::transport::Fingerprint::of(&id.cert_der).to_string();
+    let pinned = "ab".repeat(32);
+    let out = worker(&["--cert", cert.to_str().unwrap()], &pinned);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&pinned) && err.contains(&actual), "{err}");
+}

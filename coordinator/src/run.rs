@@ -108,6 +108,7 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
         run_id,
         addr = %server.local_addr(),
         cert = %cert_path.display(),
+        fingerprint = %server.fingerprint(),
         workers = world,
         out = %out_dir.display(),
         "coordinator listening"

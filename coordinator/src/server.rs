@@ -25,7 +25,9 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 use xkd_protocol::frame::{encode, read_frame, write_frame, FrameError, MAX_FRAME_BYTES};
-use xkd_protocol::transport::{server_endpoint, ServerIdentity, CLOSE_LOST, CLOSE_REJECTED};
+use xkd_protocol::transport::{
+    server_endpoint, Fingerprint, ServerIdentity, CLOSE_LOST, CLOSE_REJECTED,
+};
 use xkd_protocol::{
     CoordinatorMsg, Join, Reject, WorkerMsg, NCCL_UNIQUE_ID_BYTES, PROTOCOL_VERSION,
 };
@@ -139,6 +141,11 @@ impl ControlServer {
     /// The certificate workers must trust (DER).
     pub fn cert_der(&self) -> &[u8] {
         &self.identity.cert_der
+    }
+
+    /// The SHA-256 of `cert_der`, which a worker may pin instead of holding the certificate.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&self.identity.cert_der)
     }
 
     /// Takes joins again (they wait for the next `gather`): called before the workers of a new

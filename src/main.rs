@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use xkd_config::{Config, ConfigError, DeviceChoice};
 use xkd_coordinator::run::{self, LocalWorkers, Outcome, RunOptions};
-use xkd_protocol::transport::{check_certificate, Fingerprint, Trust};
+use xkd_protocol::transport::{check_certificate, Fingerprint, ServerIdentity, Trust};
 use xkd_worker::session::Exit;
 
 mod inspect;
@@ -51,6 +51,33 @@ struct ConfigArgs {
     sets: Vec<String>,
 }
 
+/// A certificate the coordinator presents instead of making one (a Kubernetes Secret,
+/// cert-manager's `tls.crt` and `tls.key`).
+#[derive(Args, Clone)]
+struct TlsArgs {
+    /// PEM: the coordinator's certificate, then any intermediates.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn identity(&self) -> Result<Option<ServerIdentity>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let read = |path: &Path| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let identity = ServerIdentity::from_pem(&read(cert)?, &read(key)?).with_context(|| {
+            format!("--tls-cert {} --tls-key {}", cert.display(), key.display())
+        })?;
+        Ok(Some(identity))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// The whole job on this machine: coordinator plus local worker processes.
@@ -64,6 +91,8 @@ enum Command {
         /// Output directory (default runs/<run id>).
         #[arg(long)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Cluster mode: the coordinator alone; workers join with `xkd worker`.
     Coordinator {
@@ -74,6 +103,8 @@ enum Command {
         listen: Option<String>,
         #[arg(long)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Cluster mode: one worker.
     Worker {
@@ -110,6 +141,8 @@ enum Command {
         workers: Option<usize>,
         #[arg(long)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// The whole job three times on one recipe, distilling on the heuristic's hard classes, on
     /// all classes and on as many random ones (`distill.classes`); writes each run under
@@ -235,14 +268,21 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print!("{}", resolve(&cfg, None)?.to_toml());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { cfg, workers, out } => {
+        Command::Run {
+            cfg,
+            workers,
+            out,
+            tls,
+        } => {
             let config = resolve_to_run(&cfg, workers)?;
             let local = local_workers(&config, log_format)?;
+            let identity = tls.identity()?;
             match runtime()?.block_on(run::run(RunOptions {
                 config,
                 out_dir: out,
                 local: Some(local),
                 only_hard_classes: false,
+                identity,
             }))? {
                 Outcome::Finished(report) => {
                     print!("{}", xkd_coordinator::report::markdown(&report));
@@ -254,14 +294,21 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::HardClasses { cfg, workers, out } => {
+        Command::HardClasses {
+            cfg,
+            workers,
+            out,
+            tls,
+        } => {
             let config = resolve_to_run(&cfg, workers)?;
             let local = local_workers(&config, log_format)?;
+            let identity = tls.identity()?;
             let outcome = runtime()?.block_on(run::run(RunOptions {
                 config,
                 out_dir: out,
                 local: Some(local),
                 only_hard_classes: true,
+                identity,
             }))?;
             if let Outcome::HardClasses(decision) = outcome {
                 println!("{}", serde_json::to_string_pretty(&decision)?);
@@ -287,16 +334,23 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print!("{table}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Coordinator { cfg, listen, out } => {
+        Command::Coordinator {
+            cfg,
+            listen,
+            out,
+            tls,
+        } => {
             let mut config = resolve_to_run(&cfg, None)?;
             if let Some(addr) = listen {
                 config.control.listen = addr;
             }
+            let identity = tls.identity()?;
             let outcome = runtime()?.block_on(run::run(RunOptions {
                 config,
                 out_dir: out,
                 local: None,
                 only_hard_classes: false,
+                identity,
             }))?;
             if let Outcome::Finished(report) = outcome {
                 print!("{}", xkd_coordinator::report::markdown(&report));
@@ -356,6 +410,7 @@ fn compare(configs: Vec<Config>, out: &std::path::Path, log_format: String) -> R
             out_dir: Some(out.join(classes.as_str())),
             local: Some(local),
             only_hard_classes: false,
+            identity: None,
         }))?;
         match outcome {
             Outcome::Finished(report) => reports.push(*report),

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 use xkd_config::{Config, DeviceChoice};
+use xkd_protocol::transport::ServerIdentity;
 use xkd_protocol::{CollectiveKind, ShardPlan, TaskResult, TrainSummary};
 
 /// The collective a run's ranks form: NCCL when they train on GPUs, else the TCP ring.
@@ -46,6 +47,9 @@ pub struct RunOptions {
     pub local: Option<LocalWorkers>,
     /// Stop once the hard classes are decided (`xkd hard-classes`).
     pub only_hard_classes: bool,
+    /// The certificate and key to present (`--tls-cert`/`--tls-key`); `None` makes a fresh
+    /// self-signed one.
+    pub identity: Option<ServerIdentity>,
 }
 
 pub enum Outcome {
@@ -97,7 +101,10 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
             config.control.listen
         )
     })?;
-    let server = ControlServer::bind(listen, token.clone()).await?;
+    let server = match opts.identity {
+        Some(identity) => ControlServer::bind_as(listen, token.clone(), identity).await?,
+        None => ControlServer::bind(listen, token.clone()).await?,
+    };
     let cert_path = out_dir.join("coordinator-cert.der");
     write_whole(&cert_path, server.cert_der())?;
     let world = opts
@@ -118,7 +125,6 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
         world,
         local: opts.local,
         children: Vec::new(),
-        cert_path,
         token,
         out_dir: out_dir.clone(),
         join_timeout: Duration::from_millis(config.control.join_timeout_ms),

@@ -110,7 +110,15 @@ impl ControlServer {
     /// Binds QUIC on `listen` with a new self-signed certificate; `token` is the run's join
     /// token.
     pub async fn bind(listen: SocketAddr, token: String) -> anyhow::Result<ControlServer> {
-        let identity = ServerIdentity::generate()?;
+        ControlServer::bind_as(listen, token, ServerIdentity::generate()?).await
+    }
+
+    /// Like `bind`, presenting `identity` (a certificate the coordinator was given).
+    pub async fn bind_as(
+        listen: SocketAddr,
+        token: String,
+        identity: ServerIdentity,
+    ) -> anyhow::Result<ControlServer> {
         let endpoint = server_endpoint(listen, &identity)?;
         let local_addr = endpoint.local_addr().context("reading the bound address")?;
         info!(%local_addr, "control server listening");

@@ -11,6 +11,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, OtherError, SignatureScheme};
 use sha2::{Digest, Sha256};
@@ -42,6 +43,8 @@ pub enum TransportError {
     Tls(#[from] rustls::Error),
     #[error("QUIC configuration: {0}")]
     Quic(String),
+    #[error("cannot read the coordinator's {what}: {detail}")]
+    Pem { what: &'static str, detail: String },
     #[error("`{given}` is not a SHA-256 fingerprint: {reason} (64 hex digits, `:` allowed)")]
     Fingerprint { given: String, reason: String },
     #[error("cannot bind UDP socket on {addr}: {source}")]
@@ -52,17 +55,30 @@ pub enum TransportError {
 }
 
 /// The coordinator's certificate and private key, both DER.
-#[derive(Clone)]
 pub struct ServerIdentity {
+    /// The end-entity certificate: what `--cert` holds and `Fingerprint` hashes.
     pub cert_der: Vec<u8>,
-    /// PKCS#8; kept private so it cannot end up in a log line by accident.
-    key_der: Vec<u8>,
+    /// Intermediates sent after it (a given certificate's chain; none when generated).
+    chain: Vec<Vec<u8>>,
+    /// Kept private so it cannot end up in a log line by accident.
+    key: PrivateKeyDer<'static>,
+}
+
+impl Clone for ServerIdentity {
+    fn clone(&self) -> Self {
+        ServerIdentity {
+            cert_der: self.cert_der.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
 }
 
 impl std::fmt::Debug for ServerIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerIdentity")
             .field("cert_der", &format_args!("{} bytes", self.cert_der.len()))
+            .field("chain", &self.chain.len())
             .field("key_der", &"<redacted>")
             .finish()
     }
@@ -75,8 +91,41 @@ impl ServerIdentity {
         let certified = rcgen::generate_simple_self_signed(names)?;
         Ok(ServerIdentity {
             cert_der: certified.cert.der().to_vec(),
-            key_der: certified.signing_key.serialize_der(),
+            chain: Vec::new(),
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                certified.signing_key.serialize_der(),
+            )),
         })
+    }
+
+    /// A certificate and key the coordinator is given (a Kubernetes Secret, cert-manager):
+    /// `cert_pem` holds the end-entity certificate first, then any intermediates; `key_pem`
+    /// its key as PKCS#8, PKCS#1 or SEC1. Refused here, not at the first join, when either
+    /// does not parse or the key is not the certificate's.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<ServerIdentity, TransportError> {
+        let pem = |what, e: rustls::pki_types::pem::Error| TransportError::Pem {
+            what,
+            detail: e.to_string(),
+        };
+        let mut certs = CertificateDer::pem_slice_iter(cert_pem)
+            .map(|c| c.map(|c| c.to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem("certificate", e))?;
+        if certs.is_empty() {
+            return Err(TransportError::Pem {
+                what: "certificate",
+                detail: "no CERTIFICATE section".into(),
+            });
+        }
+        let cert_der = certs.remove(0);
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| pem("private key", e))?;
+        let id = ServerIdentity {
+            cert_der,
+            chain: certs,
+            key,
+        };
+        server_config(&id)?;
+        Ok(id)
     }
 }
 
@@ -241,12 +290,14 @@ fn transport_config(bidi: u32) -> Result<Arc<TransportConfig>, TransportError> {
 }
 
 fn server_config(id: &ServerIdentity) -> Result<quinn::ServerConfig, TransportError> {
-    let cert = CertificateDer::from(id.cert_der.clone());
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key_der.clone()));
+    let chain = std::iter::once(&id.cert_der)
+        .chain(&id.chain)
+        .map(|der| CertificateDer::from(der.clone()))
+        .collect();
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_single_cert(vec![cert], key)?;
+        .with_single_cert(chain, id.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Quic(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -451,6 +502,54 @@ mod tests {
         check_certificate(&id.cert_der).unwrap();
         assert!(check_certificate(&id.cert_der[..id.cert_der.len() / 2]).is_err());
         assert!(check_certificate(b"not a certificate").is_err());
+    }
+
+    /// A certificate signed by a CA (as cert-manager issues them), its chain in one PEM file
+    /// and its key in another: served as given, and a worker pinning the leaf joins.
+    #[tokio::test]
+    async fn a_given_certificate_and_key_are_served() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["xkd.example".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let chain_pem = format!("{}{}", leaf.pem(), ca.pem());
+        let id =
+            ServerIdentity::from_pem(chain_pem.as_bytes(), key.serialize_pem().as_bytes()).unwrap();
+        assert_eq!(id.cert_der, leaf.der().to_vec());
+        assert_eq!(id.chain, vec![ca.der().to_vec()]);
+
+        let server = server_endpoint(loopback(), &id).unwrap();
+        let addr = server.local_addr().unwrap();
+        let echo = tokio::spawn(echo_once(server));
+        let pin = Trust::Fingerprint(Fingerprint::of(leaf.der()));
+        let conn = client_endpoint(&pin)
+            .unwrap()
+            .connect(addr, SERVER_NAME)
+            .unwrap();
+        let conn = conn.await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[7]).await.unwrap();
+        let mut b = [0u8; 1];
+        recv.read_exact(&mut b).await.unwrap();
+        echo.await.unwrap();
+
+        let other = rcgen::KeyPair::generate().unwrap();
+        let mismatched =
+            ServerIdentity::from_pem(chain_pem.as_bytes(), other.serialize_pem().as_bytes());
+        assert!(
+            mismatched.is_err(),
+            "a key that is not the certificate's was taken"
+        );
+        let error = ServerIdentity::from_pem(b"", key.serialize_pem().as_bytes()).unwrap_err();
+        assert!(error.to_string().contains("certificate"), "{error}");
+        let error = ServerIdentity::from_pem(chain_pem.as_bytes(), b"").unwrap_err();
+        assert!(error.to_string().contains("private key"), "{error}");
     }
 
     #[test]

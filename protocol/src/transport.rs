@@ -457,9 +457,7 @@ mod tests {
             .connect(addr, SERVER_NAME)
             .unwrap()
             .await;
-        let error = got
-            .err()
-            .expect("a handshake with another certificate succeeded");
+        let error = got.expect_err("a handshake with another certificate succeeded");
         let text = error.to_string();
         assert!(
             text.contains(&Fingerprint::of(&id.cert_der).to_string()),

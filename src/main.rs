@@ -3,10 +3,11 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use xkd_config::{Config, ConfigError, DeviceChoice};
 use xkd_coordinator::run::{self, LocalWorkers, Outcome, RunOptions};
+use xkd_protocol::transport::{check_certificate, Fingerprint, ServerIdentity, Trust};
 use xkd_worker::session::Exit;
 
 mod inspect;
@@ -50,6 +51,33 @@ struct ConfigArgs {
     sets: Vec<String>,
 }
 
+/// A certificate the coordinator presents instead of making one (a Kubernetes Secret,
+/// cert-manager's `tls.crt` and `tls.key`).
+#[derive(Args, Clone)]
+struct TlsArgs {
+    /// PEM: the coordinator's certificate, then any intermediates.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn identity(&self) -> Result<Option<ServerIdentity>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let read = |path: &Path| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let identity = ServerIdentity::from_pem(&read(cert)?, &read(key)?).with_context(|| {
+            format!("--tls-cert {} --tls-key {}", cert.display(), key.display())
+        })?;
+        Ok(Some(identity))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// The whole job on this machine: coordinator plus local worker processes.
@@ -63,6 +91,8 @@ enum Command {
         /// Output directory (default runs/<run id>).
         #[arg(long)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Cluster mode: the coordinator alone; workers join with `xkd worker`.
     Coordinator {
@@ -73,6 +103,8 @@ enum Command {
         listen: Option<String>,
         #[arg(long)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Cluster mode: one worker.
     Worker {
@@ -81,8 +113,17 @@ enum Command {
         #[arg(long, value_parser = host_port)]
         coordinator: String,
         /// The coordinator's certificate (DER), written into its output directory at start.
-        #[arg(long, env = "XKD_COORDINATOR_CERT")]
-        cert: PathBuf,
+        #[arg(
+            long,
+            env = "XKD_COORDINATOR_CERT",
+            required_unless_present = "fingerprint"
+        )]
+        cert: Option<PathBuf>,
+        /// Pins the coordinator by its certificate's SHA-256 (64 hex digits; it logs it at
+        /// start as `fingerprint`), so the certificate file need not reach this node. With
+        /// `--cert` too, the file must have this fingerprint.
+        #[arg(long, env = "XKD_COORDINATOR_FINGERPRINT", value_parser = fingerprint)]
+        fingerprint: Option<Fingerprint>,
         /// Host to bind the gradient ring on (default: the address that reaches the coordinator).
         #[arg(long)]
         collective_host: Option<String>,
@@ -100,6 +141,8 @@ enum Command {
         workers: Option<usize>,
         #[arg(long)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// The whole job three times on one recipe, distilling on the heuristic's hard classes, on
     /// all classes and on as many random ones (`distill.classes`); writes each run under
@@ -225,14 +268,21 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print!("{}", resolve(&cfg, None)?.to_toml());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { cfg, workers, out } => {
+        Command::Run {
+            cfg,
+            workers,
+            out,
+            tls,
+        } => {
             let config = resolve_to_run(&cfg, workers)?;
             let local = local_workers(&config, log_format)?;
+            let identity = tls.identity()?;
             match runtime()?.block_on(run::run(RunOptions {
                 config,
                 out_dir: out,
                 local: Some(local),
                 only_hard_classes: false,
+                identity,
             }))? {
                 Outcome::Finished(report) => {
                     print!("{}", xkd_coordinator::report::markdown(&report));
@@ -244,14 +294,21 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::HardClasses { cfg, workers, out } => {
+        Command::HardClasses {
+            cfg,
+            workers,
+            out,
+            tls,
+        } => {
             let config = resolve_to_run(&cfg, workers)?;
             let local = local_workers(&config, log_format)?;
+            let identity = tls.identity()?;
             let outcome = runtime()?.block_on(run::run(RunOptions {
                 config,
                 out_dir: out,
                 local: Some(local),
                 only_hard_classes: true,
+                identity,
             }))?;
             if let Outcome::HardClasses(decision) = outcome {
                 println!("{}", serde_json::to_string_pretty(&decision)?);
@@ -277,16 +334,23 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             print!("{table}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Coordinator { cfg, listen, out } => {
+        Command::Coordinator {
+            cfg,
+            listen,
+            out,
+            tls,
+        } => {
             let mut config = resolve_to_run(&cfg, None)?;
             if let Some(addr) = listen {
                 config.control.listen = addr;
             }
+            let identity = tls.identity()?;
             let outcome = runtime()?.block_on(run::run(RunOptions {
                 config,
                 out_dir: out,
                 local: None,
                 only_hard_classes: false,
+                identity,
             }))?;
             if let Outcome::Finished(report) = outcome {
                 print!("{}", xkd_coordinator::report::markdown(&report));
@@ -307,18 +371,17 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Worker {
             coordinator,
             cert,
+            fingerprint,
             collective_host,
         } => {
             let coordinator = coordinator_addr(&coordinator)?;
-            let cert_der = std::fs::read(&cert).with_context(|| {
-                format!("reading the coordinator certificate {}", cert.display())
-            })?;
             let token = std::env::var("XKD_JOIN_TOKEN")
                 .context("XKD_JOIN_TOKEN is not set: a worker needs the run's join token")?;
+            let trust = coordinator_trust(cert.as_deref(), fingerprint)?;
             let rt = runtime()?;
             let exit = rt.block_on(xkd_worker::session::run(xkd_worker::session::WorkerArgs {
                 coordinator,
-                cert_der,
+                trust,
                 token,
                 collective_host,
             }));
@@ -347,6 +410,7 @@ fn compare(configs: Vec<Config>, out: &std::path::Path, log_format: String) -> R
             out_dir: Some(out.join(classes.as_str())),
             local: Some(local),
             only_hard_classes: false,
+            identity: None,
         }))?;
         match outcome {
             Outcome::Finished(report) => reports.push(*report),
@@ -371,6 +435,34 @@ fn host_port(arg: &str) -> Result<String, String> {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(arg.into()),
         _ => Err(format!("{arg:?} is not HOST:PORT")),
     }
+}
+
+fn fingerprint(arg: &str) -> Result<Fingerprint, String> {
+    Fingerprint::parse(arg).map_err(|e| e.to_string())
+}
+
+/// What a worker trusts: the certificate file (which must have the pinned fingerprint when
+/// one is given too), or else the pin alone. clap has made sure one of them is there.
+fn coordinator_trust(cert: Option<&Path>, pin: Option<Fingerprint>) -> Result<Trust> {
+    let Some(cert) = cert else {
+        return pin
+            .map(Trust::Fingerprint)
+            .context("neither --cert nor XKD_COORDINATOR_FINGERPRINT names the coordinator");
+    };
+    let der = std::fs::read(cert)
+        .with_context(|| format!("reading the coordinator certificate {}", cert.display()))?;
+    check_certificate(&der)
+        .with_context(|| format!("the coordinator certificate {}", cert.display()))?;
+    if let Some(pin) = pin {
+        let got = Fingerprint::of(&der);
+        if got != pin {
+            bail!(
+                "the coordinator certificate {} has SHA-256 fingerprint {got}, but {pin} was pinned",
+                cert.display()
+            );
+        }
+    }
+    Ok(Trust::Certificate(der))
 }
 
 /// `addr` as a socket address: an `IP:PORT` as it is, a `HOST:PORT` through the resolver (a

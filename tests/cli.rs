@@ -314,3 +314,106 @@ fn log_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+/// A worker pinning the coordinator by fingerprint: a malformed pin is a usage error naming it,
+/// and a certificate file that does not have the pinned fingerprint is refused at start,
+/// naming both.
+#[test]
+fn worker_checks_its_pinned_fingerprint_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let worker = |args: &[&str], pin: &str| {
+        xkd()
+            .args(["worker", "--coordinator", "127.0.0.1:9"])
+            .args(args)
+            .env("XKD_JOIN_TOKEN", "t")
+            .env("XKD_COORDINATOR_FINGERPRINT", pin)
+            .env_remove("XKD_COORDINATOR_CERT")
+            .output()
+            .unwrap()
+    };
+    let out = worker(&[], "abc");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("`abc` is not a SHA-256 fingerprint"), "{err}");
+
+    let id = xkd_protocol::transport::ServerIdentity::generate().unwrap();
+    let cert = tmp.path().join("cert.der");
+    std::fs::write(&cert, &id.cert_der).unwrap();
+    let actual = xkd_protocol::transport::Fingerprint::of(&id.cert_der).to_string();
+    let pinned = "ab".repeat(32);
+    let out = worker(&["--cert", cert.to_str().unwrap()], &pinned);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&pinned) && err.contains(&actual), "{err}");
+}
+
+/// A certificate the coordinator is given (`--tls-cert`/`--tls-key`, PEM, signed by a CA as
+/// cert-manager issues them): the coordinator presents it, logs its fingerprint, and the
+/// workers it starts join by that pin. Half a pair is a usage error; a key that is not the
+/// certificate's is refused before any work.
+#[test]
+fn a_given_certificate_is_presented_and_pinned() {
+    let root = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("given-cert");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["xkd.example".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let (cert_path, key_path) = (root.join("tls.crt"), root.join("tls.key"));
+    std::fs::write(&cert_path, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let (cert_arg, key_arg) = (cert_path.to_str().unwrap(), key_path.to_str().unwrap());
+
+    let (code, _, err) = run(&["hard-classes", "--tls-cert", cert_arg]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--tls-key"), "{err}");
+
+    let other_key = root.join("other.key");
+    let other = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(&other_key, other.serialize_pem()).unwrap();
+    let out = root.join("refused");
+    let (code, _, err) = run(&[
+        "coordinator",
+        "--out",
+        out.to_str().unwrap(),
+        "--tls-cert",
+        cert_arg,
+        "--tls-key",
+        other_key.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("tls.crt") && err.contains("other.key"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a refused coordinator wrote output");
+
+    let out = root.join("out");
+    let sets = common::small_recipe(&root.join("cache"), "given-cert", 2, 2, 1);
+    let mut command = vec!["--log-format", "json", "hard-classes"];
+    command.extend(["--tls-cert", cert_arg, "--tls-key", key_arg]);
+    let args = common::command_args(&command, &out, &sets);
+    let (code, _, stderr) = common::xkd(&args, &[]);
+    assert_eq!(code, 0, "xkd hard-classes failed:\n{stderr}");
+    let pin = xkd_protocol::transport::Fingerprint::of(leaf.der()).to_string();
+    let listening = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "coordinator listening");
+    assert_eq!(
+        listening.map(|v| v["fingerprint"].clone()),
+        Some(Value::String(pin)),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("coordinator-cert.der")).unwrap(),
+        leaf.der().to_vec()
+    );
+}

@@ -4,6 +4,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 use xkd_coordinator::server::ControlServer;
+use xkd_protocol::transport::Trust;
 use xkd_protocol::{
     Assignment, CollectiveKind, CoordinatorMsg, Join, NCCL_UNIQUE_ID_BYTES, PROTOCOL_VERSION,
 };
@@ -19,7 +20,10 @@ async fn every_rank_builds_from_the_id_rank_zero_made() {
             ControlServer::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), TOKEN.into())
                 .await
                 .unwrap();
-        let (addr, cert) = (server.local_addr(), server.cert_der().to_vec());
+        let (addr, cert) = (
+            server.local_addr(),
+            Trust::Certificate(server.cert_der().to_vec()),
+        );
         let made: Vec<u8> = (0..NCCL_UNIQUE_ID_BYTES)
             .map(|i| (i * 31 % 251) as u8)
             .collect();

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
+use xkd_protocol::transport::Fingerprint;
 
 /// The worker processes of the run: who they are, and how to replace them all.
 pub(crate) struct Generations {
@@ -16,7 +17,6 @@ pub(crate) struct Generations {
     /// Workers `xkd run` starts itself; `None` for a cluster, whose workers join on their own.
     pub(crate) local: Option<LocalWorkers>,
     pub(crate) children: Vec<tokio::process::Child>,
-    pub(crate) cert_path: PathBuf,
     pub(crate) token: String,
     pub(crate) out_dir: PathBuf,
     pub(crate) join_timeout: Duration,
@@ -35,7 +35,7 @@ impl Generations {
             self.children = spawn_workers(
                 local,
                 self.server.local_addr(),
-                &self.cert_path,
+                self.server.fingerprint(),
                 &self.token,
                 &self.out_dir,
             )?;
@@ -53,7 +53,7 @@ impl Generations {
 pub(crate) fn spawn_workers(
     local: &LocalWorkers,
     addr: SocketAddr,
-    cert: &Path,
+    fingerprint: Fingerprint,
     token: &str,
     out_dir: &Path,
 ) -> Result<Vec<tokio::process::Child>> {
@@ -82,8 +82,10 @@ pub(crate) fn spawn_workers(
                 .arg("worker")
                 .arg("--coordinator")
                 .arg(addr.to_string())
-                .arg("--cert")
-                .arg(cert)
+                // The pin, not the certificate file: a given certificate need not name
+                // `xkd-coordinator` nor be its own root, and nothing is read from disk.
+                .env("XKD_COORDINATOR_FINGERPRINT", fingerprint.to_string())
+                .env_remove("XKD_COORDINATOR_CERT")
                 .env("XKD_JOIN_TOKEN", token)
                 .env("XKD_LOCAL_RANK", i.to_string())
                 .env("RAYON_NUM_THREADS", threads.to_string())

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 use xkd_config::{Config, DeviceChoice};
+use xkd_protocol::transport::ServerIdentity;
 use xkd_protocol::{CollectiveKind, ShardPlan, TaskResult, TrainSummary};
 
 /// The collective a run's ranks form: NCCL when they train on GPUs, else the TCP ring.
@@ -46,6 +47,9 @@ pub struct RunOptions {
     pub local: Option<LocalWorkers>,
     /// Stop once the hard classes are decided (`xkd hard-classes`).
     pub only_hard_classes: bool,
+    /// The certificate and key to present (`--tls-cert`/`--tls-key`); `None` makes a fresh
+    /// self-signed one.
+    pub identity: Option<ServerIdentity>,
 }
 
 pub enum Outcome {
@@ -97,10 +101,12 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
             config.control.listen
         )
     })?;
-    let server = ControlServer::bind(listen, token.clone()).await?;
+    let server = match opts.identity {
+        Some(identity) => ControlServer::bind_as(listen, token.clone(), identity).await?,
+        None => ControlServer::bind(listen, token.clone()).await?,
+    };
     let cert_path = out_dir.join("coordinator-cert.der");
-    std::fs::write(&cert_path, server.cert_der())
-        .with_context(|| format!("writing {}", cert_path.display()))?;
+    write_whole(&cert_path, server.cert_der())?;
     let world = opts
         .local
         .as_ref()
@@ -109,6 +115,7 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
         run_id,
         addr = %server.local_addr(),
         cert = %cert_path.display(),
+        fingerprint = %server.fingerprint(),
         workers = world,
         out = %out_dir.display(),
         "coordinator listening"
@@ -118,7 +125,6 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
         world,
         local: opts.local,
         children: Vec::new(),
-        cert_path,
         token,
         out_dir: out_dir.clone(),
         join_timeout: Duration::from_millis(config.control.join_timeout_ms),
@@ -178,7 +184,36 @@ pub(crate) fn shuffled(clips: Vec<u32>, seed: u64) -> ShardPlan {
 
 pub(crate) fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
-    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+    write_whole(path, (text + "\n").as_bytes())
+}
+
+/// Writes `bytes` to a temporary sibling of `path`, flushes it and renames it into place, so a
+/// reader (a worker polling for the coordinator's certificate, a launcher reading a report)
+/// sees the old file or the whole new one, never a part. The sibling is removed on failure.
+pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let written = write_synced(&tmp, bytes).and_then(|()| {
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 pub(crate) fn generated_run_id() -> String {
@@ -198,5 +233,43 @@ pub(crate) fn join_token(local: bool) -> Result<String> {
             Ok(xkd_config::hex(&bytes))
         }
         _ => bail!("XKD_JOIN_TOKEN is not set: a cluster coordinator needs the run's join token"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_certificate_is_written_whole_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator-cert.der");
+        let id = xkd_protocol::transport::ServerIdentity::generate().unwrap();
+        std::fs::write(&path, b"a half-written older file").unwrap();
+        write_whole(&path, &id.cert_der).unwrap();
+        let read = std::fs::read(&path).unwrap();
+        assert_eq!(read, id.cert_der);
+        xkd_protocol::transport::check_certificate(&read).unwrap();
+        assert_eq!(names(dir.path()), ["coordinator-cert.der"]);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should go: the rename fails.
+        let path = dir.path().join("taken");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("inside"), b"x").unwrap();
+        assert!(write_whole(&path, b"bytes").is_err());
+        assert_eq!(names(dir.path()), ["taken"]);
     }
 }

@@ -18,13 +18,16 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use subtle::ConstantTimeEq;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 use xkd_protocol::frame::{encode, read_frame, write_frame, FrameError, MAX_FRAME_BYTES};
-use xkd_protocol::transport::{server_endpoint, ServerIdentity, CLOSE_LOST, CLOSE_REJECTED};
+use xkd_protocol::transport::{
+    server_endpoint, Fingerprint, ServerIdentity, CLOSE_LOST, CLOSE_REJECTED,
+};
 use xkd_protocol::{
     CoordinatorMsg, Join, Reject, WorkerMsg, NCCL_UNIQUE_ID_BYTES, PROTOCOL_VERSION,
 };
@@ -107,7 +110,15 @@ impl ControlServer {
     /// Binds QUIC on `listen` with a new self-signed certificate; `token` is the run's join
     /// token.
     pub async fn bind(listen: SocketAddr, token: String) -> anyhow::Result<ControlServer> {
-        let identity = ServerIdentity::generate()?;
+        ControlServer::bind_as(listen, token, ServerIdentity::generate()?).await
+    }
+
+    /// Like `bind`, presenting `identity` (a certificate the coordinator was given).
+    pub async fn bind_as(
+        listen: SocketAddr,
+        token: String,
+        identity: ServerIdentity,
+    ) -> anyhow::Result<ControlServer> {
         let endpoint = server_endpoint(listen, &identity)?;
         let local_addr = endpoint.local_addr().context("reading the bound address")?;
         info!(%local_addr, "control server listening");
@@ -138,6 +149,11 @@ impl ControlServer {
     /// The certificate workers must trust (DER).
     pub fn cert_der(&self) -> &[u8] {
         &self.identity.cert_der
+    }
+
+    /// The SHA-256 of `cert_der`, which a worker may pin instead of holding the certificate.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&self.identity.cert_der)
     }
 
     /// Takes joins again (they wait for the next `gather`): called before the workers of a new
@@ -310,13 +326,11 @@ fn reject_for(error: FrameError) -> Reject {
 }
 
 /// Compares in time independent of where the tokens differ, so response timing does not leak
-/// how much of a guessed token is right.
+/// how much of a guessed token is right. `subtle`'s comparison is vetted against the compiler
+/// turning it back into an early exit (which a hand-written fold does not guard against); it
+/// answers a length mismatch at once, which leaks only the token's length.
 fn same_token(a: &str, b: &str) -> bool {
-    let diff = a
-        .bytes()
-        .zip(b.bytes())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    a.len() == b.len() && diff == 0
+    bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
 
 /// Sends `reject`, gives the peer a moment to receive it, and closes the connection.
@@ -595,11 +609,24 @@ mod tests {
     }
 
     #[test]
+    fn token_comparison_takes_only_the_same_token() {
+        assert!(same_token("t0k", "t0k"));
+        assert!(same_token("", ""));
+        for wrong in ["t0K", "t0", "t0kx", "", "x0k", "t0k\0"] {
+            assert!(!same_token(wrong, "t0k"), "{wrong:?} was taken for t0k");
+        }
+    }
+
+    #[test]
     fn bad_joins_are_named() {
         let bad_token = check_join(Ok(WorkerMsg::Join(join("nope", PROTOCOL_VERSION))), "t0k");
         assert_eq!(bad_token, Err(Reject::BadToken));
         let prefix = check_join(Ok(WorkerMsg::Join(join("t0", PROTOCOL_VERSION))), "t0k");
         assert_eq!(prefix, Err(Reject::BadToken));
+        let longer = check_join(Ok(WorkerMsg::Join(join("t0kk", PROTOCOL_VERSION))), "t0k");
+        assert_eq!(longer, Err(Reject::BadToken));
+        let empty = check_join(Ok(WorkerMsg::Join(join("", PROTOCOL_VERSION))), "t0k");
+        assert_eq!(empty, Err(Reject::BadToken));
         let old = check_join(Ok(WorkerMsg::Join(join("t0k", 0))), "t0k");
         assert!(matches!(old, Err(Reject::VersionMismatch { got: 0, .. })));
         let not_join = check_join(Ok(WorkerMsg::heartbeat(0)), "t0k");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::time::{timeout, Instant};
 use xkd_coordinator::server::{Cluster, ControlServer, Event, JOIN_TIMEOUT};
 use xkd_protocol::frame::{encode, read_frame, write_frame, MAX_FRAME_BYTES};
-use xkd_protocol::transport::{client_endpoint, CLOSE_LOST, CLOSE_REJECTED, SERVER_NAME};
+use xkd_protocol::transport::{client_endpoint, Trust, CLOSE_LOST, CLOSE_REJECTED, SERVER_NAME};
 use xkd_protocol::{
     Assignment, CollectiveKind, CoordinatorMsg, Join, Reject, WorkerMsg, NCCL_UNIQUE_ID_BYTES,
     PROTOCOL_VERSION,
@@ -48,7 +48,7 @@ struct Client {
 
 impl Client {
     async fn connect(addr: SocketAddr, cert: &[u8]) -> Client {
-        let endpoint = client_endpoint(cert).unwrap();
+        let endpoint = client_endpoint(&Trust::Certificate(cert.to_vec())).unwrap();
         let conn = endpoint.connect(addr, SERVER_NAME).unwrap().await.unwrap();
         let (send, recv) = conn.open_bi().await.unwrap();
         Client {

@@ -121,7 +121,9 @@ pub enum CoordinatorMsg {
 /// Exit status of a worker told to `Restart` (EX_TEMPFAIL): launchers start it again.
 pub const EXIT_RESTART: u8 = 75;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Debug is written by hand so the token never reaches a log line or a panic message, whoever
+/// prints the join (or a `WorkerMsg` holding one).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct Join {
     pub protocol_version: u16,
     /// The run's join token (from `XKD_JOIN_TOKEN`); never logged.
@@ -130,6 +132,23 @@ pub struct Join {
     pub collective_addr: String,
     pub hostname: String,
     pub pid: u32,
+}
+
+impl std::fmt::Debug for Join {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = if self.token.is_empty() {
+            "<empty>"
+        } else {
+            "<redacted>"
+        };
+        f.debug_struct("Join")
+            .field("protocol_version", &self.protocol_version)
+            .field("token", &format_args!("{token}"))
+            .field("collective_addr", &self.collective_addr)
+            .field("hostname", &self.hostname)
+            .field("pid", &self.pid)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -669,6 +688,28 @@ mod tests {
         assert_eq!(back, p);
         assert_eq!(fresh, p);
         assert_eq!(back.clip_at(100), p.clip_at(100));
+    }
+
+    #[test]
+    fn debug_of_a_join_hides_the_token() {
+        let join = Join {
+            protocol_version: PROTOCOL_VERSION,
+            token: "s3cret-t0ken".into(),
+            collective_addr: "10.0.0.2:4000".into(),
+            hostname: "node-7".into(),
+            pid: 42,
+        };
+        for text in [
+            format!("{join:?}"),
+            format!("{join:#?}"),
+            format!("{:?}", WorkerMsg::Join(join.clone())),
+        ] {
+            assert!(!text.contains("s3cret"), "{text}");
+            assert!(
+                text.contains("<redacted>") && text.contains("node-7"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

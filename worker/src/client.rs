@@ -14,7 +14,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tracing::warn;
 use xkd_protocol::frame::{read_frame, write_frame, FrameError, MAX_FRAME_BYTES};
-use xkd_protocol::transport::{client_endpoint_for, CLOSE_NORMAL, SERVER_NAME};
+use xkd_protocol::transport::{client_endpoint_for, Trust, CLOSE_NORMAL, SERVER_NAME};
 use xkd_protocol::{Assignment, CoordinatorMsg, Join, WorkerMsg};
 
 /// How long the coordinator gets to answer a join (it answers once the whole world joined).
@@ -43,14 +43,14 @@ enum Outgoing {
     Finish(tokio::sync::oneshot::Sender<()>),
 }
 
-/// Connects, sends `join`, and waits for the coordinator's answer: an `Assignment` is a
-/// successful join, a `Reject` an error naming why.
+/// Connects to a coordinator that `trust` recognises, sends `join`, and waits for the
+/// answer: an `Assignment` is a successful join, a `Reject` an error naming why.
 pub async fn join(
     coordinator: SocketAddr,
-    trusted_cert_der: &[u8],
+    trust: &Trust,
     join: Join,
 ) -> anyhow::Result<(Assignment, ControlLink)> {
-    let endpoint = client_endpoint_for(coordinator, trusted_cert_der)?;
+    let endpoint = client_endpoint_for(coordinator, trust)?;
     let conn = endpoint
         .connect(coordinator, SERVER_NAME)?
         .await
@@ -300,13 +300,13 @@ mod wire_tests {
         conn.close(CLOSE_NORMAL, b"bye");
     }
 
-    fn start(answer: CoordinatorMsg) -> (SocketAddr, Vec<u8>, JoinHandle<()>) {
+    fn start(answer: CoordinatorMsg) -> (SocketAddr, Trust, JoinHandle<()>) {
         let id = ServerIdentity::generate().unwrap();
         let server = server_endpoint(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &id).unwrap();
         let addr = server.local_addr().unwrap();
         (
             addr,
-            id.cert_der.clone(),
+            Trust::Certificate(id.cert_der.clone()),
             tokio::spawn(coordinator(server, answer)),
         )
     }

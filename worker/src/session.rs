@@ -14,6 +14,7 @@ use std::time::Duration;
 use xkd_collective::{Collective, RingListener};
 use xkd_config::{Config, DataSource};
 use xkd_data as data;
+use xkd_protocol::transport::Trust;
 use xkd_protocol::{
     CollectiveKind, CoordinatorMsg, DataSummary, FailureKind, Join, SplitClips, Task, TaskKind,
     TaskResult, WorkerMsg, PROTOCOL_VERSION,
@@ -21,8 +22,8 @@ use xkd_protocol::{
 
 pub struct WorkerArgs {
     pub coordinator: SocketAddr,
-    /// The coordinator's certificate (DER), the only one this worker trusts.
-    pub cert_der: Vec<u8>,
+    /// The coordinator's certificate, or its fingerprint: the only one this worker trusts.
+    pub trust: Trust,
     pub token: String,
     /// Host to bind the gradient ring on; `None` = the address this host uses to reach the
     /// coordinator.
@@ -68,7 +69,7 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
         hostname: hostname(),
         pid: std::process::id(),
     };
-    let (assignment, mut link) = client::join(args.coordinator, &args.cert_der, join).await?;
+    let (assignment, mut link) = client::join(args.coordinator, &args.trust, join).await?;
     let config = Config::from_toml(&assignment.config_toml)
         .context("the coordinator sent a config this worker cannot read")?;
     let (rank, world) = (assignment.rank, assignment.world_size);

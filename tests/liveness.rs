@@ -152,13 +152,7 @@ fn a_store_slower_than_a_step_defers_a_save_and_loses_no_committed_checkpoint() 
         .collect();
     assert_eq!(deferred, vec![40], "{text}");
     let run_url = format!("{url}/slow-store");
-    let listed = json_of(&["checkpoint", "ls", "--json", &run_url], &env);
-    let steps: Vec<u64> = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["step"].as_u64().unwrap())
-        .collect();
+    let steps = common::committed_steps(&run_url, &env);
     assert_eq!(
         steps,
         vec![60, 20],

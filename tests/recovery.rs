@@ -315,13 +315,7 @@ fn a_store_down_for_15_s_loses_no_checkpoint() {
     let (code, text) = run.wait(LIMIT);
     assert_eq!(code, 0, "the run did not survive the outage:\n{text}");
     let run_url = format!("{url}/outage");
-    let listed = json_of(&["checkpoint", "ls", "--json", &run_url], &env);
-    let steps: Vec<u64> = listed
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["step"].as_u64().unwrap())
-        .collect();
+    let steps = common::committed_steps(&run_url, &env);
     assert_eq!(
         steps,
         vec![60, 40, 20],

@@ -394,6 +394,25 @@ mod tests {
         }
     }
 
+    /// Serves `id`, and sends one byte there and back through a client trusting `trust`.
+    async fn echo_through(id: &ServerIdentity, trust: &Trust) {
+        let server = server_endpoint(loopback(), id).unwrap();
+        let addr = server.local_addr().unwrap();
+        let echo = tokio::spawn(echo_once(server));
+        let conn = client_endpoint(trust)
+            .unwrap()
+            .connect(addr, SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[7]).await.unwrap();
+        let mut b = [0u8; 1];
+        recv.read_exact(&mut b).await.unwrap();
+        assert_eq!(b, [7]);
+        echo.await.unwrap();
+    }
+
     #[tokio::test]
     async fn client_talks_to_the_trusted_server() {
         let id = ServerIdentity::generate().unwrap();
@@ -433,20 +452,8 @@ mod tests {
     #[tokio::test]
     async fn a_pinned_fingerprint_admits_its_certificate_only() {
         let id = ServerIdentity::generate().unwrap();
-        let server = server_endpoint(loopback(), &id).unwrap();
-        let addr = server.local_addr().unwrap();
-        let echo = tokio::spawn(echo_once(server));
         let pin = Trust::Fingerprint(Fingerprint::of(&id.cert_der));
-        let conn = client_endpoint(&pin)
-            .unwrap()
-            .connect(addr, SERVER_NAME)
-            .unwrap();
-        let conn = conn.await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&[7]).await.unwrap();
-        let mut b = [0u8; 1];
-        recv.read_exact(&mut b).await.unwrap();
-        echo.await.unwrap();
+        echo_through(&id, &pin).await;
 
         let impostor = ServerIdentity::generate().unwrap();
         let server = server_endpoint(loopback(), &impostor).unwrap();
@@ -522,20 +529,7 @@ mod tests {
         assert_eq!(id.cert_der, leaf.der().to_vec());
         assert_eq!(id.chain, vec![ca.der().to_vec()]);
 
-        let server = server_endpoint(loopback(), &id).unwrap();
-        let addr = server.local_addr().unwrap();
-        let echo = tokio::spawn(echo_once(server));
-        let pin = Trust::Fingerprint(Fingerprint::of(leaf.der()));
-        let conn = client_endpoint(&pin)
-            .unwrap()
-            .connect(addr, SERVER_NAME)
-            .unwrap();
-        let conn = conn.await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&[7]).await.unwrap();
-        let mut b = [0u8; 1];
-        recv.read_exact(&mut b).await.unwrap();
-        echo.await.unwrap();
+        echo_through(&id, &Trust::Fingerprint(Fingerprint::of(leaf.der()))).await;
 
         let other = rcgen::KeyPair::generate().unwrap();
         let mismatched =

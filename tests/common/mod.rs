@@ -272,3 +272,14 @@ pub fn fresh_dir(root: &Path, name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
+
+/// The steps of the committed checkpoints of the run at `run_url`, newest first
+/// (`xkd checkpoint ls`).
+pub fn committed_steps(run_url: &str, env: &[(String, String)]) -> Vec<u64> {
+    json_of(&["checkpoint", "ls", "--json", run_url], env)
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|r| r["step"].as_u64().expect("a step"))
+        .collect()
+}

@@ -88,7 +88,11 @@ impl Nccl {
         })
     }
 
-    /// Enqueues the average of `bucket` over ranks into a new buffer (inside the open group).
+    /// Enqueues the sum of `bucket` over ranks into a new buffer (inside the open group). Not
+    /// `ncclAvg`: on one rank, NCCL 2.28.9 (PyTorch's wheel on the H200 machine) leaves the
+    /// last `count % 4` elements of an out-of-place `ncclAvg` of a long buffer unwritten (a
+    /// CuPy check on the same library: tests/gpu/RESULTS.md); `ncclSum` writes them all. The
+    /// sum is divided by the world size after the group.
     fn enqueue(&self, bucket: &Tensor) -> Result<Tensor, CollectiveError> {
         let rank = self.rank;
         let tensor = |source| CollectiveError::Tensor { rank, source };
@@ -110,7 +114,7 @@ impl Nccl {
         let mut dst = unsafe { self.device.alloc::<f32>(end - start) }.map_err(tensor)?;
         self.comm
             .0
-            .all_reduce(&src, &mut dst, &ReduceOp::Avg)
+            .all_reduce(&src, &mut dst, &ReduceOp::Sum)
             .map_err(|e| nccl(rank, "ncclAllReduce", e))?;
         drop(storage);
         Ok(Tensor::from_storage(
@@ -159,7 +163,14 @@ impl Nccl {
         let averaged = enqueued?;
         ended?;
         self.drain()?;
-        buckets.clone_from_slice(&averaged);
+        let tensor = |source| CollectiveError::Tensor { rank, source };
+        for (bucket, sum) in buckets.iter_mut().zip(averaged) {
+            *bucket = if self.world > 1 {
+                sum.affine(1.0 / self.world as f64, 0.0).map_err(tensor)?
+            } else {
+                sum
+            };
+        }
         Ok(())
     }
 }

@@ -130,7 +130,8 @@ impl AdamW {
                         slot.var.dims()
                     );
                 }
-                Ok(t.to_dtype(slot.var.dtype())?)
+                // Checkpoints are read on the host; the moments live where the parameter does.
+                Ok(t.to_dtype(slot.var.dtype())?.to_device(slot.var.device())?)
             };
             moments.push((take(FIRST)?, take(SECOND)?));
         }

@@ -250,7 +250,11 @@ pub fn cuda_compiled() -> bool {
 pub fn device(choice: DeviceChoice) -> Result<Device> {
     match gpu_ordinal(choice, |name| std::env::var(name).ok())? {
         None => Ok(Device::Cpu),
-        Some(n) => Device::new_cuda(n)
+        // A stream of its own, not candle's default (CUDA's per-thread default stream): a
+        // rank's tasks run on different threads (one `spawn_blocking` each), and the per-thread
+        // stream would put each task's kernels, and the frees of tensors kept across tasks, on
+        // a different stream, ordered with nothing; NCCL gets the same stream.
+        Some(n) => Device::new_cuda_with_stream(n)
             .with_context(|| format!("opening GPU {n} for run.device = {choice}")),
     }
 }
@@ -314,10 +318,21 @@ fn all_reduce_grads(
     progress.waiting(|| collective.all_reduce_buckets(&mut buffers))?;
     let last = buffers.pop().expect("the vote's bucket");
     let n = last.elem_count() - 1;
-    let stop = last.get(n)?.to_scalar::<f32>()? > 0.0;
+    let votes = last.get(n)?.to_scalar::<f32>()? * collective.world_size() as f32;
     if !buckets.sizes().is_empty() {
         buffers.push(last.narrow(0, 0, n)?);
     }
+    // The mean of 0s and 1s over W ranks is a multiple of 1/W. Anything else was not
+    // written by the all-reduce (as NCCL's out-of-place average left the end of a buffer on
+    // the first GPU run), and the gradients beside it cannot be trusted either.
+    let whole = (votes - votes.round()).abs() < 1e-3 && votes > -1e-3; // false for NaN
+    if !whole {
+        bail!(
+            "the all-reduce returned a stop vote of {votes} ranks, not a whole number: the \
+             collective did not write its whole buffer"
+        );
+    }
+    let stop = votes > 0.5;
     // Squares summed in f64. The norm sets the clip scale of nearly every step of the default
     // job, and its pretraining follows that scale's last bits chaotically: summing in f32
     // instead left both stand-ins at a final loss of 0.3 to 0.7 rather than 0.01 and the

@@ -78,6 +78,23 @@ impl TlsArgs {
     }
 }
 
+/// Where the coordinator serves Prometheus metrics.
+#[derive(Args, Clone)]
+struct MetricsArgs {
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics (IP:PORT; port 0 picks a free
+    /// port, logged as `metrics listening`); overrides control.metrics_listen.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+impl MetricsArgs {
+    fn apply(&self, config: &mut Config) {
+        if let Some(addr) = self.metrics_listen {
+            config.control.metrics_listen = addr.to_string();
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// The whole job on this machine: coordinator plus local worker processes.
@@ -93,6 +110,8 @@ enum Command {
         out: Option<PathBuf>,
         #[command(flatten)]
         tls: TlsArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Cluster mode: the coordinator alone; workers join with `xkd worker`.
     Coordinator {
@@ -105,6 +124,8 @@ enum Command {
         out: Option<PathBuf>,
         #[command(flatten)]
         tls: TlsArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Cluster mode: one worker.
     Worker {
@@ -273,8 +294,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             workers,
             out,
             tls,
+            metrics,
         } => {
-            let config = resolve_to_run(&cfg, workers)?;
+            let mut config = resolve_to_run(&cfg, workers)?;
+            metrics.apply(&mut config);
             let local = local_workers(&config, log_format)?;
             let identity = tls.identity()?;
             match runtime()?.block_on(run::run(RunOptions {
@@ -339,11 +362,13 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             listen,
             out,
             tls,
+            metrics,
         } => {
             let mut config = resolve_to_run(&cfg, None)?;
             if let Some(addr) = listen {
                 config.control.listen = addr;
             }
+            metrics.apply(&mut config);
             let identity = tls.identity()?;
             let outcome = runtime()?.block_on(run::run(RunOptions {
                 config,

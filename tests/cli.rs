@@ -45,6 +45,7 @@ fn values_the_run_cannot_use_exit_2_before_any_worker_starts() {
         ("distill.temperature=nan", "distill.temperature"),
         ("run.run_id=a/b", "run.run_id"),
         ("control.listen=nowhere", "control.listen"),
+        ("control.metrics_listen=nowhere", "control.metrics_listen"),
     ] {
         let out = std::env::temp_dir().join(format!("xkd-cli-refused-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
@@ -57,6 +58,36 @@ fn values_the_run_cannot_use_exit_2_before_any_worker_starts() {
         assert!(
             !out.exists(),
             "{set}: the run made {} before refusing",
+            out.display()
+        );
+    }
+}
+
+/// `--metrics-listen` on `run` and `coordinator`: an ADDR that is not IP:PORT is a usage error
+/// (exit 2); a port already taken fails the run at once, naming the address, before it makes
+/// its output directory or starts a worker.
+#[test]
+fn metrics_listen_is_checked_before_the_run_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for command in ["run", "coordinator"] {
+        for bad in ["localhost:9464", "9464", "127.0.0.1"] {
+            let (code, _, err) = run(&[command, "--metrics-listen", bad]);
+            assert_eq!(code, 2, "{command} --metrics-listen {bad}: {err}");
+            assert!(err.contains("--metrics-listen"), "{err}");
+        }
+        let out = std::env::temp_dir().join(format!("xkd-cli-metrics-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let out_arg = out.display().to_string();
+        let (code, _, err) = run(&[command, "--out", &out_arg, "--metrics-listen", &addr]);
+        assert_eq!(code, 1, "{command}: {err}");
+        assert!(
+            err.contains(&addr) && err.contains("metrics endpoint"),
+            "{command}: the error does not name the address {addr}:\n{err}"
+        );
+        assert!(
+            !out.exists(),
+            "{command}: made {} before failing",
             out.display()
         );
     }

@@ -1,7 +1,7 @@
 //! The Kubernetes launch files, checked without a cluster: tests/k8s/check.sh validates
 //! deploy/k8s/xkd.yaml against the Kubernetes API schemas (kubernetes-validate --strict) and
 //! checks the coordinator's recipe and arguments resolve through this `xkd` and agree with the
-//! worker Job. (The Slurm script runs on a real Slurm: tests/slurm.rs.)
+//! worker Job, and that the coordinator's metrics port is exposed and annotated for scraping. (The Slurm script runs on a real Slurm: tests/slurm.rs.)
 
 use std::process::Command;
 
@@ -17,4 +17,10 @@ fn the_kubernetes_manifest_is_valid_and_agrees_with_its_recipe() {
     );
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("valid; 8 workers"), "{stdout}");
+    // The coordinator's metrics port, with the scrape annotations on its pod (check.sh
+    // checks they name the --metrics-listen port, a containerPort and a Service port).
+    assert!(
+        stdout.contains("metrics scraped at :9733/metrics"),
+        "{stdout}"
+    );
 }

@@ -445,6 +445,10 @@ impl CollectiveConfig {
 pub struct ControlConfig {
     /// Address the coordinator listens on (QUIC).
     pub listen: String,
+    /// Address (IP:port) the coordinator serves Prometheus metrics on, at `/metrics` over
+    /// HTTP; port 0 takes a free port (logged as `metrics listening`); empty serves none.
+    /// `--metrics-listen` overrides it.
+    pub metrics_listen: String,
     /// Workers the coordinator waits for before starting.
     pub workers: usize,
     pub heartbeat_ms: u64,

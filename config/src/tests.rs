@@ -240,6 +240,7 @@ fn bad_values() -> Vec<(String, Option<&'static str>, &'static [&'static str])> 
         ("checkpoint.keep_last", Some("0")),
         ("collective.bucket_mb", Some("0")),
         ("control.listen", Some("\"nowhere\"")),
+        ("control.metrics_listen", Some("\"localhost\"")),
         ("control.workers", Some("0")),
         ("control.heartbeat_ms", Some("0")),
         ("control.heartbeat_timeout_ms", Some("1")),

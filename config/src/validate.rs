@@ -349,6 +349,16 @@ impl Config {
                 ),
             ));
         }
+        if !c.metrics_listen.is_empty() && c.metrics_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(bad(
+                "control.metrics_listen",
+                format!(
+                    "`{}` is not an address (IP:port, e.g. 0.0.0.0:9733; empty serves no metrics)",
+                    c.metrics_listen
+                ),
+            ));
+        }
         at_least("control.workers", c.workers as u64, 1)?;
         at_least("control.heartbeat_ms", c.heartbeat_ms, 1)?;
         at_least("control.join_timeout_ms", c.join_timeout_ms, 1)?;

@@ -7,6 +7,7 @@
 //! A checkpoint that fails to commit is logged and skipped: training goes on, and the next one
 //! is a full checkpoint of its own.
 
+use crate::metrics::Metrics;
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use xkd_checkpoint::{ObjectEntry, Store, STATE};
@@ -25,6 +26,8 @@ pub struct Checkpoints {
     last: Option<String>,
     /// The task whose checkpoints are being committed.
     current: Option<Context>,
+    /// Told of each commit (`count_commits`).
+    metrics: Option<Metrics>,
 }
 
 /// What a checkpoint's state is computed from: the task as ordered, and the run around it.
@@ -168,6 +171,7 @@ impl Checkpoints {
             keep_last: config.checkpoint.keep_last,
             last: None,
             current: None,
+            metrics: None,
         })
     }
 
@@ -251,6 +255,11 @@ impl Checkpoints {
         Ok(())
     }
 
+    /// Tells `metrics` of every commit from now on, as it happens (before it is logged).
+    pub fn count_commits(&mut self, metrics: Metrics) {
+        self.metrics = Some(metrics);
+    }
+
     /// From now on, checkpoints belong to the task `cx` describes.
     pub fn begin(&mut self, cx: Context) {
         self.current = Some(cx);
@@ -291,6 +300,9 @@ impl Checkpoints {
         }
         match self.try_commit(saved, cx).await {
             Ok((url, bytes)) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.committed(step);
+                }
                 tracing::info!(step, url, bytes, "checkpoint committed");
                 self.last = Some(url);
                 if let Err(e) = self.store.prune(&self.run_id, self.keep_last).await {

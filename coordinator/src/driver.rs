@@ -6,6 +6,7 @@
 
 use crate::checkpoint::Checkpoints;
 use crate::local::Generations;
+use crate::metrics::{Metrics, RestartKind};
 use crate::run::{collective_kind, Preempted};
 use crate::server::{Cluster, Event};
 use anyhow::{anyhow, Context, Result};
@@ -50,7 +51,10 @@ pub(crate) struct Driver {
     pub(crate) run_id: String,
     pub(crate) config: Config,
     pub(crate) next_task: u64,
-    pub(crate) metrics: std::fs::File,
+    /// `metrics.jsonl`: every rank's step reports.
+    pub(crate) metrics_file: std::fs::File,
+    /// What `--metrics-listen` serves; fed from here, never waited on.
+    pub(crate) metrics: Metrics,
     pub(crate) stage: String,
     /// Commits the checkpoints of the task that saves them (distillation). Shared with the
     /// background commits (`queue_commit`).
@@ -70,14 +74,16 @@ impl Driver {
         run_id: &str,
         checkpoints: Option<Checkpoints>,
         sigterm: Signal,
+        metrics: Metrics,
     ) -> Result<Driver> {
         let path = generations.out_dir.join("metrics.jsonl");
         // Appended to: a resumed run adds to the curve of the run it continues.
-        let metrics = std::fs::OpenOptions::new()
+        let metrics_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
+        metrics.enter_stage("setup");
         let cluster = generations.next().await?;
         let mut driver = Driver {
             world: generations.world,
@@ -86,6 +92,7 @@ impl Driver {
             run_id: run_id.to_string(),
             config: config.clone(),
             next_task: 0,
+            metrics_file,
             metrics,
             stage: "setup".into(),
             checkpoints: checkpoints.map(|c| Arc::new(tokio::sync::Mutex::new(c))),
@@ -193,6 +200,11 @@ impl Driver {
                 error = format!("{error:#}"),
                 "restarting the workers"
             );
+            self.metrics.restarted(if counted {
+                RestartKind::Failure
+            } else {
+                RestartKind::Preemption
+            });
             counted = true;
             match self.regroup(&format!("{error:#}")).await {
                 Ok(()) => return Ok(()),
@@ -263,6 +275,10 @@ impl Driver {
         self.next_task += 1;
         let id = self.next_task;
         let checkpointed = matches!(&kind, TaskKind::Train(t) if t.checkpoint.is_some());
+        self.metrics.enter_stage(&self.stage);
+        if let TaskKind::Train(t) = &kind {
+            self.metrics.plan_steps(&self.stage, t.steps);
+        }
         let bar = match &kind {
             TaskKind::Train(t) => {
                 crate::bars::Stage::start(&self.stage, Some(t.steps), t.resume_from.unwrap_or(0))
@@ -392,7 +408,8 @@ impl Driver {
             "ms_student": r.ms_student, "ms_loss": r.ms_loss, "ms_allreduce": r.ms_allreduce,
             "ms_optimizer": r.ms_optimizer,
         });
-        writeln!(self.metrics, "{line}")?;
+        writeln!(self.metrics_file, "{line}")?;
+        self.metrics.step(&self.stage, r);
         if r.rank == 0 {
             tracing::info!(
                 run_id = %self.run_id,

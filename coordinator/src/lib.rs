@@ -7,6 +7,7 @@ pub mod decisions;
 mod driver;
 pub mod heuristic;
 mod local;
+pub mod metrics;
 pub mod report;
 pub mod run;
 pub mod server;

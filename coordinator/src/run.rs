@@ -6,6 +6,7 @@ use crate::checkpoint::Checkpoints;
 use crate::driver::Driver;
 use crate::heuristic::Decision;
 use crate::local::Generations;
+use crate::metrics::{Metrics, MetricsServer};
 use crate::report::Report;
 use crate::server::ControlServer;
 use crate::stages::stages;
@@ -82,13 +83,21 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
     } else {
         config.run.run_id.clone()
     };
+    let world = opts
+        .local
+        .as_ref()
+        .map_or(config.control.workers, |l| l.count);
+    let metrics = Metrics::new(&run_id, world);
+    // Served until this function returns; bound first, so a taken port fails the run before
+    // it makes its output directory or starts a worker.
+    let _metrics_server = serve_metrics(&config, &run_id, &metrics).await?;
     let out_dir = opts
         .out_dir
         .unwrap_or_else(|| PathBuf::from("runs").join(&run_id));
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("creating output directory {}", out_dir.display()))?;
     // Opened before any work, so a bad `checkpoint.url` or run id fails the run at once.
-    let checkpoints = if opts.only_hard_classes {
+    let mut checkpoints = if opts.only_hard_classes {
         None
     } else {
         Some(Checkpoints::open(&config, &run_id, &out_dir)?)
@@ -101,16 +110,16 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
             config.control.listen
         )
     })?;
-    let server = match opts.identity {
+    let mut server = match opts.identity {
         Some(identity) => ControlServer::bind_as(listen, token.clone(), identity).await?,
         None => ControlServer::bind(listen, token.clone()).await?,
     };
+    server.count_alive(metrics.workers_alive());
+    if let Some(checkpoints) = checkpoints.as_mut() {
+        checkpoints.count_commits(metrics.clone());
+    }
     let cert_path = out_dir.join("coordinator-cert.der");
     write_whole(&cert_path, server.cert_der())?;
-    let world = opts
-        .local
-        .as_ref()
-        .map_or(config.control.workers, |l| l.count);
     tracing::info!(
         run_id,
         addr = %server.local_addr(),
@@ -130,7 +139,8 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
         join_timeout: Duration::from_millis(config.control.join_timeout_ms),
         heartbeat_timeout: Duration::from_millis(config.control.heartbeat_timeout_ms),
     };
-    let mut driver = Driver::start(generations, &config, &run_id, checkpoints, sigterm).await?;
+    let mut driver =
+        Driver::start(generations, &config, &run_id, checkpoints, sigterm, metrics).await?;
     let result = stages(
         &mut driver,
         &config,
@@ -157,6 +167,31 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
     driver.shutdown(&reason).await;
     driver.generations.wait_children().await;
     result
+}
+
+/// The metrics endpoint `control.metrics_listen` asks for, serving `metrics`; none when it is
+/// empty. Logs the address it bound (the port chosen, when 0 was asked).
+async fn serve_metrics(
+    config: &Config,
+    run_id: &str,
+    metrics: &Metrics,
+) -> Result<Option<MetricsServer>> {
+    let asked = &config.control.metrics_listen;
+    if asked.is_empty() {
+        return Ok(None);
+    }
+    let listen: SocketAddr = asked
+        .parse()
+        .with_context(|| format!("control.metrics_listen `{asked}` is not an address"))?;
+    let server = MetricsServer::start(listen, metrics.clone()).await?;
+    let addr = server.local_addr();
+    tracing::info!(
+        run_id,
+        %addr,
+        url = format!("http://{addr}/metrics"),
+        "metrics listening"
+    );
+    Ok(Some(server))
 }
 
 /// The one summary of a data-parallel training task, once every rank is seen to end with

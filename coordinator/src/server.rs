@@ -13,6 +13,7 @@
 //! heartbeat timeout is lost, even if its connection is technically open.
 
 use anyhow::{anyhow, bail, ensure, Context};
+use prometheus_client::metrics::gauge::Gauge;
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,6 +50,8 @@ pub struct ControlServer {
     /// Whether `gather` is taking workers now; otherwise valid joins are refused.
     gathering: Arc<AtomicBool>,
     acceptor: JoinHandle<()>,
+    /// Joined workers whose connection is watched, over every generation (`count_alive`).
+    alive: Gauge,
 }
 
 /// One worker that joined.
@@ -82,6 +85,8 @@ pub struct Cluster {
     send_timeout: Duration,
     /// Set once the coordinator has told everyone to stop: a worker leaving is then expected.
     stopping: Arc<AtomicBool>,
+    /// Workers whose watcher runs (`ControlServer::count_alive`).
+    alive: Gauge,
     /// Keeps the endpoint driver alive as long as the cluster, whatever happens to the server.
     _endpoint: Endpoint,
 }
@@ -139,7 +144,15 @@ impl ControlServer {
             admitted,
             gathering,
             acceptor,
+            alive: Gauge::default(),
         })
+    }
+
+    /// Keeps `gauge` at the number of joined workers whose connection is up (the metrics'
+    /// `xkd_workers_alive`): one more on each join, one less when a worker is lost, leaves
+    /// or its generation is dropped.
+    pub fn count_alive(&mut self, gauge: Gauge) {
+        self.alive = gauge;
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -175,6 +188,7 @@ impl ControlServer {
         let deadline = Instant::now() + timeout;
         let (events_tx, events_rx) = unbounded_channel();
         let mut cluster = Cluster::new(self.endpoint.clone(), events_rx, heartbeat_timeout);
+        cluster.alive = self.alive.clone();
         self.gathering.store(true, Ordering::SeqCst);
         let gathered = loop {
             if cluster.members.len() == world {
@@ -358,6 +372,7 @@ impl Cluster {
             readers: Vec::new(),
             send_timeout,
             stopping: Arc::new(AtomicBool::new(false)),
+            alive: Gauge::default(),
             _endpoint: endpoint,
         }
     }
@@ -379,6 +394,7 @@ impl Cluster {
             heartbeat_timeout,
             events,
             self.stopping.clone(),
+            Alive::new(self.alive.clone()),
         );
         self.readers.push(tokio::spawn(watch));
         self.links.push(Arc::new(Link {
@@ -564,6 +580,7 @@ async fn watch(
     heartbeat_timeout: Duration,
     events: UnboundedSender<Event>,
     stopping: Arc<AtomicBool>,
+    alive: Alive,
 ) {
     let reason = loop {
         let frame = timeout(heartbeat_timeout, read_frame(&mut recv, MAX_FRAME_BYTES)).await;
@@ -584,7 +601,26 @@ async fn watch(
         warn!(rank, %reason, "worker lost");
     }
     conn.close(CLOSE_LOST, b"lost");
+    // Counted out before the loss is reported, so whoever hears of it sees the gauge agree.
+    drop(alive);
     let _ = events.send(Event::Lost { rank, reason });
+}
+
+/// One worker counted alive for as long as its watcher lives: the watcher ending (the worker
+/// lost or gone) or being aborted (its cluster dropped) counts it out.
+struct Alive(Gauge);
+
+impl Alive {
+    fn new(gauge: Gauge) -> Alive {
+        gauge.inc();
+        Alive(gauge)
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 #[cfg(test)]

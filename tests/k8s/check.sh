@@ -2,8 +2,10 @@
 # deploy/k8s/xkd.yaml, checked offline (no cluster): every resource valid against the Kubernetes
 # API schemas with no unknown field (PyPI kubernetes-validate --strict, installed into
 # .tools/k8s-venv once), the worker Job's completions and parallelism equal to the
-# control.workers the coordinator runs with, and configs/qwen2vl-to-qwen2audio.toml with the
-# coordinator's --set arguments resolving through `xkd config show`.
+# control.workers the coordinator runs with, configs/qwen2vl-to-qwen2audio.toml with the
+# coordinator's --set arguments resolving through `xkd config show`, and the metrics port
+# (--metrics-listen) exposed: a TCP containerPort, a Service port, and the pod template's
+# prometheus.io/scrape, port and path annotations naming it.
 #   XKD: the xkd binary (default: the release build). tests/deploy.rs runs this.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -32,5 +34,26 @@ n = config["control"]["workers"]
 if not workers["completions"] == workers["parallelism"] == n:
     sys.exit(f"control.workers is {n} but the worker Job has completions "
              f"{workers['completions']} and parallelism {workers['parallelism']}")
-print(f"{manifest}: valid; {n} workers; run {config['run']['run_id']} resolves from {recipe}")
+coordinator = jobs["xkd-coordinator"]["template"]
+listen = [a.split("=", 1)[1] for a in args if a.startswith("--metrics-listen=")]
+if len(listen) != 1:
+    sys.exit(f"the coordinator has {len(listen)} --metrics-listen arguments; one is expected")
+port = int(listen[0].rsplit(":", 1)[1])
+notes = coordinator["metadata"].get("annotations", {})
+want = {"prometheus.io/scrape": "true", "prometheus.io/port": str(port),
+        "prometheus.io/path": "/metrics"}
+for key, value in want.items():
+    if notes.get(key) != value:
+        sys.exit(f"the coordinator pod's annotation {key} is {notes.get(key)!r}, not {value!r}")
+ports = coordinator["spec"]["containers"][0].get("ports", [])
+named = [p for p in ports if p["containerPort"] == port and p.get("protocol", "TCP") == "TCP"]
+if not named:
+    sys.exit(f"the coordinator container exposes no TCP containerPort {port}")
+service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "xkd-coordinator")
+targets = [p for p in service["spec"]["ports"] if p.get("protocol", "TCP") == "TCP"
+           and p.get("targetPort") in (port, named[0].get("name"))]
+if not targets:
+    sys.exit(f"the Service xkd-coordinator has no TCP port to the metrics port {port}")
+print(f"{manifest}: valid; {n} workers; run {config['run']['run_id']} resolves from {recipe}; "
+      f"metrics scraped at :{port}{want['prometheus.io/path']}")
 PY

@@ -2,7 +2,8 @@
 //!
 //! `XKD_TEST_HOLD=STEP:FILE` makes rank 0 of a checkpointed training task, once step STEP is
 //! taken and its checkpoint uploaded (the `Saved` message handed to the control link), wait
-//! until FILE exists or the rank is asked to stop. While it waits no later step can be taken
+//! until FILE exists or the rank is asked to stop. `STEP:FILE;STEP:FILE...` holds at each of
+//! the steps, each released by its own file (a test that looks at a run twice). While it waits no later step can be taken
 //! by any rank (they wait for it in the next all-reduce), so no later checkpoint can commit:
 //! a test that kills or stops something then acts at a known point, on any machine speed.
 //! Heartbeats come from the control link's own tasks and go on. Nothing but tests sets it;
@@ -31,12 +32,21 @@ pub struct Hold {
 }
 
 impl Hold {
-    /// The hold `XKD_TEST_HOLD` asks for, if set; an error names a malformed value.
-    pub fn from_env() -> Result<Option<Hold>> {
+    /// The holds `XKD_TEST_HOLD` asks for (none when unset); an error names a malformed
+    /// value.
+    pub fn from_env() -> Result<Vec<Hold>> {
         match std::env::var(VAR) {
-            Ok(value) => Hold::parse(&value).map(Some),
-            Err(_) => Ok(None),
+            Ok(value) => Hold::parse_all(&value),
+            Err(_) => Ok(Vec::new()),
         }
+    }
+
+    /// `STEP:FILE`, or several separated by `;`.
+    fn parse_all(value: &str) -> Result<Vec<Hold>> {
+        value
+            .split(';')
+            .map(|one| Hold::parse(one).with_context(|| format!("{VAR}={value:?}")))
+            .collect()
     }
 
     fn parse(value: &str) -> Result<Hold> {
@@ -159,6 +169,28 @@ mod tests {
         let err = format!("{:#}", Faults::parse(0, Some("0:soon"), None).unwrap_err());
         assert!(err.contains("\"soon\" is not milliseconds"), "{err}");
         assert!(Faults::parse(0, None, Some("0:30")).is_err());
+    }
+
+    #[test]
+    fn several_holds_are_separated_by_semicolons() {
+        let holds = Hold::parse_all("10:/tmp/a;20:/tmp/b:c").unwrap();
+        assert_eq!(
+            holds,
+            [
+                Hold {
+                    step: 10,
+                    release: PathBuf::from("/tmp/a"),
+                },
+                Hold {
+                    step: 20,
+                    release: PathBuf::from("/tmp/b:c"),
+                },
+            ]
+        );
+        assert_eq!(Hold::parse_all("5:/tmp/x").unwrap().len(), 1);
+        let err = format!("{:#}", Hold::parse_all("10:/tmp/a;x:/tmp/b").unwrap_err());
+        assert!(err.contains("\"x\" is not a step"), "{err}");
+        assert!(Hold::parse_all("10:/tmp/a;").is_err());
     }
 
     #[test]

@@ -452,9 +452,9 @@ impl Rank {
             Some(order) if self.rank == 0 => Some(Saver::new(task_id, order, send.clone())?),
             _ => None,
         };
-        let hold = match saver {
+        let holds = match saver {
             Some(_) => Hold::from_env()?,
-            None => None,
+            None => Vec::new(),
         };
         let mut last_loss = f64::NAN;
         let mut taken = first;
@@ -529,7 +529,7 @@ impl Rank {
                     let (student, optimizer) = snapshot(&params, &opt)?;
                     saver.save(taken, last_loss, student, optimizer);
                     deferred = false;
-                    if let Some(hold) = hold.as_ref().filter(|h| h.step == taken && !stopped) {
+                    if let Some(hold) = holds.iter().find(|h| h.step == taken && !stopped) {
                         saver.wait();
                         hold.wait(self.rank, &self.stop);
                     }

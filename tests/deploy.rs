@@ -1,7 +1,8 @@
 //! The Kubernetes launch files, checked without a cluster: tests/k8s/check.sh validates
 //! deploy/k8s/xkd.yaml against the Kubernetes API schemas (kubernetes-validate --strict) and
 //! checks the coordinator's recipe and arguments resolve through this `xkd` and agree with the
-//! worker Job. (The Slurm script runs on a real Slurm: tests/slurm.rs.)
+//! worker Job, and that its NetworkPolicy admits traffic to the run's pods only from each
+//! other. (The Slurm script runs on a real Slurm: tests/slurm.rs.)
 
 use std::process::Command;
 
@@ -17,4 +18,9 @@ fn the_kubernetes_manifest_is_valid_and_agrees_with_its_recipe() {
     );
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("valid; 8 workers"), "{stdout}");
+    // NCCL's connections are not authenticated: the run's pods admit only each other.
+    assert!(
+        stdout.contains("ingress only from the run's pods"),
+        "{stdout}"
+    );
 }

@@ -2,8 +2,9 @@
 # deploy/k8s/xkd.yaml, checked offline (no cluster): every resource valid against the Kubernetes
 # API schemas with no unknown field (PyPI kubernetes-validate --strict, installed into
 # .tools/k8s-venv once), the worker Job's completions and parallelism equal to the
-# control.workers the coordinator runs with, and configs/qwen2vl-to-qwen2audio.toml with the
-# coordinator's --set arguments resolving through `xkd config show`.
+# control.workers the coordinator runs with, configs/qwen2vl-to-qwen2audio.toml with the
+# coordinator's --set arguments resolving through `xkd config show`, and a NetworkPolicy that
+# selects both Jobs' pods and admits traffic to them only from pods it selects.
 #   XKD: the xkd binary (default: the release build). tests/deploy.rs runs this.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -32,5 +33,23 @@ n = config["control"]["workers"]
 if not workers["completions"] == workers["parallelism"] == n:
     sys.exit(f"control.workers is {n} but the worker Job has completions "
              f"{workers['completions']} and parallelism {workers['parallelism']}")
-print(f"{manifest}: valid; {n} workers; run {config['run']['run_id']} resolves from {recipe}")
+run_id = config["run"]["run_id"]
+policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+if len(policies) != 1:
+    sys.exit(f"expected one NetworkPolicy, found {len(policies)}")
+policy = policies[0]["spec"]
+selected = policy["podSelector"]["matchLabels"]
+for name, job in jobs.items():
+    labels = job["template"]["metadata"]["labels"]
+    if any(labels.get(k) != v for k, v in selected.items()):
+        sys.exit(f"the NetworkPolicy does not select the pods of Job {name}: {selected} vs {labels}")
+if selected.get("app.kubernetes.io/instance") != run_id:
+    sys.exit(f"the NetworkPolicy selects instance {selected.get('app.kubernetes.io/instance')}, not run {run_id}")
+sources = [p for rule in policy.get("ingress", []) for p in rule.get("from", [])]
+if "Ingress" not in policy.get("policyTypes", []) or not sources or any(
+    set(p) != {"podSelector"} or p["podSelector"].get("matchLabels") != selected for p in sources
+):
+    sys.exit(f"the NetworkPolicy must admit ingress only from the pods it selects: {policy}")
+print(f"{manifest}: valid; {n} workers; run {run_id} resolves from {recipe}; "
+      "ingress only from the run's pods")
 PY

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use xkd_config::{Config, ConfigError, DeviceChoice};
 use xkd_coordinator::run::{self, LocalWorkers, Outcome, RunOptions};
 use xkd_protocol::transport::{check_certificate, Fingerprint, ServerIdentity, Trust};
+use xkd_worker::ring_host::RingHost;
 use xkd_worker::session::Exit;
 
 mod inspect;
@@ -145,9 +146,18 @@ enum Command {
         /// `--cert` too, the file must have this fingerprint.
         #[arg(long, env = "XKD_COORDINATOR_FINGERPRINT", value_parser = fingerprint)]
         fingerprint: Option<Fingerprint>,
-        /// Host to bind the gradient ring on (default: the address that reaches the coordinator).
-        #[arg(long)]
+        /// Host name or address of this host to bind the gradient ring (the CPU collective)
+        /// on; the default is the address this host uses to reach the coordinator.
+        #[arg(
+            long,
+            env = "XKD_COLLECTIVE_HOST",
+            conflicts_with = "collective_interface"
+        )]
         collective_host: Option<String>,
+        /// Network interface whose address the gradient ring binds, e.g. the cluster's
+        /// private network (the same name on every node, as NCCL_SOCKET_IFNAME for NCCL).
+        #[arg(long, env = "XKD_COLLECTIVE_INTERFACE", value_name = "NAME")]
+        collective_interface: Option<String>,
     },
     /// Inspect the resolved config.
     Config {
@@ -398,6 +408,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             cert,
             fingerprint,
             collective_host,
+            collective_interface,
         } => {
             let coordinator = coordinator_addr(&coordinator)?;
             let token = std::env::var("XKD_JOIN_TOKEN")
@@ -408,7 +419,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 coordinator,
                 trust,
                 token,
-                collective_host,
+                ring_host: ring_host(collective_host, collective_interface),
             }));
             // A task thread the coordinator abandoned (shutdown or restart mid-task) is not
             // waited for.
@@ -488,6 +499,15 @@ fn coordinator_trust(cert: Option<&Path>, pin: Option<Fingerprint>) -> Result<Tr
         }
     }
     Ok(Trust::Certificate(der))
+}
+
+/// Where the worker's gradient ring listens; clap has made sure at most one is given.
+fn ring_host(host: Option<String>, interface: Option<String>) -> RingHost {
+    match (host, interface) {
+        (Some(host), _) => RingHost::Named(host),
+        (None, Some(name)) => RingHost::Interface(name),
+        (None, None) => RingHost::TowardsCoordinator,
+    }
 }
 
 /// `addr` as a socket address: an `IP:PORT` as it is, a `HOST:PORT` through the resolver (a

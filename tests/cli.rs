@@ -378,6 +378,59 @@ fn worker_checks_its_pinned_fingerprint_at_start() {
     assert!(err.contains(&pinned) && err.contains(&actual), "{err}");
 }
 
+/// The gradient ring listens where the worker is told (`--collective-interface`,
+/// `--collective-host`, or `XKD_COLLECTIVE_INTERFACE` / `XKD_COLLECTIVE_HOST`): an interface this
+/// host lacks is named, and the any-address is refused, before the worker joins; both at once
+/// is a usage error.
+#[test]
+fn worker_binds_its_ring_where_told_and_names_what_it_cannot_use() {
+    let pin = "ab".repeat(32);
+    let worker = |args: &[&str], env: &[(&str, &str)]| {
+        xkd()
+            .args([
+                "worker",
+                "--coordinator",
+                "127.0.0.1:9",
+                "--fingerprint",
+                &pin,
+            ])
+            .args(args)
+            .env("XKD_JOIN_TOKEN", "t")
+            .env_remove("XKD_COORDINATOR_CERT")
+            .env_remove("XKD_COLLECTIVE_HOST")
+            .env_remove("XKD_COLLECTIVE_INTERFACE")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let by_flag = worker(&["--collective-interface", "nosuch0"], &[]);
+    let by_env = worker(&[], &[("XKD_COLLECTIVE_INTERFACE", "nosuch0")]);
+    for out in [by_flag, by_env] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("--collective-interface nosuch0: no such interface"),
+            "{err}"
+        );
+    }
+    let out = worker(&[], &[("XKD_COLLECTIVE_HOST", "0.0.0.0")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("would listen on every interface"), "{err}");
+    let out = worker(
+        &[
+            "--collective-host",
+            "127.0.0.1",
+            "--collective-interface",
+            "lo",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--collective-interface"), "{err}");
+}
+
 /// A certificate the coordinator is given (`--tls-cert`/`--tls-key`, PEM, signed by a CA as
 /// cert-manager issues them): the coordinator presents it, logs its fingerprint, and the
 /// workers it starts join by that pin. Half a pair is a usage error; a key that is not the

@@ -1,7 +1,9 @@
 //! The Kubernetes launch files, checked without a cluster: tests/k8s/check.sh validates
 //! deploy/k8s/xkd.yaml against the Kubernetes API schemas (kubernetes-validate --strict) and
 //! checks the coordinator's recipe and arguments resolve through this `xkd` and agree with the
-//! worker Job, and that the coordinator's metrics port is exposed and annotated for scraping. (The Slurm script runs on a real Slurm: tests/slurm.rs.)
+//! worker Job, that the coordinator's metrics port is exposed and annotated for scraping,
+//! and that its NetworkPolicy admits traffic to the run's pods only from each other (and
+//! to the metrics port from anywhere). (The Slurm script runs on a real Slurm: tests/slurm.rs.)
 
 use std::process::Command;
 
@@ -21,6 +23,11 @@ fn the_kubernetes_manifest_is_valid_and_agrees_with_its_recipe() {
     // checks they name the --metrics-listen port, a containerPort and a Service port).
     assert!(
         stdout.contains("metrics scraped at :9733/metrics"),
+        "{stdout}"
+    );
+    // NCCL's connections are not authenticated: the run's pods admit only each other.
+    assert!(
+        stdout.contains("ingress only from the run's pods"),
         "{stdout}"
     );
 }

@@ -4,6 +4,12 @@
 //! task. One job runs undisturbed; in a second, a worker is killed after the first checkpoint:
 //! the coordinator restarts the generation, the script starts the workers again, and the run
 //! finishes from the checkpoint.
+//!
+//! Trust passes through no file: the workers join by the certificate's fingerprint alone.
+//! The first job's coordinator presents a pair the script makes in a private directory (which
+//! is gone after the job), with a certificate path in the job's environment that does not
+//! exist (a worker that read it would fail); the second presents a pair the operator gives
+//! (`XKD_TLS_CERT`, `XKD_TLS_KEY`), and its fingerprint is the one the coordinator logs.
 
 mod common;
 
@@ -136,16 +142,60 @@ fn poll<T>(what: &str, mut found: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// A certificate and key as an operator provisions them (PEM files on the first node), as
+/// the job's `XKD_TLS_CERT`/`XKD_TLS_KEY`, and the certificate's fingerprint.
+fn operator_pair(dir: &Path) -> ([(String, String); 2], String) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["xkd-slurm.example".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let env = [
+        ("XKD_TLS_CERT".to_string(), cert_path.display().to_string()),
+        ("XKD_TLS_KEY".to_string(), key_path.display().to_string()),
+    ];
+    let pin = xkd_protocol::transport::Fingerprint::of(cert.der()).to_string();
+    (env, pin)
+}
+
 #[test]
 fn the_launch_script_runs_a_job_and_restarts_a_killed_worker() {
     let cluster = Cluster::start();
 
     // Undisturbed: two tasks join as ranks 0 and 1, the run finishes and reports.
-    let (child, job_out, out) = submit(&cluster, "whole", 2, &[]);
+    let tmp = root().join("whole-tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let env = [
+        ("TMPDIR".to_string(), tmp.display().to_string()),
+        (
+            "XKD_COORDINATOR_CERT".to_string(),
+            "/nonexistent/coordinator-cert.der".to_string(),
+        ),
+    ];
+    let (child, job_out, out) = submit(&cluster, "whole", 2, &env);
     let (code, text) = finish(child, &job_out);
     assert_eq!(code, 0, "the job failed:\n{text}");
     let log = records(&job_out);
     assert_eq!(find(&log, "worker joined").len(), 2, "{text}");
+    let listening = find(&log, "coordinator listening");
+    assert_eq!(listening.len(), 1, "{text}");
+    assert!(
+        listening[0]["fingerprint"]
+            .as_str()
+            .is_some_and(|f| f.len() == 64),
+        "{text}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "the private key pair outlived the job: {left:?}"
+    );
     assert!(
         text.contains("# xkd run whole"),
         "the report is printed:\n{text}"
@@ -163,7 +213,10 @@ fn the_launch_script_runs_a_job_and_restarts_a_killed_worker() {
     // starts it again, the coordinator resumes from that checkpoint and the run ends with the
     // same parameters.
     let release_file = root().join("killed.release");
-    let (child, job_out, out) = submit(&cluster, "killed", 2, &[hold_env(10, &release_file)]);
+    let (given, pin) = operator_pair(&root().join("killed-tls"));
+    let mut env = vec![hold_env(10, &release_file)];
+    env.extend(given);
+    let (child, job_out, out) = submit(&cluster, "killed", 2, &env);
     let joined = wait_for(&job_out, "rank 1's join", |r| {
         is(r, "worker joined", "rank", 1)
     });
@@ -176,6 +229,9 @@ fn the_launch_script_runs_a_job_and_restarts_a_killed_worker() {
     let (code, text) = finish(child, &job_out);
     assert_eq!(code, 0, "the job failed:\n{text}");
     let log = records(&job_out);
+    let listening = find(&log, "coordinator listening");
+    assert_eq!(listening.len(), 1, "{text}");
+    assert_eq!(listening[0]["fingerprint"], pin.as_str(), "{text}");
     let resumed = find(&log, "resuming distillation from checkpoint");
     assert_eq!(resumed.len(), 1, "{text}");
     assert_eq!(resumed[0]["step"], 10, "{text}");

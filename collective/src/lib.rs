@@ -20,7 +20,7 @@ pub mod nccl;
 mod ring;
 
 pub use buckets::Buckets;
-pub use ring::{RingListener, TcpRing};
+pub use ring::{RingKey, RingListener, TcpRing};
 
 use candle_core::Tensor;
 use std::io;

@@ -1,17 +1,19 @@
-//! The CPU ring all-reduce over TCP (see the crate's header for the algorithm), its listener,
-//! handshake and framing.
+//! The CPU ring all-reduce over TCP (see the crate's header for the algorithm), its listener
+//! and framing. Every connection is authenticated first (`handshake`: both ends prove the
+//! run's join token).
+
+mod handshake;
+
+pub use handshake::RingKey;
 
 use crate::{Collective, CollectiveError};
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Sent first on every ring connection so a stray connection (or another program) is rejected.
-const MAGIC: [u8; 8] = *b"XKDRING1";
-/// Magic, then rank and world size as little-endian u32.
-const HANDSHAKE_LEN: usize = 16;
 /// Step number and payload byte length, both little-endian u32.
 const HEADER_LEN: usize = 8;
 const F32_BYTES: usize = 4;
@@ -20,7 +22,6 @@ const ACCEPT_POLL: Duration = Duration::from_millis(5);
 const CONNECT_BACKOFF_START: Duration = Duration::from_millis(10);
 const CONNECT_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
-/// A group of ranks that can average buffers and synchronise.
 /// The listening half of a ring member, bound before the ring forms so that its address can be
 /// published (through the coordinator) to the other ranks.
 #[derive(Debug)]
@@ -50,16 +51,19 @@ impl RingListener {
         self.addr
     }
 
-    /// Connect into a ring: connect to `peers[(rank+1)%W]`, accept one connection from
-    /// `peers[(rank+W-1)%W]` (verified by a handshake of magic bytes, rank and world size, answered
-    /// by the same handshake back), set TCP_NODELAY and read/write timeouts of `timeout` so a dead
-    /// peer yields an error, never a hang. The outgoing connect is retried with back-off until
-    /// `timeout`, because peers start at different times.
+    /// Connect into a ring: connect to `peers[(rank+1)%W]` and accept from
+    /// `peers[(rank+W-1)%W]`, both at once, each connection authenticated by the handshake
+    /// (`handshake`: both ends prove they hold `key`, the run's join token, and say the rank
+    /// and world size expected); connections that fail it are dropped and logged while the
+    /// listener goes on accepting. Then TCP_NODELAY and read/write timeouts of `timeout`, so a
+    /// dead peer yields an error, never a hang. The outgoing connect is retried with back-off
+    /// until `timeout`, because peers start at different times.
     pub fn connect(
         self,
         rank: usize,
         peers: &[String],
         timeout: Duration,
+        key: &RingKey,
     ) -> Result<TcpRing, CollectiveError> {
         let world = peers.len();
         validate_ring(rank, world, timeout)?;
@@ -72,18 +76,32 @@ impl RingListener {
         let prev_rank = (rank + world - 1) % world;
         let ids = |peer| PeerIds { rank, peer, world };
 
-        // Connecting first never waits on a peer's accept (the kernel backlog completes it), so
-        // every rank can reach its accept and the ring cannot deadlock while forming.
-        let mut next = connect_with_backoff(ids(next_rank), &peers[next_rank], deadline)?;
+        // Both halves at once: each rank's connecting half waits for its next rank's accepting
+        // half to answer, so doing one after the other would wait in a circle.
+        let abandon = AtomicBool::new(false);
+        let (next, prev) = thread::scope(|scope| {
+            let connecting = scope.spawn(|| {
+                let next = connect_next(ids(next_rank), &peers[next_rank], key, timeout, deadline);
+                if next.is_err() {
+                    abandon.store(true, Ordering::Relaxed);
+                }
+                next
+            });
+            let prev =
+                handshake::accept_verified(&self.listener, ids(prev_rank), key, deadline, &abandon);
+            let next = connecting
+                .join()
+                .unwrap_or(Err(CollectiveError::SenderPanicked {
+                    rank,
+                    peer: next_rank,
+                }));
+            (next, prev)
+        });
+        // The connecting half's error first: when it failed, the accepting half only gave up.
+        let next = next?;
+        let prev = prev?;
         configure(&next, ids(next_rank), timeout)?;
-        send_hello(&mut next, ids(next_rank))?;
-
-        let mut prev = accept_until(&self.listener, ids(prev_rank), deadline)?;
         configure(&prev, ids(prev_rank), timeout)?;
-        expect_hello(&mut prev, ids(prev_rank))?;
-        // The reply tells the connecting side that its `next` really is the rank it meant.
-        send_hello(&mut prev, ids(prev_rank))?;
-        expect_hello(&mut next, ids(next_rank))?;
 
         tracing::debug!(rank, world, "collective ring connected");
         Ok(TcpRing {
@@ -460,6 +478,20 @@ fn validate_ring(rank: usize, world: usize, timeout: Duration) -> Result<(), Col
     Err(CollectiveError::Config { rank, reason })
 }
 
+/// The connecting half: reach the next rank (retrying until `deadline`) and authenticate.
+fn connect_next(
+    ids: PeerIds,
+    addr: &str,
+    key: &RingKey,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<TcpStream, CollectiveError> {
+    let mut next = connect_with_backoff(ids, addr, deadline)?;
+    configure(&next, ids, timeout)?;
+    handshake::connector(&mut next, ids, key, deadline)?;
+    Ok(next)
+}
+
 fn connect_with_backoff(
     ids: PeerIds,
     addr: &str,
@@ -505,39 +537,6 @@ fn try_connect(addr: &str, remaining: Duration) -> io::Result<TcpStream> {
     Err(last)
 }
 
-/// Accept one connection before `deadline`. The listener is polled non-blocking because a plain
-/// accept has no timeout and a peer that never starts must not hang this rank.
-fn accept_until(
-    listener: &TcpListener,
-    ids: PeerIds,
-    deadline: Instant,
-) -> Result<TcpStream, CollectiveError> {
-    let accept_error = |source| CollectiveError::Accept {
-        rank: ids.rank,
-        peer: ids.peer,
-        source,
-    };
-    listener.set_nonblocking(true).map_err(accept_error)?;
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                // Some platforms let accepted sockets inherit the listener's non-blocking mode.
-                stream.set_nonblocking(false).map_err(accept_error)?;
-                return Ok(stream);
-            }
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    let timed_out = io::Error::new(io::ErrorKind::TimedOut, "no peer connected");
-                    return Err(accept_error(timed_out));
-                }
-                thread::sleep(ACCEPT_POLL);
-            }
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(accept_error(error)),
-        }
-    }
-}
-
 /// NODELAY because each step is one bulk write followed by waiting for the peer: Nagle would
 /// only add latency. Timeouts turn a dead or stuck peer into an error.
 fn configure(stream: &TcpStream, ids: PeerIds, timeout: Duration) -> Result<(), CollectiveError> {
@@ -558,63 +557,6 @@ fn configure(stream: &TcpStream, ids: PeerIds, timeout: Duration) -> Result<(), 
     stream
         .set_write_timeout(Some(timeout))
         .map_err(socket_error("setting the write timeout"))
-}
-
-fn send_hello(stream: &mut TcpStream, ids: PeerIds) -> Result<(), CollectiveError> {
-    let mut hello = [0u8; HANDSHAKE_LEN];
-    hello[..8].copy_from_slice(&MAGIC);
-    hello[8..12].copy_from_slice(&handshake_u32(ids.rank, ids)?.to_le_bytes());
-    hello[12..].copy_from_slice(&handshake_u32(ids.world, ids)?.to_le_bytes());
-    stream
-        .write_all(&hello)
-        .map_err(|source| CollectiveError::Socket {
-            rank: ids.rank,
-            peer: ids.peer,
-            action: "sending the handshake",
-            source,
-        })
-}
-
-fn handshake_u32(value: usize, ids: PeerIds) -> Result<u32, CollectiveError> {
-    u32::try_from(value).map_err(|_| CollectiveError::Config {
-        rank: ids.rank,
-        reason: format!("{value} does not fit the u32 handshake field"),
-    })
-}
-
-/// Read the peer's handshake and check it is the rank we expect, in a world of our size.
-fn expect_hello(stream: &mut TcpStream, ids: PeerIds) -> Result<(), CollectiveError> {
-    let mut hello = [0u8; HANDSHAKE_LEN];
-    stream
-        .read_exact(&mut hello)
-        .map_err(|source| CollectiveError::Socket {
-            rank: ids.rank,
-            peer: ids.peer,
-            action: "receiving the handshake",
-            source,
-        })?;
-    let reject = |reason: String| CollectiveError::Handshake {
-        rank: ids.rank,
-        peer: ids.peer,
-        reason,
-    };
-    if hello[..8] != MAGIC {
-        return Err(reject(
-            "wrong magic bytes: not an xkd ring peer".to_string(),
-        ));
-    }
-    let their_rank = u32::from_le_bytes([hello[8], hello[9], hello[10], hello[11]]) as usize;
-    let their_world = u32::from_le_bytes([hello[12], hello[13], hello[14], hello[15]]) as usize;
-    if their_rank != ids.peer {
-        return Err(reject(format!("the peer says it is rank {their_rank}")));
-    }
-    if their_world != ids.world {
-        return Err(reject(format!(
-            "the peer has world size {their_world}, this rank {}",
-            ids.world
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -3,9 +3,10 @@
 # API schemas with no unknown field (PyPI kubernetes-validate --strict, installed into
 # .tools/k8s-venv once), the worker Job's completions and parallelism equal to the
 # control.workers the coordinator runs with, configs/qwen2vl-to-qwen2audio.toml with the
-# coordinator's --set arguments resolving through `xkd config show`, and the metrics port
+# coordinator's --set arguments resolving through `xkd config show`, the metrics port
 # (--metrics-listen) exposed: a TCP containerPort, a Service port, and the pod template's
-# prometheus.io/scrape, port and path annotations naming it.
+# prometheus.io/scrape, port and path annotations naming it; and a NetworkPolicy that selects
+# both Jobs' pods and admits traffic to them only from pods it selects, except on that port.
 #   XKD: the xkd binary (default: the release build). tests/deploy.rs runs this.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -54,6 +55,29 @@ targets = [p for p in service["spec"]["ports"] if p.get("protocol", "TCP") == "T
            and p.get("targetPort") in (port, named[0].get("name"))]
 if not targets:
     sys.exit(f"the Service xkd-coordinator has no TCP port to the metrics port {port}")
-print(f"{manifest}: valid; {n} workers; run {config['run']['run_id']} resolves from {recipe}; "
-      f"metrics scraped at :{port}{want['prometheus.io/path']}")
+run_id = config["run"]["run_id"]
+policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+if len(policies) != 1:
+    sys.exit(f"expected one NetworkPolicy, found {len(policies)}")
+policy = policies[0]["spec"]
+selected = policy["podSelector"]["matchLabels"]
+for name, job in jobs.items():
+    labels = job["template"]["metadata"]["labels"]
+    if any(labels.get(k) != v for k, v in selected.items()):
+        sys.exit(f"the NetworkPolicy does not select the pods of Job {name}: {selected} vs {labels}")
+if selected.get("app.kubernetes.io/instance") != run_id:
+    sys.exit(f"the NetworkPolicy selects instance {selected.get('app.kubernetes.io/instance')}, not run {run_id}")
+# Rules with sources admit only the run's pods; a rule without sources opens the metrics
+# port and nothing else.
+rules = policy.get("ingress", [])
+sources = [p for rule in rules if "from" in rule for p in rule["from"]]
+if "Ingress" not in policy.get("policyTypes", []) or not sources or any(
+    set(p) != {"podSelector"} or p["podSelector"].get("matchLabels") != selected for p in sources
+):
+    sys.exit(f"the NetworkPolicy must admit ingress only from the pods it selects: {policy}")
+for rule in rules:
+    if "from" not in rule and rule.get("ports") != [{"port": port, "protocol": "TCP"}]:
+        sys.exit(f"a NetworkPolicy rule open to every source must name the metrics port {port} only: {rule}")
+print(f"{manifest}: valid; {n} workers; run {run_id} resolves from {recipe}; "
+      f"metrics scraped at :{port}{want['prometheus.io/path']}; ingress only from the run's pods")
 PY

@@ -9,6 +9,7 @@ pub mod client;
 pub mod hold;
 pub mod optim;
 pub mod progress;
+pub mod ring_host;
 pub mod saver;
 pub mod session;
 pub mod train;

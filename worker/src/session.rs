@@ -4,14 +4,15 @@
 
 use crate::client::{self, LinkSender};
 use crate::progress::{failure_kind, Progress};
+use crate::ring_host::RingHost;
 use crate::train::{self, Rank};
 use anyhow::{bail, Context, Result};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use xkd_collective::{Collective, RingListener};
+use xkd_collective::{Collective, RingKey};
 use xkd_config::{Config, DataSource};
 use xkd_data as data;
 use xkd_protocol::transport::Trust;
@@ -25,9 +26,8 @@ pub struct WorkerArgs {
     /// The coordinator's certificate, or its fingerprint: the only one this worker trusts.
     pub trust: Trust,
     pub token: String,
-    /// Host to bind the gradient ring on; `None` = the address this host uses to reach the
-    /// coordinator.
-    pub collective_host: Option<String>,
+    /// Where the gradient ring listens.
+    pub ring_host: RingHost,
 }
 
 /// How a worker's session ended; `xkd worker` turns it into its exit status.
@@ -56,12 +56,7 @@ const FINISH_LIMIT: Duration = Duration::from_secs(5);
 pub async fn run(args: WorkerArgs) -> Result<Exit> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    let host = match args.collective_host.clone() {
-        Some(h) => h,
-        None => route_to(args.coordinator)?,
-    };
-    let listener = RingListener::bind(&format!("{host}:0"))
-        .with_context(|| format!("binding the gradient ring on {host}"))?;
+    let listener = args.ring_host.bind(args.coordinator)?;
     let join = Join {
         protocol_version: PROTOCOL_VERSION,
         token: args.token.clone(),
@@ -91,7 +86,9 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
     let collective: Box<dyn Collective> = match assignment.collective {
         CollectiveKind::TcpRing => {
             let peers = assignment.peers.clone();
-            let connect = move || listener.connect(rank as usize, &peers, timeout);
+            // Ring connections prove the join token to each other (the ring's handshake).
+            let key = RingKey::from_token(&args.token);
+            let connect = move || listener.connect(rank as usize, &peers, timeout, &key);
             Box::new(tokio::task::spawn_blocking(connect).await??)
         }
         CollectiveKind::Nccl => {
@@ -341,20 +338,6 @@ fn summarise(manifest: &data::Manifest) -> DataSummary {
         classes: manifest.classes.clone(),
         splits,
     }
-}
-
-/// The local address this host would use to reach `addr` (no packet is sent).
-fn route_to(addr: SocketAddr) -> Result<String> {
-    let bind = if addr.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    };
-    let socket = UdpSocket::bind(bind)?;
-    socket
-        .connect(addr)
-        .with_context(|| format!("no route to the coordinator at {addr}"))?;
-    Ok(socket.local_addr()?.ip().to_string())
 }
 
 fn hostname() -> String {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use xkd_collective::{Collective, RingListener, Solo};
+use xkd_collective::{Collective, RingKey, RingListener, Solo};
 use xkd_config::{Config, Modality};
 use xkd_data as data;
 use xkd_protocol::{Objective, ShardPlan, TrainTask};
@@ -78,7 +78,12 @@ fn train_world(config: &Config, modality: Modality, world: u32, batch: usize, sa
             let t = task(config, modality, batch, save);
             s.spawn(move || {
                 let ring = listener
-                    .connect(r, &peers, Duration::from_secs(20))
+                    .connect(
+                        r,
+                        &peers,
+                        Duration::from_secs(20),
+                        &RingKey::from_token("t"),
+                    )
                     .unwrap();
                 let mut rank = rank(config, r as u32, world, Box::new(ring));
                 rank.train(1, &t, |_| {}).unwrap();

@@ -277,3 +277,65 @@ fn a_lora_run_with_dropout_whose_worker_is_killed_resumes_bit_identical() {
         "the adapters differ from the undisturbed run's"
     );
 }
+
+/// Issue 15, item 2: the replay rows' anchor (the student before distillation) is the
+/// student's own base with its adapters switched off, not a second copy of the base weights.
+/// A run that loads the copy instead (the test hook `XKD_TEST_ANCHOR_COPY=1`, what every run
+/// did before) must end with the same adapters, bit for bit.
+#[test]
+fn the_replay_anchor_is_the_students_base_with_adapters_off_and_matches_a_copy() {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen2-anchor");
+    let _ = std::fs::remove_dir_all(&base);
+    let run = |name: &str| {
+        let out = base.join(name);
+        let status = Command::new(env!("CARGO_BIN_EXE_xkd"))
+            .current_dir(root())
+            .env(
+                "XKD_TEST_ANCHOR_COPY",
+                if name == "copy" { "1" } else { "0" },
+            )
+            .args([
+                "--log-format",
+                "json",
+                "run",
+                "--config",
+                "configs/tiny-qwen2.toml",
+            ])
+            .arg("--out")
+            .arg(&out)
+            .arg("--set")
+            .arg(format!(
+                "run.cache_dir=\"{}\"",
+                base.join("cache").display()
+            ))
+            .args([
+                "--set",
+                "distill.replay_fraction=0.5",
+                "--set",
+                "distill.steps=12",
+            ])
+            .args(["--set", "lora.dropout=0.1"])
+            .status()
+            .expect("xkd starts");
+        assert!(status.success(), "xkd run ({name}) failed: {status}");
+        let adapter = tensors(&out.join("student-lora/adapter_model.safetensors"));
+        // Each rank says which anchor it built.
+        let sources: Vec<Value> = (0..2)
+            .flat_map(|rank| {
+                let log = out.join(format!("logs/worker-{rank}.log"));
+                common::records(&log)
+            })
+            .filter(|r| r["message"] == "replay anchor")
+            .map(|r| r["source"].clone())
+            .collect();
+        (adapter, sources)
+    };
+    let (shared, sources) = run("shared");
+    assert_eq!(
+        sources, ["student base, adapters off"; 2],
+        "shared run's anchors"
+    );
+    let (copy, sources) = run("copy");
+    assert_eq!(sources, ["a copy of the base"; 2], "copy run's anchors");
+    assert_eq!(shared, copy, "the adapters differ");
+}

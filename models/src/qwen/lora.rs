@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
@@ -81,6 +82,40 @@ impl DropoutRng {
     }
 }
 
+/// Whether a model's adapters take part in its forward pass, shared by every adapter of the
+/// model. Off, the model is its frozen base: the distillation's replay anchor (the student
+/// before distillation) is the student itself with its adapters off, not a second copy of
+/// the base weights.
+#[derive(Debug, Clone)]
+pub struct LoraSwitch(Arc<AtomicBool>);
+
+impl LoraSwitch {
+    fn new() -> Self {
+        Self(Arc::new(AtomicBool::new(true)))
+    }
+
+    fn is_on(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Turns the adapters off until the guard is dropped. A forward pass with them off reads
+    /// no `Var`, so nothing it computes carries a gradient, and it draws no dropout mask.
+    pub fn off(&self) -> AdaptersOff<'_> {
+        self.0.store(false, Ordering::Relaxed);
+        AdaptersOff(self)
+    }
+}
+
+/// The adapters stay off while this lives ([`LoraSwitch::off`]).
+#[must_use = "the adapters are back on as soon as the guard is dropped"]
+pub struct AdaptersOff<'a>(&'a LoraSwitch);
+
+impl Drop for AdaptersOff<'_> {
+    fn drop(&mut self) {
+        self.0 .0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// One projection's adapter: `A` `[r, in]`, `B` `[out, r]`.
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
@@ -89,6 +124,7 @@ pub struct LoraAdapter {
     scale: f64,
     dropout: f32,
     rng: DropoutRng,
+    on: LoraSwitch,
 }
 
 impl LoraAdapter {
@@ -153,11 +189,11 @@ impl Module for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.base.forward(x)?;
         match &self.adapter {
-            None => Ok(y),
-            Some(adapter) => {
+            Some(adapter) if adapter.on.is_on() => {
                 let delta = adapter.delta(x, self.training)?.to_dtype(y.dtype())?;
                 y + delta
             }
+            _ => Ok(y),
         }
     }
 }
@@ -178,6 +214,7 @@ pub struct LoraAdapters {
     prefix: String,
     modules: BTreeMap<String, LoraAdapter>,
     rng: DropoutRng,
+    on: LoraSwitch,
 }
 
 impl LoraAdapters {
@@ -195,6 +232,7 @@ impl LoraAdapters {
         sorted.sort_by(|x, y| x.path.cmp(&y.path));
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let dropout = DropoutRng::new();
+        let on = LoraSwitch::new();
         let mut modules = BTreeMap::new();
         for t in sorted {
             let bound = 1.0 / (t.in_dim as f32).sqrt();
@@ -203,13 +241,14 @@ impl LoraAdapters {
                 .collect();
             let a = Tensor::from_vec(a, (config.r, t.in_dim), device)?;
             let b = Tensor::zeros((t.out_dim, config.r), DType::F32, device)?;
-            modules.insert(t.path.clone(), adapter(&config, a, b, &dropout)?);
+            modules.insert(t.path.clone(), adapter(&config, a, b, &dropout, &on)?);
         }
         Ok(Self {
             config,
             prefix: prefix.into(),
             modules,
             rng: dropout,
+            on,
         })
     }
 
@@ -224,6 +263,11 @@ impl LoraAdapters {
             device.set_seed(seed)?;
         }
         Ok(())
+    }
+
+    /// The switch of every adapter here and of the model they are attached to.
+    pub fn switch(&self) -> &LoraSwitch {
+        &self.on
     }
 
     pub fn get(&self, path: &str) -> Option<&LoraAdapter> {
@@ -346,6 +390,7 @@ impl LoraAdapters {
             .map(|(prefix, _)| prefix.to_string())
             .unwrap_or_default();
         let dropout = DropoutRng::new();
+        let on = LoraSwitch::new();
         let mut modules = BTreeMap::new();
         for (module, (a, b)) in pairs {
             if a.dim(0)? != config.r {
@@ -354,13 +399,14 @@ impl LoraAdapters {
                     format!("{module}: A is {:?}", a.dims()),
                 ));
             }
-            modules.insert(module, adapter(&config, a, b, &dropout)?);
+            modules.insert(module, adapter(&config, a, b, &dropout, &on)?);
         }
         Ok(Self {
             config,
             prefix,
             modules,
             rng: dropout,
+            on,
         })
     }
 }
@@ -385,13 +431,20 @@ fn config_error(path: &Path, message: impl ToString) -> LoadError {
     }
 }
 
-fn adapter(config: &LoraConfig, a: Tensor, b: Tensor, rng: &DropoutRng) -> Result<LoraAdapter> {
+fn adapter(
+    config: &LoraConfig,
+    a: Tensor,
+    b: Tensor,
+    rng: &DropoutRng,
+    on: &LoraSwitch,
+) -> Result<LoraAdapter> {
     Ok(LoraAdapter {
         a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
         b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
         scale: config.scale(),
         dropout: config.dropout as f32,
         rng: rng.clone(),
+        on: on.clone(),
     })
 }
 
@@ -548,6 +601,41 @@ mod tests {
         assert!(proj
             .attach(bad.get(&target().path).unwrap().clone())
             .is_err());
+    }
+
+    #[test]
+    fn switched_off_the_projection_is_its_base_bit_for_bit_and_draws_no_mask() {
+        let dev = Device::Cpu;
+        let adapters = LoraAdapters::init(config(0.5), "", &[target()], 9, &dev).unwrap();
+        let m = adapters.get(&target().path).unwrap();
+        m.b()
+            .set(&Tensor::ones((3, 2), DType::F32, &dev).unwrap())
+            .unwrap();
+        let weight = Tensor::randn(0f32, 1.0, (3, 16), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 3, &dev).unwrap();
+        let base = Linear::new(weight, Some(bias));
+        let mut proj = LoraLinear::new(base.clone());
+        proj.attach(m.clone()).unwrap();
+        proj.set_training(true);
+        let x = Tensor::randn(0f32, 1.0, (4, 16), &dev).unwrap();
+        let rows = |t: Tensor| t.to_vec2::<f32>().unwrap();
+        adapters.reseed(3, &dev).unwrap();
+        let on = rows(proj.forward(&x).unwrap());
+        assert_ne!(
+            on,
+            rows(base.forward(&x).unwrap()),
+            "the adapter moves the output"
+        );
+        adapters.reseed(3, &dev).unwrap();
+        {
+            let _off = adapters.switch().off();
+            assert_eq!(
+                rows(proj.forward(&x).unwrap()),
+                rows(base.forward(&x).unwrap())
+            );
+        }
+        // On again, and the pass with it off took nothing from the dropout stream.
+        assert_eq!(rows(proj.forward(&x).unwrap()), on);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! distillation loss of `xkd-kernels`. Every model is asked through `Rank::answers`.
 
 use super::inputs::{letter_logits, Answers, Ask};
-use super::{clock, ms, Anchors, Rank, Timings};
+use super::{clock, ms, Anchors, Before, Rank, Timings};
 use anyhow::{bail, Context as _, Result};
 use candle_core::{Tensor, D};
 use xkd_kernels::{FusedLoss, LossParts};
@@ -103,7 +103,11 @@ impl Rank {
             full_vocab,
             caption: standin(student)
                 && standin(&anchors.teacher)
-                && anchors.student_before.as_ref().is_none_or(standin),
+                && match &anchors.student_before {
+                    Before::Copy(net) => standin(net),
+                    Before::None => true,
+                    Before::StudentBase(_) => false,
+                },
         };
         let clips = task.plan.samples(self.rank, self.world, step, task.batch);
         let replay = self.replay_samples(task, step);
@@ -116,11 +120,14 @@ impl Rank {
         let mut targets = vec![teacher.logits.clone()];
         let mut caption_targets = vec![teacher.caption.clone()];
         if n_replay > 0 {
-            let student_before = anchors
-                .student_before
-                .as_ref()
-                .context("replay rows but no frozen student")?;
-            let before = self.answers(student_before, task.modality, &replay, seed, ask)?;
+            let before = match &anchors.student_before {
+                Before::Copy(net) => self.answers(net, task.modality, &replay, seed, ask)?,
+                Before::StudentBase(switch) => {
+                    let _off = switch.off();
+                    self.answers(student, task.modality, &replay, seed, ask)?
+                }
+                Before::None => bail!("replay rows but no frozen student"),
+            };
             targets.push(before.logits);
             caption_targets.push(before.caption);
         }

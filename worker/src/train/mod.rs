@@ -24,6 +24,7 @@ use xkd_data::features::LogMel;
 use xkd_data::Manifest;
 use xkd_models::model::{self, InputShape, Model, Vocab};
 use xkd_models::net::{self, Net, Params};
+use xkd_models::qwen::lora::LoraSwitch;
 use xkd_models::qwen::{LoraAdapters, QwenModel};
 use xkd_protocol::{
     ClipOutcome, EvalTask, Objective, Sample, StepReport, TrainSummary, TrainTask, WorkerMsg,
@@ -389,11 +390,27 @@ pub fn learning_rate(step: u64, steps: u64, warmup: u64, peak: f64) -> f64 {
 }
 
 /// Frozen models a distillation step reads: the teacher, and the pre-distillation student
-/// when there are replay rows (a second copy of the student's base weights otherwise unused).
+/// when there are replay rows.
 struct Anchors {
     teacher: Net,
-    student_before: Option<Net>,
+    student_before: Before,
 }
+
+/// The student before distillation, which the replay rows are anchored to.
+enum Before {
+    /// No replay rows.
+    None,
+    /// A model of its own: a stand-in student (trained whole, so its pretrained weights are a
+    /// copy), or a Qwen2 student that started from saved adapters.
+    Copy(Net),
+    /// A Qwen2 student that started from fresh adapters (`B` = 0): its base with the adapters
+    /// off is what it computed before distillation, so no second copy of the base weights is
+    /// loaded. `XKD_TEST_ANCHOR_COPY=1` loads the copy instead (tests compare the two).
+    StudentBase(LoraSwitch),
+}
+
+/// Set by tests only: the replay anchor of a Qwen2 student is a second copy of its base.
+const ANCHOR_COPY_VAR: &str = "XKD_TEST_ANCHOR_COPY";
 
 impl Rank {
     /// Train one model data-parallel for `task.steps` steps; rank 0 saves it, and puts the
@@ -414,7 +431,7 @@ impl Rank {
         };
         let (params, student) = self.build_student(task)?;
         self.progress.tick();
-        let anchors = self.anchors(task)?;
+        let anchors = self.anchors(task, &params)?;
         self.progress.tick();
         let vars = params.trainable();
         let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
@@ -561,7 +578,7 @@ impl Rank {
         })
     }
 
-    fn anchors(&self, task: &TrainTask) -> Result<Option<Anchors>> {
+    fn anchors(&self, task: &TrainTask, student: &Params) -> Result<Option<Anchors>> {
         let Objective::Distill { teacher, .. } = &task.objective else {
             return Ok(None);
         };
@@ -570,11 +587,23 @@ impl Rank {
             .as_deref()
             .context("distillation needs the pretrained student as `init`")?;
         let teacher = self.build_net(task.modality.other(), teacher, task.seed, true)?;
-        let student_before = if task.replay.is_some() && task.replay_batch > 0 {
-            Some(self.build_net(task.modality, init, task.seed, true)?)
-        } else {
-            None
+        let copy = std::env::var(ANCHOR_COPY_VAR).is_ok_and(|v| v == "1");
+        let student_before = match student {
+            _ if task.replay.is_none() || task.replay_batch == 0 => Before::None,
+            Params::Lora { adapters, .. } if !net::is_adapter_dir(init) && !copy => {
+                Before::StudentBase(adapters.switch().clone())
+            }
+            _ => Before::Copy(self.build_net(task.modality, init, task.seed, true)?),
         };
+        let source = match (&student_before, student) {
+            (Before::None, _) => None,
+            (Before::StudentBase(_), _) => Some("student base, adapters off"),
+            (Before::Copy(_), Params::Lora { .. }) => Some("a copy of the base"),
+            (Before::Copy(_), Params::Full(_)) => Some("the pretrained student"),
+        };
+        if let Some(source) = source {
+            tracing::info!(rank = self.rank, source, "replay anchor");
+        }
         Ok(Some(Anchors {
             teacher,
             student_before,

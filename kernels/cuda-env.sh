@@ -37,4 +37,16 @@ if [ ! -e "$link/libcuda.so" ]; then
         ln -sf "$CUDA_ROOT/lib/${l#*:}" "$link/lib${l%%:*}.so"
     done
 fi
+# XKD_CUDA_NCCL=1: NCCL's pip wheel too, for a build that links (`cargo build`, not `check`):
+# the `cuda` xkd needs libnccl.so at link time (a GPU machine brings its own libnccl.so.2).
+if [ "${XKD_CUDA_NCCL:-0}" = 1 ]; then
+    if ! "$XKD_CUDA_VENV/bin/python" -c 'import nvidia.nccl' 2>/dev/null; then
+        "$XKD_CUDA_VENV/bin/pip" install -q --disable-pip-version-check nvidia-nccl-cu13==2.27.7 \
+            || return 1
+    fi
+    XKD_NCCL_LIB=$("$XKD_CUDA_VENV/bin/python" -c \
+        'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))')
+    export XKD_NCCL_LIB
+    ln -sf "$XKD_NCCL_LIB/libnccl.so.2" "$link/libnccl.so"
+fi
 export RUSTFLAGS="-L $link" CARGO_TARGET_DIR=$XKD_ROOT/target/cuda

@@ -31,3 +31,29 @@ fn the_kubernetes_manifest_is_valid_and_agrees_with_its_recipe() {
         "{stdout}"
     );
 }
+
+/// Issue 17, item 5: deploy/Containerfile passes hadolint, and the check is one that fails on
+/// a file with the mistakes it exists for (an untagged base, an unpinned, prompting install).
+#[test]
+fn the_containerfile_passes_hadolint() {
+    let lint = |file: Option<&std::path::Path>| {
+        let mut cmd = Command::new("tests/container/hadolint.sh");
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+        if let Some(file) = file {
+            cmd.arg(file);
+        }
+        let out = cmd.output().expect("tests/container/hadolint.sh runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = lint(None);
+    assert!(ok, "deploy/Containerfile:\n{text}");
+    let bad = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bad.Containerfile");
+    std::fs::write(&bad, "FROM debian\nRUN apt-get install curl\n").unwrap();
+    let (ok, text) = lint(Some(&bad));
+    assert!(!ok && text.contains("DL3006"), "a bad file passed:\n{text}");
+}

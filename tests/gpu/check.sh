@@ -32,13 +32,8 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 bundle=$root/gpu-bundle
 if [ "${1:-}" = build ]; then
     "$root/kernels/gpu-check.sh" build
-    . "$root/kernels/cuda-env.sh" || exit 1
-    # NCCL for the link step only (the GPU machine has its own libnccl.so.2): its pip wheel.
-    if ! "$XKD_CUDA_VENV/bin/python" -c 'import nvidia.nccl' 2>/dev/null; then
-        "$XKD_CUDA_VENV/bin/pip" install -q --disable-pip-version-check nvidia-nccl-cu13==2.27.7
-    fi
-    nccl=$("$XKD_CUDA_VENV/bin/python" -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))')
-    ln -sf "$nccl/libnccl.so.2" "$XKD_CUDA_VENV/link/libnccl.so"
+    # With NCCL's wheel for the link step (the GPU machine has its own libnccl.so.2).
+    XKD_CUDA_NCCL=1 . "$root/kernels/cuda-env.sh" || exit 1
     cargo build --release --features cuda --bin xkd
     strip -o "$bundle/xkd" "$CARGO_TARGET_DIR/release/xkd"
     xz -T0 -6 -f "$bundle/xkd"

@@ -1,12 +1,14 @@
 //! The GPU collective: NCCL through cudarc's bindings (the `cuda` feature).
 //!
 //! Rank 0 creates the unique id ([`unique_id`]), the coordinator hands it to every rank
-//! (`CollectiveKind::Nccl`), and each rank builds its communicator on candle's own CUDA stream
-//! ([`Nccl::connect`]), so the all-reduce is ordered after the backward kernels that produced
+//! (`CollectiveKind::Nccl`), and each rank builds its communicator on the CUDA stream of the
+//! rank's device (its own stream, not the per-thread default: `train::device`) in
+//! [`Nccl::connect`], so the all-reduce is ordered after the backward kernels that produced
 //! the gradients and before the optimizer kernels that read them, with no extra event.
 //!
-//! One step's buckets are averaged in one NCCL group (`ncclAvg`, into fresh buffers that become
-//! the bucket tensors). Nothing waits forever: communicator set-up runs under the caller's
+//! One step's buckets are summed in one NCCL group (`ncclSum`, into fresh buffers that become
+//! the bucket tensors, divided by the world size after it; see `enqueue` for why not
+//! `ncclAvg`). Nothing waits forever: communicator set-up runs under the caller's
 //! timeout, and after each group the stream is polled until it drains or the collective
 //! timeout passes, which fails the task with [`CollectiveError::Timeout`]; the coordinator then
 //! restarts the generation and the dropped communicator is aborted.
@@ -160,11 +162,11 @@ impl Nccl {
             buckets.iter().map(|b| self.enqueue(b)).collect();
         // The group is closed whatever happened inside it, so NCCL's state stays consistent.
         let ended = group_end().map_err(|e| nccl(rank, "ncclGroupEnd", e));
-        let averaged = enqueued?;
+        let sums = enqueued?;
         ended?;
         self.drain()?;
         let tensor = |source| CollectiveError::Tensor { rank, source };
-        for (bucket, sum) in buckets.iter_mut().zip(averaged) {
+        for (bucket, sum) in buckets.iter_mut().zip(sums) {
             *bucket = if self.world > 1 {
                 sum.affine(1.0 / self.world as f64, 0.0).map_err(tensor)?
             } else {

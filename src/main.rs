@@ -191,6 +191,34 @@ enum Command {
         #[command(subcommand)]
         action: CheckpointAction,
     },
+    /// Data a run reads besides its clips.
+    Data {
+        #[command(subcommand)]
+        action: DataAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataAction {
+    /// The heuristic's human prior (`heuristic.prior_csv`) from VGGSounder's labels: per
+    /// class, the share of its labels that people perceived with the student's sense.
+    Prior {
+        /// VGGSounder's label file: `vggsounder/data/vggsounder.csv` of PyPI's `vggsounder`.
+        #[arg(long)]
+        vggsounder: PathBuf,
+        /// The student's modality: `audio` (the share heard) or `visual` (the share seen).
+        #[arg(long, value_enum)]
+        student: Sense,
+        /// Where to write the `class,prior` CSV.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Sense {
+    Audio,
+    Visual,
 }
 
 #[derive(Subcommand)]
@@ -403,6 +431,31 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             })
             .map(|()| ExitCode::SUCCESS),
+        Command::Data {
+            action:
+                DataAction::Prior {
+                    vggsounder,
+                    student,
+                    out,
+                },
+        } => {
+            let modality = match student {
+                Sense::Audio => xkd_config::Modality::Audio,
+                Sense::Visual => xkd_config::Modality::Visual,
+            };
+            let priors = xkd_data::prior::vggsounder_priors(&vggsounder, modality)?;
+            xkd_data::prior::write_priors(&out, &priors)?;
+            let rows: u64 = priors.iter().map(|p| p.rows).sum();
+            println!(
+                "{}: {} classes from {rows} VGGSounder labels ({} student); set \
+                 heuristic.prior_csv = \"{}\"",
+                out.display(),
+                priors.len(),
+                modality.as_str(),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Worker {
             coordinator,
             cert,

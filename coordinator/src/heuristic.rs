@@ -7,7 +7,7 @@
 //! coefficients (configs/default.toml) make a class whose student accuracy is under about 0.45,
 //! with matching confidence, score above 0.5; the teacher enters through `teacher_floor`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use xkd_config::HeuristicConfig;
@@ -107,7 +107,7 @@ pub fn decide(
     teacher: &[ClipOutcome],
 ) -> Result<Decision> {
     let n = classes.len();
-    let priors = read_priors(&cfg.prior_csv, classes)?;
+    let priors = xkd_data::prior::read_priors(&cfg.prior_csv, classes)?;
     let s_stats = class_stats(student, n);
     let t_stats = class_stats(teacher, n);
     let coefficients = if cfg.fit {
@@ -203,41 +203,6 @@ fn fit(
         }
     }
     Ok(w)
-}
-
-/// Per-class priors from `class,prior` CSV lines; classes not listed get 0.5.
-fn read_priors(path: &str, classes: &[String]) -> Result<Vec<f64>> {
-    let mut priors = vec![0.5; classes.len()];
-    if path.is_empty() {
-        return Ok(priors);
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading heuristic.prior_csv {path}"))?;
-    let index: HashMap<&str, usize> = classes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.as_str(), i))
-        .collect();
-    for (lineno, line) in text.lines().enumerate() {
-        let Some((name, value)) = line.rsplit_once(',') else {
-            continue;
-        };
-        let name = name.trim().trim_matches('"');
-        let Ok(value) = value.trim().parse::<f64>() else {
-            if lineno == 0 {
-                continue; // header
-            }
-            bail!(
-                "{path}:{}: prior `{}` is not a number",
-                lineno + 1,
-                value.trim()
-            );
-        };
-        if let Some(&i) = index.get(name) {
-            priors[i] = value.clamp(0.0, 1.0);
-        }
-    }
-    Ok(priors)
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 //! - `clip`: wav and png files both ways, and the loaders into model inputs.
 //! - `features`: Whisper-style log-mel spectrograms.
 //! - `synth`: the embedded synthetic set the default job trains on (only that job uses it).
+//! - `prior`: the heuristic's per-class human prior (`heuristic.prior_csv`), and making one
+//!   from VGGSounder's labels.
 //!
 //! `ensure_dataset` is the one entry point a run uses: the configured dataset, generated first
 //! when it is the synthetic one and not there yet.
@@ -11,6 +13,7 @@
 pub mod clip;
 pub mod features;
 pub mod manifest;
+pub mod prior;
 pub mod synth;
 
 pub use clip::{load_audio, load_frames, load_frames_rgb, CLIP_MEAN, CLIP_STD};

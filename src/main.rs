@@ -200,6 +200,47 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DataAction {
+    /// A dataset workers read (`data.source = "manifest"`, `data.dir = OUT`) from downloaded
+    /// clips: each clip decoded by FFmpeg (Debian's `ffmpeg` package), its audio resampled to
+    /// `data.sample_rate` mono for `data.clip_seconds`, its frames kept as the visual model
+    /// needs. Resumable: a re-run keeps finished clips. Bad clips are skipped and listed in
+    /// OUT/bad_clips.jsonl with their reason.
+    Prepare {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The clip list: VGGSound's CSV, or `path,label[,split]` (see --format).
+        #[arg(long, value_name = "FILE")]
+        csv: PathBuf,
+        #[arg(long, value_enum, default_value_t = ListFormat::Vggsound)]
+        format: ListFormat,
+        /// The directory holding the clips the CSV names.
+        #[arg(long, value_name = "DIR")]
+        clips: PathBuf,
+        /// Where the dataset goes (created; a re-run resumes in it).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Class names in label order, one a line; rows with another label are skipped.
+        /// Without it, the CSV's labels, sorted.
+        #[arg(long, value_name = "FILE")]
+        classes: Option<PathBuf>,
+        /// The frames kept; by default what the config's visual model takes.
+        #[arg(long, value_enum)]
+        frames: Option<FrameLayout>,
+        /// Frames per second with `--frames qwen2-vl`.
+        #[arg(long, default_value_t = xkd_data::prepare::QWEN2_VL_FPS, value_parser = positive_f64)]
+        fps: f64,
+        /// Pixels per frame at most with `--frames qwen2-vl`.
+        #[arg(long, default_value_t = xkd_data::prepare::QWEN2_VL_MAX_PIXELS)]
+        max_pixels: usize,
+        /// Shares of the `train` rows for the pretrain, probe and distill splits (`test` rows
+        /// are the eval split).
+        #[arg(long, value_name = "PRETRAIN,PROBE,DISTILL", default_value = "0.5,0.2,0.3",
+              value_parser = train_shares)]
+        shares: xkd_data::prepare::TrainShares,
+        /// Clips decoded at once; by default one per core.
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
     /// The heuristic's human prior (`heuristic.prior_csv`) from VGGSounder's labels: per
     /// class, the share of its labels that people perceived with the student's sense.
     Prior {
@@ -213,6 +254,24 @@ enum DataAction {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// The CSV layouts `xkd data prepare` reads.
+#[derive(Clone, Copy, ValueEnum)]
+enum ListFormat {
+    /// VGGSound's CSV: `youtube_id,start_seconds,label,split`, no header.
+    Vggsound,
+    /// `path,label[,split]`, no header: any other audio-visual set.
+    Paths,
+}
+
+/// Which frames `xkd data prepare` keeps.
+#[derive(Clone, Copy, ValueEnum)]
+enum FrameLayout {
+    /// `data.frames` frames of `data.frame_size` squared pixels: the stand-ins' input.
+    Standin,
+    /// `--fps` frames a second, an even count, sized to multiples of 28 under `--max-pixels`.
+    Qwen2Vl,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -433,6 +492,61 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             .map(|()| ExitCode::SUCCESS),
         Command::Data {
             action:
+                DataAction::Prepare {
+                    cfg,
+                    csv,
+                    format,
+                    clips,
+                    out,
+                    classes,
+                    frames,
+                    fps,
+                    max_pixels,
+                    shares,
+                    jobs,
+                },
+        } => {
+            use xkd_data::prepare::{self, Frames, Options, Settings};
+            let config = resolve(&cfg, None)?;
+            let data = &config.data;
+            let layout = frames.unwrap_or(match config.visual_model.family {
+                xkd_config::ModelFamily::Qwen2 => FrameLayout::Qwen2Vl,
+                _ => FrameLayout::Standin,
+            });
+            let frames = match layout {
+                FrameLayout::Standin => Frames::Standin {
+                    count: data.frames,
+                    size: data.frame_size,
+                },
+                FrameLayout::Qwen2Vl => Frames::Qwen2Vl { fps, max_pixels },
+            };
+            let jobs = jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+            });
+            let options = Options {
+                list: csv,
+                format: match format {
+                    ListFormat::Vggsound => prepare::ListFormat::Vggsound,
+                    ListFormat::Paths => prepare::ListFormat::Paths,
+                },
+                clips,
+                out,
+                classes,
+                settings: Settings {
+                    seconds: data.clip_seconds as f64,
+                    sample_rate: data.sample_rate,
+                    frames,
+                },
+                shares,
+                seed: data.seed,
+                jobs,
+            };
+            let summary = prepare_with_progress(&options)?;
+            print!("{}", prepare_report(&options, &summary));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Data {
+            action:
                 DataAction::Prior {
                     vggsounder,
                     student,
@@ -519,6 +633,118 @@ fn compare(configs: Vec<Config>, out: &std::path::Path, log_format: String) -> R
 }
 
 /// `HOST:PORT` (or `[IPv6]:PORT`) in form; whether the host resolves is known only at start.
+/// `xkd data prepare` with a bar on a terminal and a log line every ten seconds otherwise.
+fn prepare_with_progress(
+    options: &xkd_data::prepare::Options,
+) -> Result<xkd_data::prepare::Summary> {
+    use std::sync::Mutex;
+    use xkd_coordinator::bars::Stage;
+    let bar: Mutex<Option<Stage>> = Mutex::new(None);
+    let every = xkd_data::prepare::Every::new(std::time::Duration::from_secs(10));
+    let started = std::time::Instant::now();
+    let progress = |done: usize, total: usize| {
+        let mut bar = bar.lock().unwrap_or_else(|e| e.into_inner());
+        bar.get_or_insert_with(|| Stage::counting("prepare", Some(total as u64), 0, "clips"))
+            .set(done as u64);
+        if every.due(done, total) {
+            let secs = started.elapsed().as_secs_f64();
+            let rate = done as f64 / secs.max(1e-9);
+            let eta = (total - done) as f64 / rate.max(1e-9);
+            tracing::info!(
+                done,
+                total,
+                clips_per_s = format!("{rate:.1}"),
+                eta_s = format!("{eta:.0}"),
+                "preparing clips"
+            );
+        }
+    };
+    let summary = xkd_data::prepare::prepare(options, &progress);
+    drop(bar);
+    summary
+}
+
+/// What `xkd data prepare` did, for a person: counts, bad clips by reason, and the rate per
+/// core with what it means for VGGSound's 199,467 rows.
+fn prepare_report(options: &xkd_data::prepare::Options, s: &xkd_data::prepare::Summary) -> String {
+    use std::fmt::Write as _;
+    let out = options.out.display();
+    let mut text = format!(
+        "{out}: {} rows, {} classes: {} clips prepared now, {} kept from an earlier run, {} bad\n",
+        s.rows,
+        s.classes,
+        s.prepared,
+        s.kept,
+        s.bad_total()
+    );
+    for (reason, n) in &s.bad {
+        let _ = writeln!(text, "  {n:>6} {}", reason.as_str());
+    }
+    if s.bad_total() > 0 {
+        let _ = writeln!(
+            text,
+            "  listed with their lines in {}",
+            options
+                .out
+                .join(xkd_data::prepare::BAD_CLIPS_FILE)
+                .display()
+        );
+    }
+    if s.prepared > 0 {
+        let rate = s.prepared as f64 / s.seconds.max(1e-9);
+        let per_core = rate / s.jobs as f64;
+        let vggsound_h = 199_467.0 / rate / 3600.0;
+        let _ = writeln!(
+            text,
+            "  {rate:.2} clips/s on {} jobs ({per_core:.2} clips/s per job): VGGSound's 199,467 \
+             rows would take {vggsound_h:.1} h here",
+            s.jobs
+        );
+        let _ = writeln!(
+            text,
+            "  {:.1} MB of clips became {:.1} MB ({:.2}x)",
+            s.source_bytes as f64 / 1e6,
+            s.prepared_bytes as f64 / 1e6,
+            s.prepared_bytes as f64 / s.source_bytes.max(1) as f64
+        );
+    }
+    let _ = writeln!(
+        text,
+        "  train with --set data.source=manifest --set data.dir={out}"
+    );
+    text
+}
+
+fn positive_f64(arg: &str) -> Result<f64, String> {
+    match arg.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("`{arg}` is not a positive number")),
+    }
+}
+
+fn train_shares(arg: &str) -> Result<xkd_data::prepare::TrainShares, String> {
+    let parts: Vec<f64> = arg
+        .split(',')
+        .map(|p| p.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("`{arg}` is not three numbers PRETRAIN,PROBE,DISTILL"))?;
+    match parts[..] {
+        [pretrain, probe, distill]
+            if parts.iter().all(|p| p.is_finite() && *p >= 0.0)
+                && parts.iter().sum::<f64>() > 0.0 =>
+        {
+            Ok(xkd_data::prepare::TrainShares {
+                pretrain,
+                probe,
+                distill,
+            })
+        }
+        _ => Err(format!(
+            "`{arg}` must be three shares PRETRAIN,PROBE,DISTILL, none negative, not all zero"
+        )),
+    }
+}
+
 fn host_port(arg: &str) -> Result<String, String> {
     match arg.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(arg.into()),

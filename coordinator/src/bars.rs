@@ -51,20 +51,28 @@ pub struct Stage {
 impl Stage {
     /// A bar from step `at` of `steps` (training), or a spinner (`steps` = `None`).
     pub fn start(name: &str, steps: Option<u64>, at: u64) -> Stage {
+        Stage::counting(name, steps, at, "steps")
+    }
+
+    /// A bar from `at` of `total` things named `unit` ("clips"), or a spinner.
+    pub fn counting(name: &str, total: Option<u64>, at: u64, unit: &'static str) -> Stage {
         let Some(bars) = terminal() else {
             return Stage { bar: None };
         };
-        let bar = match steps {
+        let bar = match total {
             Some(total) => {
                 let bar = ProgressBar::new(total).with_position(at);
                 bar.set_style(
-                    ProgressStyle::with_template(
-                        "{prefix:>16} [{bar:32}] {pos}/{len} steps  {rate}  eta {eta}",
-                    )
+                    ProgressStyle::with_template(&format!(
+                        "{{prefix:>16}} [{{bar:32}}] {{pos}}/{{len}} {unit}  {{rate}}  eta {{eta}}"
+                    ))
                     .expect("a valid template")
-                    .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-                        let _ = write!(w, "{:.1} steps/s", s.per_sec());
-                    })
+                    .with_key(
+                        "rate",
+                        move |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                            let _ = write!(w, "{:.1} {unit}/s", s.per_sec());
+                        },
+                    )
                     .progress_chars("=> "),
                 );
                 bar.reset_eta();

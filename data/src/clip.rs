@@ -1,5 +1,5 @@
-//! Clip files both ways: 16-bit mono wav for audio, 8-bit RGB png per frame, and the loaders that
-//! turn them into what the models take (samples in [-1, 1], at the configured rate and mono or
+//! Clip files both ways: 16-bit mono wav for audio, 8-bit RGB png per frame (the synthetic set)
+//! or jpeg (`xkd data prepare`), and the loaders that turn them into what the models take (samples in [-1, 1], at the configured rate and mono or
 //! refused; frames normalised by CLIP's mean and standard deviation, channels first).
 
 use anyhow::{anyhow, bail, Context};
@@ -106,12 +106,21 @@ pub fn load_frames(paths: &[PathBuf]) -> anyhow::Result<Vec<f32>> {
 
 /// (height, width, one `[H, W, 3]` byte buffer per frame): the frames as decoded, for a model
 /// whose own processor resizes and normalises them (Qwen2-VL). Every frame must have the same
-/// size; grey and alpha images are converted to RGB.
+/// size; grey and alpha images are converted to RGB. Frames named `.jpg` or `.jpeg` are read
+/// as JPEG, others as PNG.
 pub fn load_frames_rgb(paths: &[PathBuf]) -> anyhow::Result<(usize, usize, Vec<Vec<u8>>)> {
     let mut out = Vec::with_capacity(paths.len());
     let mut size: Option<(usize, usize)> = None;
     for path in paths {
-        let (w, h, rgb) = read_png_rgb(path)?;
+        let jpeg = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("jpg") || e.eq_ignore_ascii_case("jpeg"));
+        let (w, h, rgb) = if jpeg {
+            read_jpeg_rgb(path)?
+        } else {
+            read_png_rgb(path)?
+        };
         match size {
             None => size = Some((w, h)),
             Some(first) if first != (w, h) => bail!(
@@ -135,6 +144,31 @@ fn push_normalised_chw(out: &mut Vec<f32>, w: usize, h: usize, rgb: &[u8]) {
             out.push((value - CLIP_MEAN[c]) / CLIP_STD[c]);
         }
     }
+}
+
+/// (width, height, `[H, W, 3]` bytes) of a baseline or progressive JPEG, in any of JPEG's
+/// colour spaces, converted to RGB.
+pub(crate) fn read_jpeg_rgb(path: &Path) -> anyhow::Result<(usize, usize, Vec<u8>)> {
+    use zune_jpeg::zune_core::{
+        bytestream::ZCursor, colorspace::ColorSpace, options::DecoderOptions,
+    };
+    let bytes = fs::read(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let options = DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(&bytes), options);
+    let rgb = decoder
+        .decode()
+        .map_err(|e| anyhow!("{} is not a readable jpeg: {e:?}", path.display()))?;
+    let (w, h) = decoder
+        .dimensions()
+        .ok_or_else(|| anyhow!("{} has no jpeg header", path.display()))?;
+    if rgb.len() != w * h * 3 {
+        bail!(
+            "{} decoded to {} bytes, not {w}x{h} RGB",
+            path.display(),
+            rgb.len()
+        );
+    }
+    Ok((w, h, rgb))
 }
 
 /// (width, height, `[H, W, 3]` bytes).

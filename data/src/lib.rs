@@ -13,6 +13,7 @@
 pub mod clip;
 pub mod features;
 pub mod manifest;
+pub mod prepare;
 pub mod prior;
 pub mod synth;
 

@@ -72,8 +72,9 @@ impl Manifest {
 #[derive(Serialize, Deserialize)]
 pub(crate) struct ClassesFile {
     pub(crate) classes: Vec<String>,
-    /// How each class was built; only tests read it.
-    #[serde(default)]
+    /// How each class was built (the synthetic set; empty for a prepared one); only tests
+    /// read it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) construction: Vec<ConstructionRow>,
 }
 

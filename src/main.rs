@@ -229,17 +229,18 @@ enum DataAction {
         /// Frames per second with `--frames qwen2-vl`.
         #[arg(long, default_value_t = xkd_data::prepare::QWEN2_VL_FPS, value_parser = positive_f64)]
         fps: f64,
-        /// Pixels per frame at most with `--frames qwen2-vl`.
-        #[arg(long, default_value_t = xkd_data::prepare::QWEN2_VL_MAX_PIXELS)]
-        max_pixels: usize,
+        /// Pixels per frame at most with `--frames qwen2-vl` (at least one 28 x 28 patch).
+        #[arg(long, default_value_t = xkd_data::prepare::QWEN2_VL_MAX_PIXELS as u64,
+              value_parser = clap::value_parser!(u64).range(784..))]
+        max_pixels: u64,
         /// Shares of the `train` rows for the pretrain, probe and distill splits (`test` rows
         /// are the eval split).
         #[arg(long, value_name = "PRETRAIN,PROBE,DISTILL", default_value = "0.5,0.2,0.3",
               value_parser = train_shares)]
         shares: xkd_data::prepare::TrainShares,
         /// Clips decoded at once; by default one per core.
-        #[arg(long)]
-        jobs: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        jobs: Option<u64>,
     },
     /// The heuristic's human prior (`heuristic.prior_csv`) from VGGSounder's labels: per
     /// class, the share of its labels that people perceived with the student's sense.
@@ -518,11 +519,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     count: data.frames,
                     size: data.frame_size,
                 },
-                FrameLayout::Qwen2Vl => Frames::Qwen2Vl { fps, max_pixels },
+                FrameLayout::Qwen2Vl => Frames::Qwen2Vl {
+                    fps,
+                    max_pixels: max_pixels as usize,
+                },
             };
-            let jobs = jobs.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-            });
+            let jobs = jobs.map_or_else(
+                || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+                |j| j as usize,
+            );
             let options = Options {
                 list: csv,
                 format: match format {

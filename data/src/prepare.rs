@@ -656,9 +656,12 @@ fn decode(src: &Path, out: &Path, settings: &Settings) -> Result<Made, Failure> 
             return Err((Reason::Short, format!("{d:.2} s, {want} s asked")));
         }
     }
-    // Tiny stand-in frames keep full chroma; Qwen2-VL's large ones take JPEG's usual 4:2:0.
-    let (count, width, height, fps, chroma) = match settings.frames {
-        Frames::Standin { count, size } => (count, size, size, count as f64 / want, "yuvj444p"),
+    // Tiny stand-in frames keep full chroma at the finest quantiser; Qwen2-VL's large ones
+    // take JPEG's usual 4:2:0 at a quantiser that keeps them near the source's size.
+    let (count, width, height, fps, chroma, quality) = match settings.frames {
+        Frames::Standin { count, size } => {
+            (count, size, size, count as f64 / want, "yuvj444p", "2")
+        }
         Frames::Qwen2Vl { fps, max_pixels } => {
             let (Some(w), Some(h)) = (video.width, video.height) else {
                 return Err((Reason::Undecodable, "the video stream has no size".into()));
@@ -666,7 +669,7 @@ fn decode(src: &Path, out: &Path, settings: &Settings) -> Result<Made, Failure> 
             let count = (((want * fps).floor() as usize) / 2 * 2).max(2);
             let (rh, rw) = qwen2_vl_size(h, w, max_pixels)
                 .ok_or_else(|| (Reason::Undecodable, format!("{w}x{h} cannot be resized")))?;
-            (count, rw, rh, fps, "yuvj420p")
+            (count, rw, rh, fps, "yuvj420p", "4")
         }
     };
     let wav = out.join("audio.raw.wav");
@@ -688,7 +691,7 @@ fn decode(src: &Path, out: &Path, settings: &Settings) -> Result<Made, Failure> 
         .arg(format!(
             "fps={fps},scale={width}:{height}:flags=bicubic,format={chroma}"
         ))
-        .args(["-frames:v", &count.to_string(), "-q:v", "2"])
+        .args(["-frames:v", &count.to_string(), "-q:v", quality])
         .arg(out.join("%02d.jpg"))
         .output()
         .map_err(|e| (Reason::Undecodable, format!("cannot run ffmpeg: {e}")))?;

@@ -154,17 +154,36 @@ fn a_model_directory_in_an_object_store_is_downloaded_once_and_used() {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen2-remote");
     let _ = std::fs::remove_dir_all(&base);
     let cache = base.join("cache");
+    // What a rank killed mid-download leaves: never used, removed by the next download.
+    let local = cache
+        .join("models")
+        .join(format!("remote-{}", xkd_config::section_digest(&url)));
+    let partial = local.with_extension("partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("config.json"), b"{\"half\": ").unwrap();
     let dir = format!("audio_model.dir=\"{url}\"");
     let sets = [dir.as_str(), "distill.steps=4", "checkpoint.every_steps=0"];
     let report = run_with(&base.join("run"), &cache, &sets, &server.env());
     assert_eq!(report["direction"], "visual_to_audio");
 
+    // Both ranks of this node need the model; one downloads it while the other waits on the
+    // node's lock and then finds the copy.
+    let logs: String = std::fs::read_dir(base.join("run/logs"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    let downloads = logs.matches("downloading the model directory").count();
+    assert_eq!(downloads, 1, "one download for the node:\n{logs}");
+    assert!(logs.contains("found in the node's cache"), "{logs}");
+    assert!(!partial.exists(), "the interrupted download is removed");
+
     // One local copy, byte for byte the directory that was served.
     let copies: Vec<PathBuf> = std::fs::read_dir(cache.join("models"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
         .collect();
-    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(copies, [local.clone()]);
     for entry in std::fs::read_dir(&fixture).unwrap() {
         let path = entry.unwrap().path();
         let copy = copies[0].join(path.file_name().unwrap());

@@ -29,6 +29,11 @@ pub struct StoreOptions {
     pub upload_concurrency: usize,
     /// Back-off and timeouts for HTTP stores.
     pub retry: Retry,
+    /// Bulk downloads (`download_prefix`) fetch objects in ranges of this many bytes, so a
+    /// model shard of any size takes many short requests, each within `retry.request_timeout`.
+    pub download_range: u64,
+    /// Ranges in flight at once in a bulk download (memory: this many ranges).
+    pub download_concurrency: usize,
 }
 
 impl Default for StoreOptions {
@@ -39,6 +44,8 @@ impl Default for StoreOptions {
             part_size: 8 << 20,
             upload_concurrency: 4,
             retry: Retry::default(),
+            download_range: 16 << 20,
+            download_concurrency: 8,
         }
     }
 }
@@ -495,9 +502,15 @@ impl Store {
     }
 
     /// Copies every object under the store's URL into the local directory `dir`, under the
-    /// same relative names (a Hugging Face model directory kept in an object store), streaming
-    /// each to its file; returns the names, sorted. Nothing under the URL is an error.
+    /// same relative names (a Hugging Face model directory kept in an object store); returns
+    /// the names, sorted. Each object is fetched in ranges of `download_range` bytes,
+    /// `download_concurrency` at once, written in place into a file sized first: no single
+    /// request carries a whole multi-gigabyte shard, so the per-request timeout bounds a range,
+    /// not a file. Nothing under the URL is an error. `dir` may be left partly written on
+    /// error; callers download into a temporary directory and rename it (`local_model_dir`).
     pub async fn download_prefix(&self, dir: &std::path::Path) -> Result<Vec<String>> {
+        use futures::StreamExt as _;
+        use std::os::unix::fs::FileExt as _;
         let metas: Vec<_> = self
             .inner
             .list(Some(&self.prefix))
@@ -505,6 +518,10 @@ impl Store {
             .await
             .map_err(|e| self.err("listing", &self.prefix, e))?;
         let mut names = Vec::with_capacity(metas.len());
+        // (file, object, range) of every range to fetch.
+        let mut files = Vec::with_capacity(metas.len());
+        let mut ranges = Vec::new();
+        let step = self.options.download_range.max(1);
         for meta in metas {
             let Some(parts) = meta.location.prefix_match(&self.prefix) else {
                 continue;
@@ -513,26 +530,24 @@ impl Store {
             if rel.is_empty() {
                 continue;
             }
-            let file = rel.iter().fold(dir.to_path_buf(), |p, s| p.join(s));
+            let path = rel.iter().fold(dir.to_path_buf(), |p, s| p.join(s));
             let write_err = |source| Error::Write {
-                path: file.display().to_string(),
+                path: path.display().to_string(),
                 source,
             };
-            if let Some(parent) = file.parent() {
+            if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(write_err)?;
             }
-            let mut out = std::fs::File::create(&file).map_err(write_err)?;
-            let err = |e| self.err("reading", &meta.location, e);
-            let mut stream = self
-                .inner
-                .get(&meta.location)
-                .await
-                .map_err(err)?
-                .into_stream();
-            while let Some(chunk) = stream.try_next().await.map_err(err)? {
-                std::io::Write::write_all(&mut out, &chunk).map_err(write_err)?;
+            let file = std::fs::File::create(&path).map_err(write_err)?;
+            file.set_len(meta.size).map_err(write_err)?;
+            let index = files.len();
+            let mut at = 0;
+            while at < meta.size {
+                let end = (at + step).min(meta.size);
+                ranges.push((index, meta.location.clone(), at..end));
+                at = end;
             }
-            out.sync_all().map_err(write_err)?;
+            files.push((file, path));
             names.push(rel.join("/"));
         }
         if names.is_empty() {
@@ -540,6 +555,42 @@ impl Store {
                 path: self.url(),
                 problem: "no objects under this URL".into(),
             });
+        }
+        let files = &files;
+        let mut fetches = futures::stream::iter(ranges)
+            .map(|(index, location, range)| async move {
+                let bytes = self
+                    .inner
+                    .get_range(&location, range.clone())
+                    .await
+                    .map_err(|e| self.err("reading", &location, e))?;
+                let (file, path) = &files[index];
+                if bytes.len() as u64 != range.end - range.start {
+                    return Err(Error::Corrupt {
+                        path: location.to_string(),
+                        problem: format!(
+                            "bytes {}..{} came back as {} bytes",
+                            range.start,
+                            range.end,
+                            bytes.len()
+                        ),
+                    });
+                }
+                file.write_all_at(&bytes, range.start)
+                    .map_err(|source| Error::Write {
+                        path: path.display().to_string(),
+                        source,
+                    })
+            })
+            .buffer_unordered(self.options.download_concurrency.max(1));
+        while let Some(done) = fetches.next().await {
+            done?;
+        }
+        for (file, path) in files {
+            file.sync_all().map_err(|source| Error::Write {
+                path: path.display().to_string(),
+                source,
+            })?;
         }
         names.sort();
         Ok(names)

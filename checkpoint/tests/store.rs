@@ -36,6 +36,7 @@ on_every_backend!(
     prune_keeps_the_newest_and_cleans_leftovers,
     digest_depends_on_parameters_only,
     large_objects_go_up_in_parts,
+    prefixes_come_down_in_ranges,
     files_stream_up_with_their_hash,
     run_objects_are_replaced_whole_and_absent_is_none,
 );
@@ -436,4 +437,43 @@ async fn an_https_store_speaks_tls_and_a_failed_handshake_is_an_error() {
         0x16,
         "the client did not speak TLS"
     );
+}
+
+async fn prefixes_come_down_in_ranges(fx: Fixture) {
+    // 1 MiB ranges, 3 at once: the 5 MiB + 3 byte object takes six ranges, the last short;
+    // the small one and the empty one take one and none.
+    let store = fx.reopen(StoreOptions {
+        download_range: 1 << 20,
+        download_concurrency: 3,
+        ..common::options(Default::default())
+    });
+    let big: Vec<u8> = (0..(5u32 << 20) + 3)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let objects = [
+        ("model.safetensors", big),
+        ("config.json", b"{\"a\": 1}".to_vec()),
+        ("empty.txt", Vec::new()),
+    ];
+    for (name, bytes) in &objects {
+        store
+            .put_object(RUN, 3, name, Bytes::from(bytes.clone()))
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = store.download_prefix(dir.path()).await.unwrap();
+    let step = format!("{RUN}/ckpt/0000000003");
+    let mut want: Vec<String> = objects.iter().map(|(n, _)| format!("{step}/{n}")).collect();
+    want.sort();
+    assert_eq!(names, want);
+    for (name, bytes) in &objects {
+        let got = std::fs::read(dir.path().join(&step).join(name)).unwrap();
+        assert!(
+            got == *bytes,
+            "{name}: {} bytes, {} expected",
+            got.len(),
+            bytes.len()
+        );
+    }
 }

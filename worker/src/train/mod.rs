@@ -165,7 +165,11 @@ impl Rank {
     /// The Qwen2 model of `modality` from its configured directory, weights in `dtype`.
     fn load_qwen(&self, modality: Modality, dtype: DType) -> Result<QwenModel> {
         let dir = &self.config.model(modality).dir;
-        let local = net::local_model_dir(dir, &self.config.run.cache_dir)?;
+        let (local, fetched) = net::local_model_dir(dir, &self.config.run.cache_dir)?;
+        if fetched == net::Fetched::Cached {
+            tracing::info!(rank = self.rank, model = dir, to = %local.display(),
+                "model directory found in the node's cache");
+        }
         let qwen = QwenModel::load(&local, net::family(modality), dtype, &self.device)
             .with_context(|| format!("loading the {} model from {dir}", modality.as_str()))?;
         tracing::info!(

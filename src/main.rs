@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use xkd_config::{Config, ConfigError, DeviceChoice};
-use xkd_coordinator::run::{self, LocalWorkers, Outcome, RunOptions};
+use xkd_coordinator::run::{self, Goal, LocalWorkers, Outcome, RunOptions};
 use xkd_protocol::transport::{check_certificate, Fingerprint, ServerIdentity, Trust};
 use xkd_worker::ring_host::RingHost;
 use xkd_worker::session::Exit;
@@ -174,6 +174,25 @@ enum Command {
         out: Option<PathBuf>,
         #[command(flatten)]
         tls: TlsArgs,
+    },
+    /// Per-class accuracy of a checkpointed student on the eval split (coordinator plus local
+    /// workers, as `run`): printed as a table (or JSON with --json) and written to OUT/eval.json.
+    /// The config must be the checkpoint's run's (its models and data).
+    Eval {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// A checkpoint (`<store>/<run_id>/ckpt/<step>`) or a run (its newest checkpoint):
+        /// `file://`, a plain path, `s3://`, `gs://`, `az://`.
+        #[arg(long, value_name = "URL")]
+        checkpoint: String,
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Output directory (default runs/<run id>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the evaluation as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// The whole job three times on one recipe, distilling on the heuristic's hard classes, on
     /// all classes and on as many random ones (`distill.classes`); writes each run under
@@ -402,7 +421,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 config,
                 out_dir: out,
                 local: Some(local),
-                only_hard_classes: false,
+                goal: Goal::Report,
                 identity,
             }))? {
                 Outcome::Finished(report) => {
@@ -410,8 +429,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Outcome::Preempted => Ok(ExitCode::SUCCESS),
-                Outcome::HardClasses(_) => {
-                    unreachable!("a full run does not stop at the heuristic")
+                Outcome::HardClasses(_) | Outcome::Evaluated(_) => {
+                    unreachable!("a full run ends with its report")
                 }
             }
         }
@@ -428,11 +447,40 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 config,
                 out_dir: out,
                 local: Some(local),
-                only_hard_classes: true,
+                goal: Goal::HardClasses,
                 identity,
             }))?;
             if let Outcome::HardClasses(decision) = outcome {
                 println!("{}", serde_json::to_string_pretty(&decision)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval {
+            cfg,
+            checkpoint,
+            workers,
+            out,
+            json,
+        } => {
+            let config = resolve_to_run(&cfg, workers)?;
+            // A bad URL is a usage error, found before any process starts.
+            xkd_checkpoint::Target::open(&checkpoint, Default::default())?;
+            let local = local_workers(&config, log_format)?;
+            let outcome = runtime()?.block_on(run::run(RunOptions {
+                config,
+                out_dir: out,
+                local: Some(local),
+                goal: Goal::Evaluate { checkpoint },
+                identity: None,
+            }))?;
+            match outcome {
+                Outcome::Evaluated(e) if json => {
+                    println!("{}", serde_json::to_string_pretty(&e)?);
+                }
+                Outcome::Evaluated(e) => {
+                    print!("{}", xkd_coordinator::report::evaluation_markdown(&e));
+                }
+                _ => {}
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -472,7 +520,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 config,
                 out_dir: out,
                 local: None,
-                only_hard_classes: false,
+                goal: Goal::Report,
                 identity,
             }))?;
             if let Outcome::Finished(report) = outcome {
@@ -617,7 +665,7 @@ fn compare(configs: Vec<Config>, out: &std::path::Path, log_format: String) -> R
             config,
             out_dir: Some(out.join(classes.as_str())),
             local: Some(local),
-            only_hard_classes: false,
+            goal: Goal::Report,
             identity: None,
         }))?;
         match outcome {

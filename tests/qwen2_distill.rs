@@ -119,6 +119,30 @@ fn a_lora_student_of_one_family_learns_from_the_other_and_saves_peft_adapters() 
         }
     }
 
+    // `xkd eval` of the final checkpoint: the base with the checkpoint's adapters answers as
+    // the saved adapters did for the report.
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen2-cache");
+    let eval = Command::new(env!("CARGO_BIN_EXE_xkd"))
+        .current_dir(root())
+        .args([
+            "eval",
+            "--json",
+            "--config",
+            "configs/tiny-qwen2.toml",
+            "--checkpoint",
+            url,
+        ])
+        .args(["--set", &format!("run.cache_dir=\"{}\"", cache.display())])
+        .arg("--out")
+        .arg(base.join("eval"))
+        .output()
+        .expect("xkd starts");
+    assert!(eval.status.success(), "xkd eval: {eval:?}");
+    let e: Value = serde_json::from_slice(&eval.stdout).unwrap();
+    let after = &report["student"]["after"];
+    assert_eq!(e["per_class"], after["per_class"]);
+    assert_eq!(e["overall"], after["overall"]);
+
     // Qwen2-Audio teacher -> Qwen2-VL student.
     let out = base.join("audio_to_visual");
     let report = run(
@@ -183,7 +207,7 @@ fn a_model_directory_in_an_object_store_is_downloaded_once_and_used() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.is_dir())
         .collect();
-    assert_eq!(copies, [local.clone()]);
+    assert_eq!(copies, std::slice::from_ref(&local));
     for entry in std::fs::read_dir(&fixture).unwrap() {
         let path = entry.unwrap().path();
         let copy = copies[0].join(path.file_name().unwrap());

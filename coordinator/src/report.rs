@@ -119,6 +119,72 @@ fn split(outcomes: &[ClipOutcome], classes: &[String], hard: &[u32]) -> Split {
     }
 }
 
+/// What `xkd eval` finds: the accuracy of one checkpoint's student on the eval split, as
+/// `report.json`'s `student.after` gives it for the run's final one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub checkpoint: String,
+    pub step: u64,
+    pub student_modality: String,
+    /// The hard classes the checkpoint's run decided, when its store holds them.
+    pub hard_classes: Option<Vec<String>>,
+    pub overall: f64,
+    /// Over the hard classes and over the others; absent without the run's decisions.
+    pub hard: Option<f64>,
+    pub other: Option<f64>,
+    pub per_class: BTreeMap<String, f64>,
+    pub clips: usize,
+}
+
+pub fn evaluation(
+    checkpoint: &str,
+    step: u64,
+    config: &Config,
+    classes: &[String],
+    hard_classes: Option<Vec<String>>,
+    outcomes: &[ClipOutcome],
+) -> Evaluation {
+    let hard: Option<Vec<u32>> = hard_classes.as_ref().map(|names| {
+        (0..classes.len() as u32)
+            .filter(|&l| names.contains(&classes[l as usize]))
+            .collect()
+    });
+    Evaluation {
+        checkpoint: checkpoint.to_string(),
+        step,
+        student_modality: config.student_modality().as_str().to_string(),
+        overall: overall(outcomes, |_| true),
+        hard: hard.as_ref().map(|h| overall(outcomes, |l| h.contains(&l))),
+        other: hard
+            .as_ref()
+            .map(|h| overall(outcomes, |l| !h.contains(&l))),
+        per_class: per_class(outcomes, classes),
+        hard_classes,
+        clips: outcomes.len(),
+    }
+}
+
+/// `xkd eval`'s table for people.
+pub fn evaluation_markdown(e: &Evaluation) -> String {
+    let mut s = format!(
+        "# {} student of {}\n\nstep {}, {} eval clips: accuracy {:.3}",
+        e.student_modality, e.checkpoint, e.step, e.clips, e.overall
+    );
+    if let (Some(h), Some(o)) = (e.hard, e.other) {
+        s += &format!(", hard classes {h:.3}, other classes {o:.3}");
+    }
+    s += "\n\n| class | hard | accuracy |\n|---|---|---:|\n";
+    for (class, acc) in &e.per_class {
+        let hard = match &e.hard_classes {
+            Some(h) if h.contains(class) => "yes",
+            Some(_) => "",
+            None => "?",
+        };
+        s += &format!("| {class} | {hard} | {acc:.3} |\n");
+    }
+    s
+}
+
 pub fn build(i: Inputs) -> Report {
     let hard = i.decision.hard_labels();
     let teacher = Accuracy {

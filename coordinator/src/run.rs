@@ -7,7 +7,7 @@ use crate::driver::Driver;
 use crate::heuristic::Decision;
 use crate::local::Generations;
 use crate::metrics::{Metrics, MetricsServer};
-use crate::report::Report;
+use crate::report::{Evaluation, Report};
 use crate::server::ControlServer;
 use crate::stages::stages;
 use anyhow::{anyhow, bail, Context, Result};
@@ -46,16 +46,29 @@ pub struct RunOptions {
     pub config: Config,
     pub out_dir: Option<PathBuf>,
     pub local: Option<LocalWorkers>,
-    /// Stop once the hard classes are decided (`xkd hard-classes`).
-    pub only_hard_classes: bool,
+    /// What the run is for.
+    pub goal: Goal,
     /// The certificate and key to present (`--tls-cert`/`--tls-key`); `None` makes a fresh
     /// self-signed one.
     pub identity: Option<ServerIdentity>,
 }
 
+/// What a run does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Goal {
+    /// Every stage, up to `report.json` (`xkd run`).
+    Report,
+    /// Stop once the hard classes are decided (`xkd hard-classes`).
+    HardClasses,
+    /// Only evaluate the student of one checkpoint on the eval split (`xkd eval`): a URL of a
+    /// checkpoint (`<store>/<run_id>/ckpt/<step>`) or of a run (its newest checkpoint).
+    Evaluate { checkpoint: String },
+}
+
 pub enum Outcome {
     Finished(Box<Report>),
     HardClasses(Decision),
+    Evaluated(Box<Evaluation>),
     /// SIGTERM: the running distillation was stopped and checkpointed (if one was running);
     /// starting the run again with the same run id resumes it.
     Preempted,
@@ -97,10 +110,9 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("creating output directory {}", out_dir.display()))?;
     // Opened before any work, so a bad `checkpoint.url` or run id fails the run at once.
-    let mut checkpoints = if opts.only_hard_classes {
-        None
-    } else {
-        Some(Checkpoints::open(&config, &run_id, &out_dir)?)
+    let mut checkpoints = match opts.goal {
+        Goal::Report => Some(Checkpoints::open(&config, &run_id, &out_dir)?),
+        Goal::HardClasses | Goal::Evaluate { .. } => None,
     };
     let sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let token = join_token(opts.local.is_some())?;
@@ -141,14 +153,7 @@ pub async fn run(opts: RunOptions) -> Result<Outcome> {
     };
     let mut driver =
         Driver::start(generations, &config, &run_id, checkpoints, sigterm, metrics).await?;
-    let result = stages(
-        &mut driver,
-        &config,
-        &out_dir,
-        opts.only_hard_classes,
-        started,
-    )
-    .await;
+    let result = stages(&mut driver, &config, &out_dir, &opts.goal, started).await;
     let result = match result {
         Err(e) if e.is::<Preempted>() => {
             tracing::info!(

@@ -8,7 +8,7 @@ use crate::decisions::{self, RunDecisions};
 use crate::driver::Driver;
 use crate::heuristic::{self, Decision};
 use crate::report::{self};
-use crate::run::{one_summary, shuffled, write_json, Outcome};
+use crate::run::{one_summary, shuffled, write_json, Goal, Outcome};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashSet;
 use std::path::Path;
@@ -25,9 +25,13 @@ pub(crate) async fn stages(
     d: &mut Driver,
     config: &Config,
     out_dir: &Path,
-    only_hard: bool,
+    goal: &Goal,
     started: Instant,
 ) -> Result<Outcome> {
+    if let Goal::Evaluate { checkpoint } = goal {
+        return evaluate_checkpoint(d, config, out_dir, checkpoint).await;
+    }
+    let only_hard = *goal == Goal::HardClasses;
     let data = d.prepare_data().await?;
     let student_m = config.student_modality();
     let teacher_m = config.teacher_modality();
@@ -81,6 +85,53 @@ pub(crate) async fn stages(
     });
     report::write(out_dir, &report)?;
     Ok(Outcome::Finished(Box::new(report)))
+}
+
+/// `xkd eval`: the student of one checkpoint on the eval split, per class; hard and other
+/// classes as the checkpoint's run decided them, when its store holds the run's decisions.
+/// Writes `eval.json` into `out_dir`.
+async fn evaluate_checkpoint(
+    d: &mut Driver,
+    config: &Config,
+    out_dir: &Path,
+    url: &str,
+) -> Result<Outcome> {
+    let target = xkd_checkpoint::Target::open(url, Default::default())?;
+    let step = target.step_or_newest().await?;
+    let checkpoint = target.store.checkpoint_url(&target.run_id, step);
+    let decisions_url = target
+        .store
+        .run_object_url(&target.run_id, decisions::DECISIONS);
+    let decided = match target
+        .store
+        .get_run_object(&target.run_id, decisions::DECISIONS)
+        .await?
+    {
+        Some(bytes) => Some(RunDecisions::from_bytes(&bytes, &decisions_url)?),
+        None => None,
+    };
+    match &decided {
+        Some(dec) if dec.recipe_digest != checkpoint::recipe_digest(config) => tracing::warn!(
+            url = decisions_url,
+            "the checkpoint's run had another recipe than this config; its hard classes are \
+             shown, but check that the config is the run's"
+        ),
+        Some(_) => {}
+        None => tracing::info!(
+            url = decisions_url,
+            "no run decisions beside the checkpoint: no hard/other split"
+        ),
+    }
+    tracing::info!(checkpoint, step, "evaluating a checkpoint's student");
+    let data = d.prepare_data().await?;
+    d.stage = "eval".into();
+    let eval = split(&data, "eval")?;
+    let student = config.student_modality();
+    let outcomes = d.evaluate(config, student, &checkpoint, eval).await?;
+    let hard = decided.as_ref().map(|dec| dec.decision.hard_names());
+    let evaluation = report::evaluation(&checkpoint, step, config, &data.classes, hard, &outcomes);
+    write_json(&out_dir.join("eval.json"), &evaluation)?;
+    Ok(Outcome::Evaluated(Box::new(evaluation)))
 }
 
 /// Decisions an earlier start of the run stored, taken as this start's: `hard_classes.json`

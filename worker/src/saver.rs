@@ -97,19 +97,51 @@ pub fn encode(tensors: &[RawTensor]) -> Result<Bytes> {
 /// store `order` names, each checked against the manifest (a mismatch is an error, never a
 /// silent load). Runs on its own thread and runtime, so it works from any caller.
 pub fn read_checkpoint(order: &CheckpointOrder, step: u64) -> Result<(Bytes, Bytes)> {
-    let read = || -> Result<(Bytes, Bytes)> {
+    on_own_runtime(|| async {
+        let store = Store::open(&order.url)
+            .with_context(|| format!("opening checkpoint store {}", order.url))?;
+        let manifest = store.manifest(&order.run_id, step).await?;
+        let student = store.read_verified(&manifest, STUDENT).await?;
+        let optimizer = store.read_verified(&manifest, OPTIMIZER).await?;
+        Ok((student, optimizer))
+    })
+}
+
+/// `student.safetensors` of the checkpoint `url` names (`<store>/<run_id>/ckpt/<step>`),
+/// checked against its manifest, or `None` when `url` names no checkpoint (a model file or
+/// directory: `xkd eval` hands workers a checkpoint URL where a run hands them a path).
+pub fn read_student(url: &str) -> Result<Option<Bytes>> {
+    if !url.contains(&format!("/{}/", xkd_checkpoint::CKPT_DIR)) {
+        return Ok(None);
+    }
+    let Ok(target) = xkd_checkpoint::Target::open(url, Default::default()) else {
+        return Ok(None);
+    };
+    let Some(step) = target.step else {
+        return Ok(None);
+    };
+    on_own_runtime(|| async {
+        let manifest = target.store.manifest(&target.run_id, step).await?;
+        Ok(target.store.read_verified(&manifest, STUDENT).await?)
+    })
+    .with_context(|| format!("reading the student of checkpoint {url}"))
+    .map(Some)
+}
+
+/// `work` on a thread and a runtime of its own, so that it works from any caller (the
+/// compute thread, or inside the worker's async runtime).
+fn on_own_runtime<T, F, Fut>(work: F) -> Result<T>
+where
+    T: Send,
+    F: FnOnce() -> Fut + Send,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let read = || -> Result<T> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the checkpoint read runtime")?;
-        runtime.block_on(async {
-            let store = Store::open(&order.url)
-                .with_context(|| format!("opening checkpoint store {}", order.url))?;
-            let manifest = store.manifest(&order.run_id, step).await?;
-            let student = store.read_verified(&manifest, STUDENT).await?;
-            let optimizer = store.read_verified(&manifest, OPTIMIZER).await?;
-            Ok((student, optimizer))
-        })
+        runtime.block_on(work())
     };
     std::thread::scope(|s| {
         s.spawn(read)

@@ -195,6 +195,11 @@ impl Rank {
     /// or the configured Qwen2 model with the adapters in `path` when it is an adapter
     /// directory.
     fn build_net(&self, modality: Modality, path: &str, seed: u64, frozen: bool) -> Result<Net> {
+        if !frozen {
+            if let Some(student) = saver::read_student(path)? {
+                return self.net_from_checkpoint(modality, &student, seed, path);
+            }
+        }
         let dtype = self.frozen_dtype();
         if !net::is_qwen2(&self.config, modality) {
             return Ok(Net::StandIn(Box::new(if frozen {
@@ -210,6 +215,36 @@ impl Rank {
             qwen.attach_lora(&adapters)?;
         }
         Ok(Net::Qwen(Box::new(qwen)))
+    }
+
+    /// The student a checkpoint holds (`student`, its `student.safetensors`), built as
+    /// distillation builds it and then given the checkpoint's parameters: a stand-in whole, or
+    /// the configured Qwen2 base with adapters. `xkd eval --checkpoint` evaluates this.
+    fn net_from_checkpoint(
+        &self,
+        modality: Modality,
+        student: &[u8],
+        seed: u64,
+        url: &str,
+    ) -> Result<Net> {
+        let (params, net) = if net::is_qwen2(&self.config, modality) {
+            let mut qwen = self.load_qwen(modality, DType::F32)?;
+            let adapters = qwen.init_lora(self.config.lora.clone(), seed)?;
+            let base = self.config.model(modality).dir.clone();
+            (Params::Lora { adapters, base }, Net::Qwen(Box::new(qwen)))
+        } else {
+            let (varmap, model) = self.build_model(modality, None, seed)?;
+            (Params::Full(varmap), Net::StandIn(Box::new(model)))
+        };
+        restore_params(&params, student)
+            .with_context(|| format!("the student of {url} does not fit this config's model"))?;
+        tracing::info!(
+            rank = self.rank,
+            ?modality,
+            checkpoint = url,
+            "student from checkpoint"
+        );
+        Ok(net)
     }
 
     /// bf16 on a GPU, where frozen weights are the bulk of the memory and their forward the
@@ -666,6 +701,16 @@ fn snapshot(params: &Params, opt: &AdamW) -> Result<(bytes::Bytes, bytes::Bytes)
 /// Puts a checkpoint's tensors back: every parameter from `student` (names and shapes must
 /// match exactly, nothing missing, nothing extra) and the optimizer state.
 fn restore(params: &Params, opt: &mut AdamW, student: &[u8], optimizer: &[u8]) -> Result<()> {
+    restore_params(params, student)?;
+    let state = candle_core::safetensors::load_buffer(optimizer, &Device::Cpu)
+        .context("reading optimizer.safetensors")?;
+    opt.import(state.into_iter().collect())
+        .context("optimizer.safetensors")
+}
+
+/// Every parameter from a checkpoint's `student.safetensors`: names and shapes must match
+/// exactly, nothing missing, nothing extra.
+fn restore_params(params: &Params, student: &[u8]) -> Result<()> {
     let mut saved = candle_core::safetensors::load_buffer(student, &Device::Cpu)
         .context("reading student.safetensors")?;
     for (name, var) in params.named() {
@@ -678,10 +723,7 @@ fn restore(params: &Params, opt: &mut AdamW, student: &[u8], optimizer: &[u8]) -
     if let Some(extra) = saved.keys().next() {
         bail!("student.safetensors holds `{extra}`, which this model does not have");
     }
-    let state = candle_core::safetensors::load_buffer(optimizer, &Device::Cpu)
-        .context("reading optimizer.safetensors")?;
-    opt.import(state.into_iter().collect())
-        .context("optimizer.safetensors")
+    Ok(())
 }
 
 /// Parameters of a saved model as name -> values, for tests and digests.

@@ -1,7 +1,8 @@
 //! Real files end to end (issue 13): the synthetic set made into real clips by FFmpeg (mp4 with
 //! H.264 and AAC, webm with VP9 and Opus), beside one clip of every bad kind and bad CSV lines;
 //! `xkd data prepare` prepares every good clip and lists every bad one with its reason, a second
-//! run prepares nothing, a half-written clip is redone, and `xkd run` trains on the result.
+//! run prepares nothing, a half-written clip is redone, and `xkd run` trains on the result,
+//! read from a real S3-compatible server (s3s-fs) that both workers of the node download once.
 //! FFmpeg comes from Debian (tests/data/ffmpeg.sh installs it when missing).
 
 mod common;
@@ -181,6 +182,28 @@ fn prepare(csv: &Path, clips: &Path, out: &Path, classes: &Path, sets: &[String]
     stdout
 }
 
+/// Copies every file under `root` to `dest(relative path)`, creating directories.
+fn copy_tree(root: &Path, dest: &dyn Fn(&str) -> PathBuf) {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let to = dest(&rel);
+            fs::create_dir_all(to.parent().unwrap()).unwrap();
+            fs::copy(&path, &to).unwrap();
+        }
+    }
+}
+
 fn jsonl(path: &Path) -> Vec<Value> {
     fs::read_to_string(path)
         .unwrap()
@@ -284,16 +307,26 @@ fn real_clips_are_prepared_resumed_and_trained_on() {
     );
     assert!(!dir.with_extension("partial").exists());
 
-    // Training on the prepared set, end to end.
+    // Training on the prepared set, end to end, from an object store as a cluster without a
+    // shared filesystem would: the two workers of this node download it once.
+    let server = common::s3::S3Server::start();
+    copy_tree(&out, &|rel| server.file_of(&format!("sets/prepared/{rel}")));
     let run_out = base.join("run");
     let mut run_sets = sets.clone();
     run_sets.push("data.source=\"manifest\"".into());
-    run_sets.push(format!("data.dir=\"{}\"", out.display()));
-    let (code, stdout, stderr) = xkd(&run_args(&run_out, &run_sets, &[]), &[]);
+    run_sets.push(format!("data.dir=\"{}\"", server.url("sets/prepared")));
+    let (code, stdout, stderr) = xkd(&run_args(&run_out, &run_sets, &[]), &server.env());
     assert_eq!(
         code, 0,
         "xkd run on the prepared set failed:\n{stdout}\n{stderr}"
     );
+    let logs: String = fs::read_dir(run_out.join("logs"))
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    let downloads = logs.matches("downloading into the node's cache").count();
+    assert_eq!(downloads, 1, "one download for the node:\n{logs}");
+    assert!(logs.contains("dataset found in the node's cache"), "{logs}");
     let report = report(&run_out);
     let last = report["final_checkpoint"].as_str().unwrap_or_default();
     assert!(last.ends_with("/ckpt/0000000010"), "{report:#}");

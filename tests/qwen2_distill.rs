@@ -196,7 +196,7 @@ fn a_model_directory_in_an_object_store_is_downloaded_once_and_used() {
         .unwrap()
         .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
         .collect();
-    let downloads = logs.matches("downloading the model directory").count();
+    let downloads = logs.matches("downloading into the node's cache").count();
     assert_eq!(downloads, 1, "one download for the node:\n{logs}");
     assert!(logs.contains("found in the node's cache"), "{logs}");
     assert!(!partial.exists(), "the interrupted download is removed");

@@ -28,7 +28,7 @@ pub use error::{BadManifest, Error, Result};
 pub use manifest::{
     check_object_name, check_run_id, check_step, sha256_hex, Manifest, ObjectEntry, FORMAT_VERSION,
 };
-pub use store::{Listed, Pruned, Store, StoreOptions};
+pub use store::{local_copy, Fetched, Listed, Pruned, Store, StoreOptions};
 pub use verify::{ObjectCheck, ObjectStatus, ResumePoint, Skipped, Verification};
 
 /// Name of the manifest object, written last and create-only.

@@ -680,3 +680,82 @@ async fn hash(name: &str, bytes: Bytes) -> Result<ObjectEntry> {
             source: object_store::Error::JoinError { source: e },
         })
 }
+
+/// How `local_copy` came by its directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetched {
+    /// This call downloaded it.
+    Downloaded,
+    /// A complete copy was there (another process made it, perhaps while this one waited).
+    Cached,
+}
+
+/// One local copy of everything under the store URL `url`, in the directory `local` (a model
+/// directory or a prepared dataset kept in an object store), shared by the processes of a node:
+/// the first takes an exclusive lock on `<local>.lock` (the kernel releases it if the process
+/// dies), downloads into `<local>.partial` (`download_prefix`: ranged, parallel GETs) and
+/// renames it into place; the others wait on the lock and find the copy. A directory is under
+/// its final name only complete, so a half-downloaded one is never used; a leftover
+/// `.partial` is removed by the next download. Blocking: it runs the download on a thread and
+/// runtime of its own, so it works from any caller.
+pub fn local_copy(url: &str, local: &std::path::Path) -> Result<Fetched> {
+    let io = |what: &'static str, path: &std::path::Path| {
+        let path = path.display().to_string();
+        move |source| Error::Write {
+            path: format!("{what} {path}"),
+            source,
+        }
+    };
+    if local.is_dir() {
+        return Ok(Fetched::Cached);
+    }
+    if let Some(parent) = local.parent() {
+        std::fs::create_dir_all(parent).map_err(io("creating", parent))?;
+    }
+    let lock_path = local.with_extension("lock");
+    let lock = std::fs::File::create(&lock_path).map_err(io("creating the lock", &lock_path))?;
+    lock.lock().map_err(io("locking", &lock_path))?;
+    if local.is_dir() {
+        return Ok(Fetched::Cached);
+    }
+    let tmp = local.with_extension("partial");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io("removing the interrupted download", &tmp))?;
+    }
+    tracing::info!(url, to = %local.display(), "downloading into the node's cache");
+    let started = std::time::Instant::now();
+    let names = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<Vec<String>> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(io("starting a runtime for", local))?;
+                let store = Store::open(url)?;
+                runtime.block_on(store.download_prefix(&tmp))
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(Error::Corrupt {
+                    path: url.to_string(),
+                    problem: "the download thread panicked".into(),
+                })
+            })
+    })?;
+    std::fs::rename(&tmp, local).map_err(io("renaming into", local))?;
+    let bytes: u64 = names
+        .iter()
+        .filter_map(|n| std::fs::metadata(local.join(n)).ok())
+        .map(|m| m.len())
+        .sum();
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        url,
+        files = names.len(),
+        bytes,
+        mb_per_s = format!("{:.1}", bytes as f64 / 1e6 / seconds.max(1e-9)),
+        "downloaded into the node's cache"
+    );
+    drop(lock);
+    Ok(Fetched::Downloaded)
+}

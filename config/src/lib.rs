@@ -125,7 +125,10 @@ impl fmt::Display for DeviceChoice {
 pub struct DataConfig {
     /// `synthetic`: generate the embedded visible-sound set; `manifest`: read `dir`/manifest.jsonl.
     pub source: DataSource,
-    /// Dataset directory; empty means `<cache_dir>/data-<digest of this section>`.
+    /// Dataset directory; empty means `<cache_dir>/data-<digest of this section>`. A prepared
+    /// dataset (`manifest`) may also be an object-store URL (`s3://`, `gs://`, `az://`,
+    /// `file://`): each node downloads it once into `<cache_dir>/data/remote-<digest of the
+    /// URL>/`, as model directories.
     pub dir: String,
     pub seed: u64,
     pub sample_rate: u32,

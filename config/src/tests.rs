@@ -193,7 +193,7 @@ fn bad_values() -> Vec<(String, Option<&'static str>, &'static [&'static str])> 
         ("run.device", Some("\"gpu\"")),
         ("run.threads_per_worker", Some("1025")),
         ("data.source", Some("\"s3\"")),
-        ("data.dir", None),
+        ("data.dir", Some("\"s3://bucket/set\"")),
         ("data.seed", None),
         ("data.sample_rate", Some("10")),
         ("data.clip_seconds", Some("nan")),

@@ -114,6 +114,16 @@ impl Config {
         if d.source == DataSource::Manifest && d.dir.is_empty() {
             return Err(bad("data.dir", "required when data.source = \"manifest\""));
         }
+        if d.source == DataSource::Synthetic && d.dir.contains("://") {
+            return Err(bad(
+                "data.dir",
+                format!(
+                    "`{}` is a URL: only a prepared dataset (data.source = \"manifest\") is \
+                     read from an object store; the synthetic set is generated on disk",
+                    d.dir
+                ),
+            ));
+        }
         at_least("data.sample_rate", d.sample_rate.into(), 1000)?;
         within("data.clip_seconds", d.clip_seconds.into(), 0.0, 60.0, true)?;
         at_least("data.frames", d.frames as u64, 1)?;

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, Result};
 use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
-use xkd_checkpoint::Store;
 use xkd_config::{section_digest, Config, Modality, ModelFamily};
 use xkd_protocol::splitmix64;
 
@@ -65,67 +64,25 @@ pub enum Fetched {
 
 /// The local directory of a model `dir` names: `dir` itself, or for an object-store URL
 /// (`s3://`, `gs://`, `az://`, `file://`; credentials from the standard variables, as for
-/// checkpoints) a copy under `<cache_dir>/models/remote-<digest of the URL>/`. The ranks of one
-/// node download it once: the first takes an exclusive lock on `remote-<digest>.lock`
-/// (released by the kernel if the process dies), downloads into a temporary sibling in ranged,
-/// parallel GETs and renames it into place; the others wait on the lock and find the copy. A
-/// directory exists under its final name only complete, so a half-downloaded one (a rank
-/// killed mid-way) is never used; its leftover is removed by the next download.
+/// checkpoints) the node's one copy under `<cache_dir>/models/remote-<digest of the URL>/`
+/// (`xkd_checkpoint::local_copy`: downloaded once per node under a lock, in ranged parallel
+/// GETs, never used half-downloaded).
 pub fn local_model_dir(dir: &str, cache_dir: &str) -> Result<(PathBuf, Fetched)> {
     if !dir.contains("://") {
         return Ok((PathBuf::from(dir), Fetched::Local));
     }
-    let root = Path::new(cache_dir).join("models");
-    let local = root.join(format!("remote-{}", section_digest(&dir)));
-    if local.is_dir() {
-        return Ok((local, Fetched::Cached));
-    }
-    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
-    let lock_path = local.with_extension("lock");
-    let lock = std::fs::File::create(&lock_path)
-        .with_context(|| format!("creating the lock {}", lock_path.display()))?;
-    lock.lock()
-        .with_context(|| format!("locking {}", lock_path.display()))?;
-    if local.is_dir() {
-        return Ok((local, Fetched::Cached));
-    }
-    let tmp = local.with_extension("partial");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("removing the interrupted download {}", tmp.display()))?;
-    }
-    tracing::info!(model = dir, to = %local.display(), "downloading the model directory");
-    let started = std::time::Instant::now();
-    // On a thread of its own: the caller may be inside the worker's async runtime.
-    let names = std::thread::scope(|scope| {
-        scope
-            .spawn(|| -> Result<Vec<String>> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                let store = Store::open(dir)?;
-                Ok(runtime.block_on(store.download_prefix(&tmp))?)
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("the download thread panicked"))?
-    })
-    .with_context(|| format!("downloading the model directory {dir}"))?;
-    std::fs::rename(&tmp, &local).with_context(|| format!("renaming into {}", local.display()))?;
-    let bytes: u64 = names
-        .iter()
-        .filter_map(|n| std::fs::metadata(local.join(n)).ok())
-        .map(|m| m.len())
-        .sum();
-    let seconds = started.elapsed().as_secs_f64();
-    tracing::info!(
-        model = dir,
-        files = names.len(),
-        bytes,
-        mb_per_s = format!("{:.1}", bytes as f64 / 1e6 / seconds.max(1e-9)),
-        "model directory downloaded"
-    );
-    drop(lock);
-    Ok((local, Fetched::Downloaded))
+    let local = Path::new(cache_dir)
+        .join("models")
+        .join(format!("remote-{}", section_digest(&dir)));
+    let fetched = xkd_checkpoint::local_copy(dir, &local)
+        .with_context(|| format!("downloading the model directory {dir}"))?;
+    Ok((
+        local,
+        match fetched {
+            xkd_checkpoint::Fetched::Downloaded => Fetched::Downloaded,
+            xkd_checkpoint::Fetched::Cached => Fetched::Cached,
+        },
+    ))
 }
 
 impl Params {

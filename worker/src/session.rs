@@ -289,7 +289,7 @@ fn panic_text(joined: tokio::task::JoinError) -> String {
 /// read a manifest, and describe its splits.
 fn prepare_data(rank: &mut Rank) -> Result<DataSummary> {
     let cfg = &rank.config;
-    let dir = dataset_dir(cfg);
+    let dir = dataset_dir(cfg)?;
     let manifest = if cfg.data.source == DataSource::Synthetic {
         data::ensure_dataset(&cfg.data, &dir)?
     } else {
@@ -301,13 +301,27 @@ fn prepare_data(rank: &mut Rank) -> Result<DataSummary> {
     Ok(summary)
 }
 
-/// Where the dataset lives: `data.dir`, or a cache folder keyed by the data section.
-pub fn dataset_dir(cfg: &Config) -> PathBuf {
-    if !cfg.data.dir.is_empty() {
-        return PathBuf::from(&cfg.data.dir);
+/// Where the dataset lives: `data.dir`; the node's copy of it when it is an object-store URL
+/// (downloaded here once per node, `xkd_checkpoint::local_copy`); or a cache folder keyed by
+/// the data section (the synthetic set).
+pub fn dataset_dir(cfg: &Config) -> Result<PathBuf> {
+    let dir = &cfg.data.dir;
+    if dir.contains("://") {
+        let local = PathBuf::from(&cfg.run.cache_dir)
+            .join("data")
+            .join(format!("remote-{}", xkd_config::section_digest(dir)));
+        let fetched = xkd_checkpoint::local_copy(dir, &local)
+            .with_context(|| format!("downloading the dataset {dir}"))?;
+        if fetched == xkd_checkpoint::Fetched::Cached {
+            tracing::info!(url = dir, to = %local.display(), "dataset found in the node's cache");
+        }
+        return Ok(local);
+    }
+    if !dir.is_empty() {
+        return Ok(PathBuf::from(dir));
     }
     let key = xkd_config::section_digest(&(&cfg.data, data::GENERATOR_VERSION));
-    PathBuf::from(&cfg.run.cache_dir).join(format!("data-{key}"))
+    Ok(PathBuf::from(&cfg.run.cache_dir).join(format!("data-{key}")))
 }
 
 fn summarise(manifest: &data::Manifest) -> DataSummary {

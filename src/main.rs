@@ -235,9 +235,11 @@ enum DataAction {
         /// The directory holding the clips the CSV names.
         #[arg(long, value_name = "DIR")]
         clips: PathBuf,
-        /// Where the dataset goes (created; a re-run resumes in it).
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
+        /// Where the dataset goes (created; a re-run resumes in it): a directory, or an
+        /// object-store URL (`s3://`, `gs://`, `az://`), prepared in
+        /// `<run.cache_dir>/prepare/remote-<digest>` and uploaded, the manifest last.
+        #[arg(long, value_name = "DIR|URL")]
+        out: String,
         /// Class names in label order, one a line; rows with another label are skipped.
         /// Without it, the CSV's labels, sorted.
         #[arg(long, value_name = "FILE")]
@@ -576,6 +578,17 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
                 |j| j as usize,
             );
+            let remote = out.contains("://").then(|| out.clone());
+            if let Some(url) = &remote {
+                // A bad URL is a usage error, before any clip is decoded.
+                xkd_checkpoint::Store::open(url)?;
+            }
+            let out = match &remote {
+                Some(url) => PathBuf::from(&config.run.cache_dir)
+                    .join("prepare")
+                    .join(format!("remote-{}", xkd_config::section_digest(url))),
+                None => PathBuf::from(out),
+            };
             let options = Options {
                 list: csv,
                 format: match format {
@@ -595,7 +608,27 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 jobs,
             };
             let summary = prepare_with_progress(&options)?;
-            print!("{}", prepare_report(&options, &summary));
+            let mut report = prepare_report(&options, &summary);
+            if let Some(url) = remote {
+                let store = xkd_checkpoint::Store::open(&url)?;
+                let last = [
+                    xkd_data::CLASSES_FILE,
+                    xkd_data::prepare::BAD_CLIPS_FILE,
+                    xkd_data::prepare::SUMMARY_FILE,
+                    xkd_data::MANIFEST_FILE,
+                ];
+                tracing::info!(url, from = %options.out.display(), "uploading the dataset");
+                let (uploaded, kept) = runtime()?
+                    .block_on(store.upload_prefix(&options.out, &last))
+                    .with_context(|| format!("uploading the dataset to {url}"))?;
+                report = report.replace(&options.out.display().to_string(), &url);
+                report += &format!(
+                    "  uploaded {uploaded} files to {url} ({kept} were there already); \
+                     prepared in {}\n",
+                    options.out.display()
+                );
+            }
+            print!("{report}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Data {

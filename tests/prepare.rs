@@ -2,7 +2,7 @@
 //! H.264 and AAC, webm with VP9 and Opus), beside one clip of every bad kind and bad CSV lines;
 //! `xkd data prepare` prepares every good clip and lists every bad one with its reason, a second
 //! run prepares nothing, a half-written clip is redone, and `xkd run` trains on the result,
-//! read from a real S3-compatible server (s3s-fs) that both workers of the node download once.
+//! prepared into a real S3-compatible server (s3s-fs) and downloaded once by the node's workers.
 //! FFmpeg comes from Debian (tests/data/ffmpeg.sh installs it when missing).
 
 mod common;
@@ -182,28 +182,6 @@ fn prepare(csv: &Path, clips: &Path, out: &Path, classes: &Path, sets: &[String]
     stdout
 }
 
-/// Copies every file under `root` to `dest(relative path)`, creating directories.
-fn copy_tree(root: &Path, dest: &dyn Fn(&str) -> PathBuf) {
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
-            let rel = path
-                .strip_prefix(root)
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            let to = dest(&rel);
-            fs::create_dir_all(to.parent().unwrap()).unwrap();
-            fs::copy(&path, &to).unwrap();
-        }
-    }
-}
-
 fn jsonl(path: &Path) -> Vec<Value> {
     fs::read_to_string(path)
         .unwrap()
@@ -309,12 +287,51 @@ fn real_clips_are_prepared_resumed_and_trained_on() {
 
     // Training on the prepared set, end to end, from an object store as a cluster without a
     // shared filesystem would: the two workers of this node download it once.
+    // Prepared straight into the store; a second run decodes nothing and uploads only the
+    // four index files.
     let server = common::s3::S3Server::start();
-    copy_tree(&out, &|rel| server.file_of(&format!("sets/prepared/{rel}")));
+    let url = server.url("sets/prepared");
+    let remote = |env: &[(String, String)]| {
+        let mut args: Vec<String> = ["data", "prepare", "--format", "paths"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for (flag, value) in [
+            ("--csv", list.display().to_string()),
+            ("--clips", clips.display().to_string()),
+            ("--out", url.clone()),
+            ("--classes", class_file.display().to_string()),
+        ] {
+            args.extend([flag.to_string(), value]);
+        }
+        for set in &sets {
+            args.extend(["--set".to_string(), set.clone()]);
+        }
+        let (code, stdout, stderr) = xkd(&args, env);
+        assert_eq!(
+            code, 0,
+            "xkd data prepare --out {url} failed:\n{stdout}\n{stderr}"
+        );
+        stdout
+    };
+    let uploaded = remote(&server.env());
+    assert!(
+        uploaded.contains(&format!("{} clips prepared now", good.len())),
+        "{uploaded}"
+    );
+    let again = remote(&server.env());
+    assert!(again.contains("0 clips prepared now"), "{again}");
+    let files = good.len() * (2 + config.data.frames); // clip.json, audio.wav, the frames
+    assert!(
+        again.contains(&format!(
+            "uploaded 4 files to {url} ({files} were there already)"
+        )),
+        "{again}"
+    );
     let run_out = base.join("run");
     let mut run_sets = sets.clone();
     run_sets.push("data.source=\"manifest\"".into());
-    run_sets.push(format!("data.dir=\"{}\"", server.url("sets/prepared")));
+    run_sets.push(format!("data.dir=\"{url}\""));
     let (code, stdout, stderr) = xkd(&run_args(&run_out, &run_sets, &[]), &server.env());
     assert_eq!(
         code, 0,

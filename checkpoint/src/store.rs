@@ -181,8 +181,27 @@ impl Store {
         check_step(step)?;
         check_object_name(name)?;
         let path = self.object_path(run_id, step, name);
-        let err = |e| self.err("uploading (multipart)", &path, e);
-        let upload = self.inner.put_multipart(&path).await.map_err(err)?;
+        let (size, sha256) = self.stream_file(&path, f).await.map_err(|e| match e {
+            StreamError::Io(source) => io(source),
+            StreamError::Store(e) => e,
+        })?;
+        Ok(ObjectEntry {
+            name: name.to_string(),
+            size,
+            sha256,
+        })
+    }
+
+    /// Streams an open file to the object `path` in multipart parts, hashing as it reads;
+    /// returns its size and SHA-256 (hex).
+    async fn stream_file(
+        &self,
+        path: &Path,
+        mut f: tokio::fs::File,
+    ) -> std::result::Result<(u64, String), StreamError> {
+        use tokio::io::AsyncReadExt;
+        let err = |e| StreamError::Store(self.err("uploading (multipart)", path, e));
+        let upload = self.inner.put_multipart(path).await.map_err(err)?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, self.options.part_size);
         let (mut hasher, mut size) = (Sha256::new(), 0u64);
         loop {
@@ -195,7 +214,7 @@ impl Store {
                 Ok(n) => n,
                 Err(e) => {
                     let _ = writer.abort().await;
-                    return Err(io(e));
+                    return Err(StreamError::Io(e));
                 }
             };
             if n == 0 {
@@ -213,11 +232,82 @@ impl Store {
             writer.put(Bytes::from(part));
         }
         writer.finish().await.map_err(err)?;
-        Ok(ObjectEntry {
-            name: name.to_string(),
-            size,
-            sha256: crate::manifest::hex(&hasher.finalize()),
-        })
+        Ok((size, crate::manifest::hex(&hasher.finalize())))
+    }
+
+    /// Uploads every file under the local directory `dir` to the same relative names under the
+    /// store's URL (a prepared dataset), the inverse of `download_prefix`; files named in
+    /// `last` go after all others, in that order (a dataset's manifest, so that a reader never
+    /// finds a manifest whose clips are not there yet). An object already in the store with
+    /// the file's size is kept unless it is in `last` (finished clips never change, so an
+    /// interrupted upload resumes). Returns (files uploaded, files kept).
+    pub async fn upload_prefix(
+        &self,
+        dir: &std::path::Path,
+        last: &[&str],
+    ) -> Result<(usize, usize)> {
+        let metas: Vec<_> = self
+            .inner
+            .list(Some(&self.prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.err("listing", &self.prefix, e))?;
+        let there: std::collections::HashMap<String, u64> = metas
+            .into_iter()
+            .filter_map(|m| {
+                let rel: Vec<String> = m
+                    .location
+                    .prefix_match(&self.prefix)?
+                    .map(|p| p.as_ref().to_string())
+                    .collect();
+                Some((rel.join("/"), m.size))
+            })
+            .collect();
+        let mut files = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let io = |source| Error::Io {
+                path: d.display().to_string(),
+                source,
+            };
+            for entry in std::fs::read_dir(&d).map_err(io)? {
+                let path = entry.map_err(io)?.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if let Ok(rel) = path.strip_prefix(dir) {
+                    let rel: Vec<String> = rel
+                        .components()
+                        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                        .collect();
+                    files.push((rel.join("/"), path));
+                }
+            }
+        }
+        files.sort_by_key(|(rel, _)| {
+            let rank = last.iter().position(|l| l == rel);
+            (rank.is_some(), rank, rel.clone())
+        });
+        let (mut uploaded, mut kept) = (0, 0);
+        for (rel, file) in files {
+            let io = |source| Error::Io {
+                path: file.display().to_string(),
+                source,
+            };
+            let f = tokio::fs::File::open(&file).await.map_err(io)?;
+            let len = f.metadata().await.map_err(io)?.len();
+            if !last.contains(&rel.as_str()) && there.get(&rel) == Some(&len) {
+                kept += 1;
+                continue;
+            }
+            let parts = self.prefix.parts().map(|p| p.as_ref().to_string());
+            let path = Path::from_iter(parts.chain(rel.split('/').map(str::to_string)));
+            self.stream_file(&path, f).await.map_err(|e| match e {
+                StreamError::Io(source) => io(source),
+                StreamError::Store(e) => e,
+            })?;
+            uploaded += 1;
+        }
+        Ok((uploaded, kept))
     }
 
     async fn put_multipart(&self, path: &Path, bytes: Bytes) -> Result<()> {
@@ -679,6 +769,12 @@ async fn hash(name: &str, bytes: Bytes) -> Result<ObjectEntry> {
             path: shown,
             source: object_store::Error::JoinError { source: e },
         })
+}
+
+/// Why streaming a file up failed: reading it, or the store.
+enum StreamError {
+    Io(std::io::Error),
+    Store(Error),
 }
 
 /// How `local_copy` came by its directory.

@@ -63,6 +63,11 @@ pub struct RunConfig {
     /// Compute threads of each worker process `xkd run` starts; 0 = the machine's cores
     /// divided among them. A cluster's workers take `RAYON_NUM_THREADS` from their launcher.
     pub threads_per_worker: usize,
+    /// Host memory each worker keeps for clips' features between uses (log-mel spectrograms,
+    /// frames, Qwen2 processor outputs), in MiB; the least recently used go first. Bounds a
+    /// rank's feature memory whatever the dataset's size (plus the batch in hand); 0 keeps
+    /// only the current batch.
+    pub feature_cache_mb: u64,
 }
 
 impl RunConfig {

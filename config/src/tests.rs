@@ -192,6 +192,7 @@ fn bad_values() -> Vec<(String, Option<&'static str>, &'static [&'static str])> 
         ("run.cache_dir", Some("\"\"")),
         ("run.device", Some("\"gpu\"")),
         ("run.threads_per_worker", Some("1025")),
+        ("run.feature_cache_mb", Some("2000000")),
         ("data.source", Some("\"s3\"")),
         ("data.dir", Some("\"s3://bucket/set\"")),
         ("data.seed", None),

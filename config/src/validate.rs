@@ -100,6 +100,12 @@ impl Config {
         // Each thread is an OS thread of every worker's pool: a typo like 10000 would start
         // the workers and fail there, not here.
         const MAX_THREADS: usize = 1024;
+        if self.run.feature_cache_mb > 1 << 20 {
+            return Err(bad(
+                "run.feature_cache_mb",
+                format!("{} MiB is more than 1 TiB", self.run.feature_cache_mb),
+            ));
+        }
         if self.run.threads_per_worker > MAX_THREADS {
             return Err(bad(
                 "run.threads_per_worker",

@@ -1,12 +1,11 @@
 //! What a model is asked: a batch of clips as features and prompts (stand-ins) or as each
 //! family's processor prepares them (Qwen2), each clip's question, and the letter logits that
-//! come back. `FeatureCache` keeps every clip's features for the rank's lifetime.
+//! come back. `FeatureCache` keeps clips' features within `run.feature_cache_mb`.
 
 use super::Rank;
 use anyhow::{bail, Context as _, Result};
 use candle_core::Tensor;
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use xkd_config::{Config, Modality};
 use xkd_data::features::LogMel;
@@ -24,6 +23,7 @@ impl Rank {
         samples: &[Sample],
         seed: u64,
     ) -> Result<Batch> {
+        self.cache.begin_batch();
         let manifest = self.manifest.as_ref().context("dataset not loaded")?;
         let vocab = Vocab::new(manifest.classes.len());
         let mm_tokens = mm_tokens(&self.config, modality);
@@ -125,6 +125,7 @@ impl Rank {
             // The config refuses both with a Qwen2 model; this names a caller that did not.
             bail!("a Qwen2 model answers with the option letters only");
         }
+        self.cache.begin_batch();
         let manifest = self.manifest.as_ref().context("dataset not loaded")?;
         let n_classes = manifest.classes.len();
         let (mut answer_idx, mut labels, mut options) = (Vec::new(), Vec::new(), Vec::new());
@@ -181,36 +182,138 @@ pub(super) struct Batch {
     pub(super) labels: Vec<(u32, [u32; OPTIONS])>,
 }
 
-/// Features per clip and modality, made once per rank: the stand-ins' features, and the clips
-/// as a Qwen2 model's own processor prepares them.
+/// What a cache entry holds, by the model that reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    /// A stand-in's features: log-mel, or normalised frames.
+    Features(Modality),
+    /// A Qwen2 model's processor output.
+    Qwen(Modality),
+}
+
+enum Value {
+    Features(Vec<f32>),
+    Prepared(Prepared),
+}
+
+impl Value {
+    fn bytes(&self) -> usize {
+        let floats = match self {
+            Value::Features(v) => v.len(),
+            Value::Prepared(Prepared::Audio { features, .. }) => features.len(),
+            Value::Prepared(Prepared::Video { patches, .. }) => patches.len(),
+        };
+        floats * std::mem::size_of::<f32>()
+    }
+}
+
+struct Entry {
+    value: Value,
+    bytes: usize,
+    /// `FeatureCache::tick` when last used: the key of `order`.
+    used: u64,
+    /// The batch that last used it: entries of the batch in hand are never evicted.
+    batch: u64,
+}
+
+/// Clips' features, made on first use and kept while they fit `run.feature_cache_mb`: the
+/// stand-ins' features, and the clips as a Qwen2 model's own processor prepares them. The
+/// least recently used go first, except those of the batch in hand (`begin_batch`), so a
+/// rank's feature memory is the budget plus one batch, whatever the dataset's size.
 pub(super) struct FeatureCache {
     mel: LogMel,
     /// `data.sample_rate`: every wav must be at this rate (`load_audio` refuses others).
     sample_rate: u32,
-    audio: HashMap<u32, Vec<f32>>,
-    visual: HashMap<u32, Vec<f32>>,
-    qwen_audio: HashMap<u32, Prepared>,
-    qwen_visual: HashMap<u32, Prepared>,
+    budget: usize,
+    held: usize,
+    tick: u64,
+    batch: u64,
+    entries: HashMap<(Kind, u32), Entry>,
+    /// Last use -> key, oldest first.
+    order: BTreeMap<u64, (Kind, u32)>,
 }
 
 impl FeatureCache {
-    pub(super) fn new(mel: LogMel, sample_rate: u32) -> Self {
+    pub(super) fn new(mel: LogMel, sample_rate: u32, budget_mb: u64) -> Self {
         Self {
             mel,
             sample_rate,
-            audio: HashMap::new(),
-            visual: HashMap::new(),
-            qwen_audio: HashMap::new(),
-            qwen_visual: HashMap::new(),
+            budget: (budget_mb as usize).saturating_mul(1 << 20),
+            held: 0,
+            tick: 0,
+            batch: 0,
+            entries: HashMap::new(),
+            order: BTreeMap::new(),
         }
     }
 
-    /// Prepares clip `record` for `qwen` once: decoded, then through the model's processor
-    /// (Whisper log-mel, Qwen2-VL resize and patches): host work, 3,000 FFT frames and a
-    /// 128-band filterbank per clip at Qwen2-Audio's 30-s window, that would otherwise run for
-    /// the teacher, the student and the frozen student on every step. Every Qwen2 model of one
-    /// modality in a run comes from that modality's one directory, so one preparation serves
-    /// them all.
+    /// Starts a batch: what it uses stays until the next one starts.
+    pub(super) fn begin_batch(&mut self) {
+        self.batch += 1;
+    }
+
+    /// Bytes of features held now.
+    #[cfg(test)]
+    pub(super) fn held(&self) -> usize {
+        self.held
+    }
+
+    /// The entry for `key`, made by `make` when it is not there; marks it used.
+    fn entry(
+        &mut self,
+        key: (Kind, u32),
+        make: impl FnOnce(&LogMel, u32) -> Result<Value>,
+    ) -> Result<&Value> {
+        self.tick += 1;
+        let (tick, batch) = (self.tick, self.batch);
+        if let Some(e) = self.entries.get_mut(&key) {
+            self.order.remove(&e.used);
+            e.used = tick;
+            e.batch = batch;
+            self.order.insert(tick, key);
+        } else {
+            let value = make(&self.mel, self.sample_rate)?;
+            let bytes = value.bytes();
+            self.held += bytes;
+            self.entries.insert(
+                key,
+                Entry {
+                    value,
+                    bytes,
+                    used: tick,
+                    batch,
+                },
+            );
+            self.order.insert(tick, key);
+            self.evict();
+        }
+        Ok(&self.entries[&key].value)
+    }
+
+    /// Drops the least recently used entries until the budget holds, sparing the batch's.
+    fn evict(&mut self) {
+        let mut spared = Vec::new();
+        while self.held > self.budget {
+            let Some((used, key)) = self.order.pop_first() else {
+                break;
+            };
+            let e = &self.entries[&key];
+            if e.batch == self.batch {
+                spared.push((used, key));
+                continue;
+            }
+            self.held -= e.bytes;
+            self.entries.remove(&key);
+        }
+        self.order.extend(spared);
+    }
+
+    /// Prepares clip `record` for `qwen` if it is not held: decoded, then through the model's
+    /// processor (Whisper log-mel, Qwen2-VL resize and patches): host work, 3,000 FFT frames
+    /// and a 128-band filterbank per clip at Qwen2-Audio's 30-s window, that would otherwise
+    /// run for the teacher, the student and the frozen student on every step. Every Qwen2
+    /// model of one modality in a run comes from that modality's one directory, so one
+    /// preparation serves them all.
     pub(super) fn prepare(
         &mut self,
         manifest: &Manifest,
@@ -219,14 +322,10 @@ impl FeatureCache {
         qwen: &QwenModel,
     ) -> Result<()> {
         let dir = &manifest.dir;
-        let slot = match modality {
-            Modality::Audio => &mut self.qwen_audio,
-            Modality::Visual => &mut self.qwen_visual,
-        };
-        if let Entry::Vacant(e) = slot.entry(record.id) {
+        self.entry((Kind::Qwen(modality), record.id), |_, rate| {
             let prepared = match modality {
                 Modality::Audio => {
-                    let wav = data::load_audio(&dir.join(&record.audio), self.sample_rate)?;
+                    let wav = data::load_audio(&dir.join(&record.audio), rate)?;
                     qwen.prepare(Clip::Audio(&wav))?
                 }
                 Modality::Visual => {
@@ -239,19 +338,20 @@ impl FeatureCache {
                     })?
                 }
             };
-            e.insert(prepared);
-        }
+            Ok(Value::Prepared(prepared))
+        })?;
         Ok(())
     }
 
-    /// A clip `prepare` has prepared.
+    /// A clip `prepare` has prepared for this batch.
     pub(super) fn prepared(&self, clip: u32, modality: Modality) -> Result<&Prepared> {
-        let slot = match modality {
-            Modality::Audio => &self.qwen_audio,
-            Modality::Visual => &self.qwen_visual,
-        };
-        slot.get(&clip)
-            .with_context(|| format!("clip {clip} was not prepared"))
+        match self.entries.get(&(Kind::Qwen(modality), clip)) {
+            Some(Entry {
+                value: Value::Prepared(p),
+                ..
+            }) => Ok(p),
+            _ => bail!("clip {clip} was not prepared"),
+        }
     }
 
     pub(super) fn get(
@@ -261,23 +361,19 @@ impl FeatureCache {
         modality: Modality,
     ) -> Result<&[f32]> {
         let dir = &manifest.dir;
-        let slot = match modality {
-            Modality::Audio => &mut self.audio,
-            Modality::Visual => &mut self.visual,
-        };
-        if let Entry::Vacant(entry) = slot.entry(record.id) {
-            entry.insert(match modality {
-                Modality::Audio => self.mel.compute(&data::load_audio(
-                    &dir.join(&record.audio),
-                    self.sample_rate,
-                )?),
+        let value = self.entry((Kind::Features(modality), record.id), |mel, rate| {
+            Ok(Value::Features(match modality {
+                Modality::Audio => mel.compute(&data::load_audio(&dir.join(&record.audio), rate)?),
                 Modality::Visual => {
                     let paths: Vec<PathBuf> = record.frames.iter().map(|f| dir.join(f)).collect();
                     data::load_frames(&paths)?
                 }
-            });
+            }))
+        })?;
+        match value {
+            Value::Features(v) => Ok(v),
+            Value::Prepared(_) => bail!("clip {} holds processor output, not features", record.id),
         }
-        Ok(&slot[&record.id])
     }
 }
 
@@ -304,5 +400,73 @@ pub(super) fn outcome(clip: u32, b: &Answers, i: usize, p: &[f32]) -> ClipOutcom
         predicted: options[best],
         p_true: p[b.answer_idx[i] as usize] as f64,
         entropy,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIB: usize = 1 << 10;
+
+    fn cache(budget_mb: u64) -> FeatureCache {
+        FeatureCache::new(LogMel::new(16000, 400, 160, 40), 16000, budget_mb)
+    }
+
+    /// Puts clip `id` (256 KiB of features) in as one batch; counts the makes.
+    fn put(c: &mut FeatureCache, id: u32, made: &mut usize) {
+        c.begin_batch();
+        c.entry((Kind::Features(Modality::Audio), id), |_, _| {
+            *made += 1;
+            Ok(Value::Features(vec![id as f32; 64 * KIB]))
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn the_cache_keeps_within_its_budget_dropping_the_least_recently_used() {
+        let mut c = cache(1);
+        let mut made = 0;
+        for id in 0..10 {
+            put(&mut c, id, &mut made);
+            assert!(
+                c.held() <= 1 << 20,
+                "{} bytes held after clip {id}",
+                c.held()
+            );
+        }
+        assert_eq!(made, 10);
+        // Clip 6 used again becomes the newest: clip 7, the oldest, goes for clip 10.
+        put(&mut c, 6, &mut made);
+        put(&mut c, 10, &mut made);
+        assert_eq!(made, 11, "clip 6 was still held");
+        put(&mut c, 6, &mut made);
+        assert_eq!(made, 11, "clip 6 survived as recently used");
+        put(&mut c, 7, &mut made);
+        assert_eq!(made, 12, "clip 7 was dropped");
+        let held: Vec<u32> = (0..11)
+            .filter(|&id| {
+                c.entries
+                    .contains_key(&(Kind::Features(Modality::Audio), id))
+            })
+            .collect();
+        assert_eq!(held, [6, 7, 9, 10]);
+    }
+
+    #[test]
+    fn a_batch_keeps_its_own_clips_even_over_the_budget() {
+        let mut c = cache(0);
+        let mut made = 0;
+        c.begin_batch();
+        for id in 0..3 {
+            c.entry((Kind::Features(Modality::Visual), id), |_, _| {
+                made += 1;
+                Ok(Value::Features(vec![1.0; 16 * KIB]))
+            })
+            .unwrap();
+        }
+        assert_eq!(c.held(), 3 * 64 * KIB, "the batch in hand is held whole");
+        put(&mut c, 9, &mut made);
+        assert_eq!(c.held(), 256 * KIB, "the previous batch is dropped");
     }
 }

@@ -73,7 +73,7 @@ impl Rank {
     ) -> Rank {
         let f = &config.features;
         let mel = LogMel::new(config.data.sample_rate, f.n_fft, f.hop, f.n_mels);
-        let cache = FeatureCache::new(mel, config.data.sample_rate);
+        let cache = FeatureCache::new(mel, config.data.sample_rate, config.run.feature_cache_mb);
         Rank {
             config,
             rank,

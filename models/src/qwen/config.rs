@@ -12,7 +12,10 @@
 //! nested already) and writes, for both families, one `rope_parameters` map holding
 //! `rope_theta` and, for Qwen2-VL, `mrope_section`. Reading one layout's keys out of the other
 //! would build a different model silently (class defaults standing in for the nested sizes), so
-//! which level holds the text keys is decided once: `text_config` when present.
+//! which level holds the text keys is decided once: `text_config` when present. transformers 5
+//! also gives Qwen2-VL's vision tower a `rope_parameters` map (its rotary base, which 4.x fixed
+//! at 10000). A rope type the models here do not implement (a scaled RoPE) is refused, naming
+//! the key, in either layout.
 
 use serde::Deserialize;
 
@@ -100,24 +103,46 @@ struct RawText {
 struct Rope {
     rope_theta: Option<f64>,
     mrope_section: Option<Vec<usize>>,
+    rope_type: Option<String>,
+    /// 4.x's spelling of `rope_type`; Qwen2-VL's saves write `"mrope"` here.
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+impl Rope {
+    /// Refuses a rope type the decoders here do not implement (a scaled RoPE such as `yarn`
+    /// or `linear`): ignoring it would build a model with other positions than the
+    /// checkpoint's. `default` is plain RoPE; `mrope` is how Qwen2-VL's saves mark M-RoPE.
+    fn check_type(&self, key: &str, allowed: &[&str]) -> Result<(), String> {
+        let named = [("rope_type", &self.rope_type), ("type", &self.kind)];
+        for (name, value) in named {
+            if let Some(v) = value.as_deref().filter(|v| !allowed.contains(v)) {
+                return Err(format!(
+                    "{key}.{name} {v:?} is not supported (only {allowed:?})"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl RawText {
     /// transformers 5's reading (`convert_rope_params_to_dict`): `rope_scaling` if present,
-    /// else `rope_parameters`; the map's own `rope_theta` before the flat key.
-    fn rope(&self) -> (Option<f64>, Option<Vec<usize>>) {
-        let rope = self
-            .rope_scaling
-            .as_ref()
-            .or(self.rope_parameters.as_ref())
-            .cloned()
-            .unwrap_or_default();
-        (rope.rope_theta.or(self.rope_theta), rope.mrope_section)
+    /// else `rope_parameters`; the map's own `rope_theta` before the flat key. `level` is
+    /// where the text keys were found (`""` or `"text_config."`), for the error.
+    fn rope(&self, level: &str) -> Result<(Option<f64>, Option<Vec<usize>>), String> {
+        let (key, rope) = match (&self.rope_scaling, &self.rope_parameters) {
+            (Some(r), _) => ("rope_scaling", r.clone()),
+            (None, Some(r)) => ("rope_parameters", r.clone()),
+            (None, None) => ("", Rope::default()),
+        };
+        rope.check_type(&format!("{level}{key}"), &["default", "mrope"])?;
+        Ok((rope.rope_theta.or(self.rope_theta), rope.mrope_section))
     }
 
-    fn resolve(self, d: TextConfig) -> Result<TextConfig, String> {
+    fn resolve(self, d: TextConfig, level: &str) -> Result<TextConfig, String> {
         let heads = self.num_attention_heads.unwrap_or(d.num_attention_heads);
-        let (rope_theta, mrope_section) = self.rope();
+        let (rope_theta, mrope_section) = self.rope(level)?;
         let cfg = TextConfig {
             vocab_size: self.vocab_size.unwrap_or(d.vocab_size),
             hidden_size: self.hidden_size.unwrap_or(d.hidden_size),
@@ -232,7 +257,7 @@ impl Qwen2AudioConfig {
         let raw: RawAudio = serde_json::from_str(text).map_err(|e| e.to_string())?;
         let cfg = Self {
             audio: raw.audio_config,
-            text: raw.text_config.resolve(qwen2_defaults())?,
+            text: raw.text_config.resolve(qwen2_defaults(), "text_config.")?,
             audio_token_index: raw.audio_token_index,
         };
         cfg.text.validate()?;
@@ -270,6 +295,35 @@ pub struct VisionConfig {
     pub patch_size: usize,
     pub spatial_merge_size: usize,
     pub temporal_patch_size: usize,
+    /// The 2-D rotary embedding's base: fixed at 10000 by 4.x, a key of transformers 5's
+    /// `vision_config.rope_parameters` (read in `Qwen2VlConfig::from_json`).
+    #[serde(skip)]
+    pub rope_theta: f64,
+}
+
+/// `vision_config` as a file holds it: the tower's keys, and transformers 5's rope map.
+#[derive(Debug, Default, Deserialize)]
+struct RawVision {
+    #[serde(flatten)]
+    tower: VisionConfig,
+    rope_parameters: Option<Rope>,
+    rope_theta: Option<f64>,
+}
+
+impl RawVision {
+    /// The map's `rope_theta` before a flat one, as for the text model. The tower's rotary
+    /// embedding is axial (one half of the frequencies per image axis), the only type
+    /// transformers 5 accepts for it.
+    fn resolve(self) -> Result<VisionConfig, String> {
+        let rope = self.rope_parameters.unwrap_or_default();
+        rope.check_type("vision_config.rope_parameters", &["axial"])?;
+        let default = VisionConfig::default().rope_theta;
+        let rope_theta = rope.rope_theta.or(self.rope_theta).unwrap_or(default);
+        Ok(VisionConfig {
+            rope_theta,
+            ..self.tower
+        })
+    }
 }
 
 impl Default for VisionConfig {
@@ -285,6 +339,7 @@ impl Default for VisionConfig {
             patch_size: 14,
             spatial_merge_size: 2,
             temporal_patch_size: 2,
+            rope_theta: 10000.0,
         }
     }
 }
@@ -317,7 +372,7 @@ struct RawVl {
     top: RawText,
     text_config: Option<RawText>,
     #[serde(default)]
-    vision_config: VisionConfig,
+    vision_config: RawVision,
     #[serde(default = "default_image_token")]
     image_token_id: u32,
     #[serde(default = "default_video_token")]
@@ -344,14 +399,15 @@ impl Qwen2VlConfig {
         // Qwen2VLConfig reads it).
         let tie_top = raw.top.tie_word_embeddings == Some(true);
         let nested = raw.text_config.is_some();
+        let level = if nested { "text_config." } else { "" };
         let mut text = raw
             .text_config
             .unwrap_or(raw.top)
-            .resolve(qwen2_vl_defaults())?;
+            .resolve(qwen2_vl_defaults(), level)?;
         text.tie_word_embeddings |= tie_top;
         let cfg = Self {
             text,
-            vision: raw.vision_config,
+            vision: raw.vision_config.resolve()?,
             image_token_id: raw.image_token_id,
             video_token_id: raw.video_token_id,
             vision_start_token_id: raw.vision_start_token_id,
@@ -476,6 +532,74 @@ mod tests {
         let cfg = Qwen2VlConfig::from_json(vl).unwrap();
         assert_eq!(cfg.text.mrope_section, Some(vec![2, 3, 3]));
         assert_eq!(cfg.text.rope_theta, 1000000.0);
+    }
+
+    /// Neither layout's rope map: the error names the key of the layout in hand.
+    #[test]
+    fn a_qwen2_vl_config_without_mrope_sections_names_the_key() {
+        let flat = r#"{"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rope_theta": 1000000.0, "vision_config": {"hidden_size": 64}}"#;
+        let err = Qwen2VlConfig::from_json(flat).unwrap_err();
+        assert!(err.contains("no rope_scaling.mrope_section"), "{err}");
+        let nested = r#"{"text_config": {"hidden_size": 64, "num_attention_heads": 4,
+            "num_key_value_heads": 2}, "vision_config": {"hidden_size": 64}}"#;
+        let err = Qwen2VlConfig::from_json(nested).unwrap_err();
+        assert!(
+            err.contains("no text_config.rope_parameters.mrope_section"),
+            "{err}"
+        );
+    }
+
+    /// A scaled RoPE would give other positions than the checkpoint's: refused in both
+    /// layouts, naming where the type was read; the types Qwen2 saves write are accepted.
+    #[test]
+    fn a_rope_type_other_than_plain_or_mrope_is_refused() {
+        let audio = |rope: &str| {
+            let json = format!(r#"{{"text_config": {{"hidden_size": 64, {rope}}}}}"#);
+            Qwen2AudioConfig::from_json(&json)
+        };
+        let yarn = r#""rope_parameters": {"rope_type": "yarn", "factor": 4.0}"#;
+        let err = audio(yarn).unwrap_err();
+        assert!(
+            err.contains(r#"text_config.rope_parameters.rope_type "yarn""#),
+            "{err}"
+        );
+        let linear = r#""rope_scaling": {"type": "linear", "factor": 2.0}"#;
+        let err = audio(linear).unwrap_err();
+        assert!(
+            err.contains(r#"text_config.rope_scaling.type "linear""#),
+            "{err}"
+        );
+        assert!(audio(r#""rope_parameters": {"rope_type": "default"}"#).is_ok());
+
+        let vl = r#"{"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rope_scaling": {"type": "dynamic", "mrope_section": [2, 3, 3]},
+            "vision_config": {"hidden_size": 64}}"#;
+        let err = Qwen2VlConfig::from_json(vl).unwrap_err();
+        assert!(err.contains(r#"rope_scaling.type "dynamic""#), "{err}");
+        assert!(Qwen2VlConfig::from_json(&vl.replace("dynamic", "mrope")).is_ok());
+    }
+
+    /// transformers 5 reads the vision tower's rotary base from its `rope_parameters`; 4.x
+    /// has no key for it (10000).
+    #[test]
+    fn the_vision_rope_theta_is_read_from_transformers_5s_map() {
+        let vl = |vision: &str| {
+            let json = format!(
+                r#"{{"text_config": {{"hidden_size": 64, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "rope_parameters": {{"mrope_section": [2, 3, 3]}}}},
+                "vision_config": {{"hidden_size": 64, {vision}}}}}"#
+            );
+            Qwen2VlConfig::from_json(&json)
+        };
+        let axial = r#""rope_parameters": {"rope_theta": 20000.0, "rope_type": "axial"}"#;
+        assert_eq!(vl(axial).unwrap().vision.rope_theta, 20000.0);
+        assert_eq!(vl(r#""depth": 2"#).unwrap().vision.rope_theta, 10000.0);
+        let err = vl(r#""rope_parameters": {"rope_type": "default"}"#).unwrap_err();
+        assert!(
+            err.contains(r#"vision_config.rope_parameters.rope_type "default""#),
+            "{err}"
+        );
     }
 
     #[test]

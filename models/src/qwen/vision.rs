@@ -17,8 +17,6 @@ use crate::nn::{activation, apply_rotary, softmax, LayerNorm};
 
 /// The ViT's and the merger's LayerNorm epsilon.
 const LN_EPS: f64 = 1e-6;
-/// The vision rotary embedding's base.
-const VISION_THETA: f64 = 10000.0;
 
 /// Patches of images or of videos: `[N, channels * temporal * patch * patch]` rows in the
 /// processor's order, and one (t, h, w) patch grid per image or video.
@@ -327,7 +325,7 @@ impl VisionTower {
     /// patch's row, the second with its column, and the second half repeats the first.
     fn rotary_tables(&self, grids: &[[usize; 3]], dev: &Device) -> Result<(Tensor, Tensor)> {
         let d = self.cfg.head_dim();
-        let inv = inverse_frequencies(VISION_THETA, d / 2);
+        let inv = inverse_frequencies(self.cfg.rope_theta, d / 2);
         let m = self.cfg.spatial_merge_size;
         let mut angles = Vec::new();
         for &[t, h, w] in grids {

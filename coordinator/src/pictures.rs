@@ -26,10 +26,8 @@ pub const LOSS_HEIGHT: u32 = 700;
 /// classes and the largest gaps, and says so. `report.md`'s table has every class.
 pub const MAX_ROWS: usize = 60;
 const ROW_PX: u32 = 26;
-/// Title, subtitle and legend above the chart (the loss picture: title and subtitle); axis
-/// and margin below it.
+/// Title, subtitle and legend above the chart; axis and margin below it.
 const GAP_TOP_PX: u32 = 115;
-const LOSS_TOP_PX: u32 = 90;
 const GAP_BOTTOM_PX: u32 = 80;
 
 const FONT: &str = "sans-serif";
@@ -221,7 +219,13 @@ fn gap_titles(top: &DrawingArea<BitMapBackend<'_>, Shift>, r: &Report, shown: us
     }
     drawing(top.draw(&Text::new(title, (20, 18), bold(24, BLACK))))?;
     drawing(top.draw(&Text::new(sub, (20, 54), text(17, RGBColor(60, 60, 60)))))?;
-    gap_legend(top, 92, hard > 0)
+    // Only the colours the picture uses: no "other" entries when every class is hard.
+    let entries: Vec<(RGBColor, &str)> = GAP_SERIES
+        .iter()
+        .filter(|s| if s.0 { hard > 0 } else { hard < total })
+        .map(|s| (s.2, s.3))
+        .collect();
+    legend(top, 92, &entries, false)
 }
 
 /// Class names longer than this are cut with an ellipsis.
@@ -328,20 +332,31 @@ const GAP_SERIES: [(bool, bool, RGBColor, &str); 4] = [
     (false, true, OTHER_AFTER, "other class, after"),
 ];
 
-/// The legend in one row under the titles, so it never hides a bar; without hard classes, the
-/// others' colours only.
-fn gap_legend(top: &DrawingArea<BitMapBackend<'_>, Shift>, y: i32, any_hard: bool) -> Result<()> {
+/// A legend in one row under the titles, so it never hides a bar or a line: a swatch (or a
+/// short line) and a label per entry.
+fn legend(
+    top: &DrawingArea<BitMapBackend<'_>, Shift>,
+    y: i32,
+    entries: &[(RGBColor, &str)],
+    lines: bool,
+) -> Result<()> {
     let mut x = 20;
-    for (_, _, color, label) in GAP_SERIES.iter().filter(|s| any_hard || !s.0) {
-        let swatch = Rectangle::new([(x, y - 7), (x + 18, y + 7)], color.filled());
-        let label = *label;
-        drawing(top.draw(&swatch))?;
+    for &(color, label) in entries {
+        if lines {
+            drawing(top.draw(&PathElement::new(
+                vec![(x, y), (x + 24, y)],
+                color.stroke_width(3),
+            )))?;
+        } else {
+            let swatch = Rectangle::new([(x, y - 7), (x + 24, y + 7)], color.filled());
+            drawing(top.draw(&swatch))?;
+        }
         let style = text(16, BLACK).pos(Pos::new(HPos::Left, VPos::Center));
-        drawing(top.draw(&Text::new(label, (x + 26, y), style.clone())))?;
+        drawing(top.draw(&Text::new(label, (x + 32, y), style.clone())))?;
         let (w, _) = top
             .estimate_text_size(label, &style)
             .map_err(|e| anyhow!("plotters: {e}"))?;
-        x += 26 + w as i32 + 36;
+        x += 32 + w as i32 + 36;
     }
     Ok(())
 }
@@ -407,7 +422,7 @@ pub fn loss(r: &Report, metrics: &str) -> Result<Picture> {
     {
         let root = picture.area();
         drawing(root.fill(&WHITE))?;
-        let (top, chart_area) = root.split_vertically(LOSS_TOP_PX);
+        let (top, chart_area) = root.split_vertically(GAP_TOP_PX);
         let title = format!(
             "Distillation loss of run {}, rank 0 ({} to {} student)",
             r.run_id, r.teacher_modality, r.student_modality
@@ -421,6 +436,8 @@ pub fn loss(r: &Report, metrics: &str) -> Result<Picture> {
         );
         drawing(top.draw(&Text::new(title, (20, 18), bold(24, BLACK))))?;
         drawing(top.draw(&Text::new(sub, (20, 54), text(17, RGBColor(60, 60, 60)))))?;
+        let entries = LOSS_LINES.map(|(_, color, label)| (color, label));
+        legend(&top, 92, &entries, true)?;
         loss_chart(&chart_area, &points)?;
         drawing(root.present())?;
     }
@@ -456,6 +473,7 @@ where
         .margin_right(30)
         .margin_bottom(10)
         .x_label_area_size(60)
+        .margin_left(15)
         .y_label_area_size(100)
         .build_cartesian_2d(first as f64..last as f64, y)
         .map_err(|e| anyhow!("plotters: {e}"))?;
@@ -471,35 +489,23 @@ where
             .axis_desc_style(text(17, BLACK))
             .draw(),
     )?;
-    let lines = [
-        (0, TOTAL_LINE, "total (minimised)"),
-        (1, KL_LINE, "KL divergence to the teacher"),
-        (2, CE_LINE, "cross-entropy on the labels"),
-    ];
-    for (part, color, label) in lines {
+    for (part, color, _) in LOSS_LINES {
         let line = points
             .iter()
             .map(|(s, v)| (*s as f64, v[part]))
             .filter(|(_, v)| v.is_finite());
-        chart
-            .draw_series(LineSeries::new(line, color.stroke_width(2)))
-            .map_err(|e| anyhow!("plotters: {e}"))?
-            .label(label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-            });
+        let series = chart.draw_series(LineSeries::new(line, color.stroke_width(2)));
+        drawing(series.map(|_| ()))?;
     }
-    drawing(
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .margin(12)
-            .label_font(text(16, BLACK))
-            .background_style(WHITE.mix(0.92))
-            .border_style(RGBColor(150, 150, 150))
-            .draw(),
-    )
+    Ok(())
 }
+
+/// The loss picture's lines: (part of a `loss_points` value, colour, legend).
+const LOSS_LINES: [(usize, RGBColor, &str); 3] = [
+    (0, TOTAL_LINE, "total (minimised)"),
+    (1, KL_LINE, "KL divergence to the teacher"),
+    (2, CE_LINE, "cross-entropy on the labels"),
+];
 
 #[cfg(test)]
 mod tests {

@@ -126,6 +126,55 @@ fn check_files(out: &Path) {
     ] {
         assert!(first.get(key).is_some(), "metrics.jsonl lacks {key}");
     }
+    check_pictures(out);
+}
+
+/// `gap.png` and `loss.png` beside `report.md`, linked from it: PNGs of the expected size,
+/// with text (anti-aliasing makes many colours) and, in the gap picture, the hard classes'
+/// colour (the default job picks some).
+fn check_pictures(out: &Path) {
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let classes = report["teacher"]["per_class"].as_object().unwrap().len();
+    // pictures.rs: 1200 wide; the gap picture 195 px of titles, legend and axis plus 26 a
+    // class (at most 60), the loss picture 700 high.
+    let gap_height = 195 + 26 * classes.min(60) as u32;
+    for (name, height) in [("gap.png", gap_height), ("loss.png", 700)] {
+        assert!(
+            md.contains(&format!("]({name})")),
+            "report.md links no {name}:\n{md}"
+        );
+        let (size, colours) = png_colours(&out.join(name));
+        assert_eq!(size, (1200, height), "{name}'s size");
+        assert!(
+            colours.len() > 30,
+            "{name} has {} colours: blank?",
+            colours.len()
+        );
+    }
+    let hard = !report["hard_classes"].as_array().unwrap().is_empty();
+    let (_, colours) = png_colours(&out.join("gap.png"));
+    assert_eq!(
+        colours.contains(&[215, 48, 39]),
+        hard,
+        "hard classes' colour in gap.png"
+    );
+}
+
+fn png_colours(path: &Path) -> ((u32, u32), std::collections::HashSet<[u8; 3]>) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .unwrap_or_else(|e| panic!("{} is no PNG: {e}", path.display()));
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb, "{}", path.display());
+    let colours = buf[..info.buffer_size()]
+        .chunks(3)
+        .map(|c| [c[0], c[1], c[2]])
+        .collect();
+    ((info.width, info.height), colours)
 }
 
 #[test]

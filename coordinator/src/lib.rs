@@ -8,6 +8,7 @@ mod driver;
 pub mod heuristic;
 mod local;
 pub mod metrics;
+pub mod pictures;
 pub mod report;
 pub mod run;
 pub mod server;

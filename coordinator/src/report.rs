@@ -1,6 +1,7 @@
 //! `report.json` (schema in DESIGN.md; fields are added, never renamed) and `report.md`.
 
 use crate::heuristic::{class_stats, Decision};
+use crate::pictures;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -224,12 +225,29 @@ pub fn build(i: Inputs) -> Report {
     }
 }
 
+/// `report.json`, then the pictures (`pictures.rs`), then `report.md` linking those drawn. A
+/// picture that fails is logged and named in `report.md`, never fails the run: the numbers it
+/// shows are in the two report files, which are written whatever happens to it.
 pub fn write(out_dir: &Path, report: &Report) -> Result<()> {
     let json = out_dir.join("report.json");
     std::fs::write(&json, serde_json::to_string_pretty(report)? + "\n")
         .with_context(|| format!("writing {}", json.display()))?;
+    let drawn = pictures::write(out_dir, report);
     let md = out_dir.join("report.md");
-    std::fs::write(&md, markdown(report)).with_context(|| format!("writing {}", md.display()))
+    let text = summary(report) + &picture_links(&drawn) + &class_table(report);
+    std::fs::write(&md, text).with_context(|| format!("writing {}", md.display()))
+}
+
+/// `report.md`'s links to the pictures, or why one is missing.
+fn picture_links(drawn: &[pictures::Drawn]) -> String {
+    let mut s = String::new();
+    for d in drawn {
+        s += &match &d.error {
+            None => format!("![{}]({})\n\n", d.title, d.file),
+            Some(e) => format!("{} (`{}`) was not drawn: {e}\n\n", d.title, d.file),
+        };
+    }
+    s
 }
 
 fn pct(x: f64) -> String {
@@ -252,7 +270,13 @@ fn taught_line(r: &Report) -> String {
     }
 }
 
+/// The report for people, as `xkd run` prints it (`report.md` adds the pictures' links).
 pub fn markdown(r: &Report) -> String {
+    summary(r) + &class_table(r)
+}
+
+/// Accuracy before and after, which classes were taught, the heuristic's check.
+fn summary(r: &Report) -> String {
     let (b, a) = (&r.student.before, &r.student.after);
     let mut s = format!(
         "# xkd run {}\n\n{} teacher -> {} student, {} workers, {} distillation steps, {:.0} s.\n\n\
@@ -287,6 +311,13 @@ pub fn markdown(r: &Report) -> String {
             h.built_hard.join("; ")
         );
     }
+    s
+}
+
+/// One row per class: teacher, student before and after, the sensory gap before.
+fn class_table(r: &Report) -> String {
+    let (b, a) = (&r.student.before, &r.student.after);
+    let mut s = String::new();
     s += "| class | hard | teacher | student before | student after | sensory gap |\n\
           |---|:---:|---:|---:|---:|---:|\n";
     for (class, t) in &r.teacher.per_class {

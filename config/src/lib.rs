@@ -493,14 +493,31 @@ impl Config {
 
     /// Default, then the user's file over it, then each `section.key=value` override.
     pub fn resolve(file: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
+        let user = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                Some((text, path.display().to_string()))
+            }
+            None => None,
+        };
+        let user = user
+            .as_ref()
+            .map(|(text, path)| (text.as_str(), path.as_str()));
+        Config::resolve_text(user, overrides)
+    }
+
+    /// `resolve` on a user file's text (with the name its errors give it) instead of its path:
+    /// everything `resolve` does after reading the file. The config fuzzer enters here.
+    pub fn resolve_text(
+        user: Option<(&str, &str)>,
+        overrides: &[String],
+    ) -> Result<Config, ConfigError> {
         let mut table = parse_table(DEFAULT_TOML, "<embedded default>")?;
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.display().to_string(),
-                source,
-            })?;
-            let user = parse_table(&text, &path.display().to_string())?;
-            merge(&mut table, user, "")?;
+        if let Some((text, path)) = user {
+            merge(&mut table, parse_table(text, path)?, "")?;
         }
         for arg in overrides {
             apply_override(&mut table, arg)?;
@@ -646,20 +663,22 @@ fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError>
             message: "is a section, not a value".into(),
         });
     }
-    let value = parse_value(raw.trim(), slot);
+    let value = parse_value(raw.trim(), slot).ok_or_else(|| ConfigError::BadValue {
+        key: key.into(),
+        message: format!("`{}` is more than one value", raw.trim()),
+    })?;
     set_checked(slot, value, key)
 }
 
 /// A value as TOML if it parses, else as a bare string (`--set distill.direction=audio_to_visual`).
-fn parse_value(raw: &str, like: &toml::Value) -> toml::Value {
-    let parsed = format!("v = {raw}")
-        .parse::<toml::Table>()
-        .ok()
-        .and_then(|mut t| t.remove("v"));
-    match parsed {
-        Some(v) => v,
-        None if like.is_str() || !raw.is_empty() => toml::Value::String(raw.to_string()),
-        None => toml::Value::String(String::new()),
+/// `None` when the text is a value and more TOML after it (`0.5\nrun.seed=3`): one override
+/// sets one key, and what follows would otherwise be dropped without a word.
+fn parse_value(raw: &str, like: &toml::Value) -> Option<toml::Value> {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(table) if table.len() > 1 => None,
+        Ok(mut table) => table.remove("v"),
+        Err(_) if like.is_str() || !raw.is_empty() => Some(toml::Value::String(raw.to_string())),
+        Err(_) => Some(toml::Value::String(String::new())),
     }
 }
 

@@ -406,3 +406,36 @@ fn no_value_of_any_key_panics() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `resolve_text` (where the config fuzzer enters) is `resolve` after reading the file.
+#[test]
+fn resolve_text_is_resolve_without_the_read() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tiny-qwen2.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let sets = ["distill.alpha=0.25".to_string()];
+    let by_path = Config::resolve(Some(&path), &sets).unwrap();
+    let by_text = Config::resolve_text(Some((&text, "tiny-qwen2.toml")), &sets).unwrap();
+    assert_eq!(by_text, by_path);
+    let e = Config::resolve_text(Some(("[distill]\nalpha = ", "mine.toml")), &[]).unwrap_err();
+    assert!(e.to_string().contains("mine.toml"), "{e}");
+}
+
+/// An override sets exactly one key: a value followed by more TOML is refused naming the key,
+/// not cut at the first value (it used to set `distill.alpha` and drop `run.seed=3`).
+#[test]
+fn an_override_holding_more_than_one_value_is_refused() {
+    for set in [
+        "distill.alpha=0.5\nrun.seed=3",
+        "checkpoint.url=\"s3://b/p\"\nrun.seed=3",
+        "distill.alpha=0.5\n[run]\nseed=3",
+    ] {
+        let key = set.split_once('=').unwrap().0;
+        let e = Config::resolve(None, &[set.to_string()]).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::BadValue { key: k, .. } if k == key),
+            "{set:?}: {e}"
+        );
+    }
+    let c = Config::resolve(None, &["distill.alpha=0.5 # a comment".to_string()]).unwrap();
+    assert_eq!(c.distill.alpha, 0.5);
+}

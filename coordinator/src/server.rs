@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
+use tokio::io::AsyncRead;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -251,9 +252,9 @@ async fn screen(
         return;
     };
     let deadline = Instant::now() + JOIN_TIMEOUT;
-    let first = timeout_at(deadline, read_frame(&mut peer.recv, JOIN_FRAME_LIMIT)).await;
+    let first = timeout_at(deadline, read_join(&mut peer.recv, &token)).await;
     let verdict = match first {
-        Ok(frame) => check_join(frame, &token),
+        Ok(verdict) => verdict,
         Err(_) => Err(Reject::Malformed {
             detail: format!("no join frame within {JOIN_TIMEOUT:?}"),
         }),
@@ -298,6 +299,16 @@ async fn open_peer(incoming: Incoming) -> Option<Peer> {
             None
         }
     }
+}
+
+/// Reads a connection's first frame from `recv` (at most `JOIN_FRAME_LIMIT`) and checks it
+/// against `token`: the join this run accepts (token blanked), or the `Reject` that answers it.
+/// This is all an unauthenticated peer's bytes reach; the join fuzzer (`fuzz/`) enters here.
+pub async fn read_join<R>(recv: &mut R, token: &str) -> Result<Join, Reject>
+where
+    R: AsyncRead + Unpin,
+{
+    check_join(read_frame(recv, JOIN_FRAME_LIMIT).await, token)
 }
 
 /// The join in `first`, if it is one this run accepts; otherwise why not.
@@ -667,5 +678,24 @@ mod tests {
         assert!(matches!(old, Err(Reject::VersionMismatch { got: 0, .. })));
         let not_join = check_join(Ok(WorkerMsg::heartbeat(0)), "t0k");
         assert!(matches!(not_join, Err(Reject::Malformed { .. })));
+    }
+
+    /// `read_join` reads the first frame under the join limit, not the full frame limit.
+    #[tokio::test]
+    async fn read_join_reads_the_first_frame_under_the_join_limit() {
+        let good = encode(&WorkerMsg::Join(join("t0k", PROTOCOL_VERSION))).unwrap();
+        let got = read_join(&mut std::io::Cursor::new(good), "t0k").await;
+        assert_eq!(got.unwrap().hostname, "h");
+        let big = (JOIN_FRAME_LIMIT + 1).to_be_bytes();
+        let got = read_join(&mut &big[..], "t0k").await;
+        assert_eq!(
+            got,
+            Err(Reject::Oversized {
+                limit: JOIN_FRAME_LIMIT,
+                got: JOIN_FRAME_LIMIT + 1
+            })
+        );
+        let empty = read_join(&mut &[][..], "t0k").await;
+        assert!(matches!(empty, Err(Reject::Malformed { .. })), "{empty:?}");
     }
 }

@@ -183,7 +183,7 @@ fn a_model_directory_in_an_object_store_is_downloaded_once_and_used() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.is_dir())
         .collect();
-    assert_eq!(copies, [local.clone()]);
+    assert_eq!(copies, std::slice::from_ref(&local));
     for entry in std::fs::read_dir(&fixture).unwrap() {
         let path = entry.unwrap().path();
         let copy = copies[0].join(path.file_name().unwrap());

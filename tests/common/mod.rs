@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod proxy;
+pub mod relay;
 #[path = "../../checkpoint/tests/common/s3.rs"]
 pub mod s3;
 
@@ -90,11 +92,19 @@ pub struct Background {
 impl Background {
     /// Starts `xkd --log-format json <args>` with `env`, its stderr into `log`.
     pub fn start(args: &[String], env: &[(String, String)], log: &Path) -> Background {
-        let file = std::fs::File::create(log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_xkd"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_xkd"));
+        command
             .args(["--log-format", "json"])
             .args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        Background::spawn(command, log)
+    }
+
+    /// Starts `command` (an `xkd --log-format json ...`, however it is launched), its stderr
+    /// into `log`.
+    pub fn spawn(mut command: Command, log: &Path) -> Background {
+        let file = std::fs::File::create(log).expect("log file");
+        let child = command
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

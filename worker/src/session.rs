@@ -73,6 +73,7 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
         world,
         run_id = %assignment.run_id,
         threads = candle_core::utils::get_num_threads(),
+        ring = %listener.local_addr(),
         "joined"
     );
     let progress = Arc::new(Progress::default());

@@ -18,10 +18,11 @@
 //!    loses the worker, restarts the generation, the cable goes back in, the workers join
 //!    again and the run resumes from that checkpoint to the same digest.
 //!
-//! What the hosts still share is the filesystem, and the run needs it: `run.cache_dir` holds
-//! the dataset and the pretrained stand-ins, which rank 0 writes and every rank reads, and
-//! rank 0 writes the distilled student to the coordinator's output path, which every rank
-//! reads for the last evaluation (README, "Cluster mode": a place every node reaches).
+//! The hosts share no path the run uses: `run.cache_dir` and the coordinator's `--out` are
+//! relative, so each process resolves them in a directory of its own. Each worker makes its
+//! own dataset and keeps its own pretrained stand-ins; the distilled student reaches the
+//! coordinator and the last evaluation through the store. The test checks each host's cache
+//! holds its own copies and the coordinator's output holds the student.
 //!
 //! Needs root (namespaces); fails, saying so, without it.
 
@@ -85,7 +86,8 @@ impl Cluster {
 
     /// The recipe every run uses, as `--set` values; the runs differ only in run id.
     fn recipe(&self, run_id: &str) -> Vec<String> {
-        let mut sets = small_recipe(&root().join("cache"), run_id, STEPS, EVERY, 3);
+        // Relative: each process's own working directory, as if on a disk of its own.
+        let mut sets = small_recipe(Path::new("cache"), run_id, STEPS, EVERY, 3);
         sets.push(format!("checkpoint.url=\"{}\"", self.store.url()));
         // A cut-off worker is declared lost after 5 s rather than 10.
         sets.push("control.heartbeat_timeout_ms=5000".into());
@@ -96,15 +98,14 @@ impl Cluster {
     /// to the workers.
     fn launch(&self, name: &str, env: &[(String, String)]) -> Job {
         let dir = root().join(name);
-        let out = dir.join("coordinator");
-        std::fs::create_dir_all(&out).unwrap();
+        let home = dir.join("coordinator");
+        std::fs::create_dir_all(&home).unwrap();
         let config = dir.join("empty.toml");
         std::fs::write(&config, "").unwrap();
         let mut c = self.net.command("coordinator", env!("CARGO_BIN_EXE_xkd"));
         c.args(["--log-format", "json", "coordinator", "--config"])
             .arg(&config)
-            .arg("--out")
-            .arg(&out)
+            .args(["--out", "out"])
             .args([
                 "--listen",
                 &SocketAddr::from((COORDINATOR, PORT)).to_string(),
@@ -114,7 +115,7 @@ impl Cluster {
             .arg("--tls-key")
             .arg(&self.tls[1])
             .args(["--set", "control.workers=2"])
-            .current_dir(&out)
+            .current_dir(&home)
             .env("XKD_JOIN_TOKEN", TOKEN)
             .envs(self.store.env());
         for set in self.recipe(name) {
@@ -140,8 +141,8 @@ impl Cluster {
             })
             .collect();
         Job {
+            out: home.join("out"),
             dir,
-            out,
             coordinator,
             workers,
         }
@@ -193,8 +194,38 @@ impl Job {
         let r = report(&out);
         assert_eq!(r["workers"], 2, "{r}");
         assert_eq!(r["steps"], STEPS, "{r}");
+        assert!(
+            out.join("student.safetensors").is_file(),
+            "no student in {}",
+            out.display()
+        );
+        // Each worker host made its own dataset and pretrained stand-ins, in its own cache.
+        for (host, _) in WORKERS {
+            let models = dir.join(host).join("cache/models");
+            let count = std::fs::read_dir(&models)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .filter(|e| is_safetensors(&e.path()))
+                        .count()
+                })
+                .unwrap_or(0);
+            assert_eq!(
+                count,
+                2,
+                "{host} keeps both stand-ins in {}",
+                models.display()
+            );
+        }
+        assert!(
+            !dir.join("coordinator/cache").exists(),
+            "the coordinator made a cache"
+        );
         log
     }
+}
+
+fn is_safetensors(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "safetensors")
 }
 
 /// The records of both workers' logs of the run in `dir`.
@@ -293,7 +324,7 @@ fn a_job_across_hosts_survives_delay_loss_and_a_cut_link() {
 /// The store's digest of the run's last checkpoint, which must be the one its report gives.
 fn checked_digest(cluster: &Cluster, run_id: &str, dir: &Path) -> String {
     let digest = cluster.digest(run_id);
-    let r = report(&dir.join("coordinator"));
+    let r = report(&dir.join("coordinator/out"));
     assert_eq!(
         r["student_digest"].as_str(),
         Some(digest.as_str()),

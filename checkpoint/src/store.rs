@@ -246,6 +246,22 @@ impl Store {
         dir: &std::path::Path,
         last: &[&str],
     ) -> Result<(usize, usize)> {
+        self.upload_files(dir, last, true).await
+    }
+
+    /// Uploads every file under the local directory `dir` to the same relative names under
+    /// the store's URL, each replacing the object of its name (a distilled student, whose
+    /// files keep their sizes from one run to the next). Returns the files uploaded.
+    pub async fn replace_prefix(&self, dir: &std::path::Path) -> Result<usize> {
+        Ok(self.upload_files(dir, &[], false).await?.0)
+    }
+
+    async fn upload_files(
+        &self,
+        dir: &std::path::Path,
+        last: &[&str],
+        keep_same_size: bool,
+    ) -> Result<(usize, usize)> {
         let metas: Vec<_> = self
             .inner
             .list(Some(&self.prefix))
@@ -295,7 +311,7 @@ impl Store {
             };
             let f = tokio::fs::File::open(&file).await.map_err(io)?;
             let len = f.metadata().await.map_err(io)?.len();
-            if !last.contains(&rel.as_str()) && there.get(&rel) == Some(&len) {
+            if keep_same_size && !last.contains(&rel.as_str()) && there.get(&rel) == Some(&len) {
                 kept += 1;
                 continue;
             }

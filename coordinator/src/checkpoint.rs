@@ -14,6 +14,9 @@ use xkd_checkpoint::{ObjectEntry, Store, STATE};
 use xkd_config::{section_digest, Config};
 use xkd_protocol::{SavedCheckpoint, TrainTask};
 
+/// The run-level prefix the distilled student is uploaded under.
+const STUDENT_PREFIX: &str = "student";
+
 /// Version of `state.json`'s layout; a reader refuses versions it does not know.
 pub const STATE_FORMAT: u32 = 1;
 
@@ -255,6 +258,42 @@ impl Checkpoints {
         Ok(())
     }
 
+    /// Where rank 0 uploads the distilled student (`<store>/<run_id>/run/student`): the
+    /// coordinator's output directory need not be on a worker's host.
+    pub fn student_url(&self) -> String {
+        self.run_object_url(STUDENT_PREFIX)
+    }
+
+    /// Copies what is under `student_url` into `out_dir` (`student.safetensors` or
+    /// `student-lora/`), each entry replacing its namesake there once all are down.
+    pub async fn download_student(&self, out_dir: &std::path::Path) -> Result<Vec<String>> {
+        let url = self.student_url();
+        let tmp = out_dir.join(".student.partial");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        let names = Store::open(&url)?.download_prefix(&tmp).await?;
+        if names.is_empty() {
+            bail!("no trained student under {url}");
+        }
+        for entry in std::fs::read_dir(&tmp)? {
+            let from = entry?.path();
+            let to = out_dir.join(from.file_name().context("an entry without a name")?);
+            if to.is_dir() {
+                std::fs::remove_dir_all(&to)?;
+            }
+            std::fs::rename(&from, &to)
+                .with_context(|| format!("moving the student into {}", to.display()))?;
+        }
+        std::fs::remove_dir_all(&tmp)?;
+        Ok(names)
+    }
+
+    /// The URL of checkpoint `step` of this run.
+    pub fn checkpoint_url(&self, step: u64) -> String {
+        as_url(self.store.checkpoint_url(&self.run_id, step))
+    }
+
     /// Tells `metrics` of every commit from now on, as it happens (before it is logged).
     pub fn count_commits(&mut self, metrics: Metrics) {
         self.metrics = Some(metrics);
@@ -375,6 +414,7 @@ mod tests {
             objective: Objective::Supervised,
             init: None,
             save: String::new(),
+            keep_saved: false,
             plan: plan(1),
             replay: Some(plan(2)),
             steps: 400,

@@ -54,18 +54,27 @@ pub(crate) async fn stages(
     let taught = decided.taught_labels(&data.classes)?;
 
     d.stage = "distill".into();
-    // A stand-in student is saved whole; a Qwen2 student as its LoRA adapters, in PEFT's format.
-    let distilled = if config.model(student_m).family == ModelFamily::Qwen2 {
-        out_dir.join("student-lora")
-    } else {
-        out_dir.join("student.safetensors")
-    };
+    let checkpoints = d
+        .checkpoints
+        .clone()
+        .context("no checkpoint store was opened for this run")?;
+    let upload = checkpoints.lock().await.student_url();
     let (summary, final_checkpoint) = d
-        .distill(config, &data, &taught, &teacher, &student, &distilled)
+        .distill(config, &data, &taught, &teacher, &student, &upload)
         .await?;
+    // Rank 0 uploaded the student (a stand-in whole, a Qwen2 student as its LoRA adapters in
+    // PEFT's format); its copy in the output directory comes from the store.
+    let names = checkpoints.lock().await.download_student(out_dir).await?;
+    tracing::info!(url = upload, files = names.len(), out = %out_dir.display(), "distilled student saved");
 
+    // Every rank evaluates the final checkpoint, which the store holds whatever host a rank
+    // is on; `xkd eval --checkpoint` of it gives the same numbers.
     d.stage = "eval_after".into();
-    let after_path = distilled.display().to_string();
+    let after_path = match &final_checkpoint {
+        Some(url) => url.clone(),
+        // This start committed none: the run had already taken its last step.
+        None => checkpoints.lock().await.checkpoint_url(summary.steps),
+    };
     let eval = split(&data, "eval")?;
     let after = d.evaluate(config, student_m, &after_path, eval).await?;
     let report = report::build(report::Inputs {
@@ -345,18 +354,12 @@ impl Driver {
             config.run.seed,
             modality,
         ));
+        // A path in each rank's own cache: every rank keeps a copy, so hosts need not share
+        // the cache, and the ranks decide together whether the copies are there.
         let path = Path::new(&config.run.cache_dir)
             .join("models")
             .join(format!("{}-{key}.safetensors", modality.as_str()));
         let shown = path.display().to_string();
-        if path.exists() {
-            tracing::info!(
-                model = shown,
-                "reusing pretrained {} model",
-                modality.as_str()
-            );
-            return Ok(shown);
-        }
         self.stage = format!("pretrain_{}", modality.as_str());
         let clips = split(data, &self.stage)?.clips.clone();
         let p = &config.pretrain;
@@ -365,6 +368,7 @@ impl Driver {
             objective: Objective::Supervised,
             init: None,
             save: shown.clone(),
+            keep_saved: true,
             plan: shuffled(clips, config.run.seed),
             replay: None,
             steps: p.steps,
@@ -380,7 +384,15 @@ impl Driver {
             resume_from: None,
         };
         let summary = self.train(task).await?;
-        tracing::info!(model = shown, loss = summary.final_loss, "pretrained");
+        if summary.reused {
+            tracing::info!(
+                model = shown,
+                "reusing pretrained {} model",
+                modality.as_str()
+            );
+        } else {
+            tracing::info!(model = shown, loss = summary.final_loss, "pretrained");
+        }
         Ok(shown)
     }
 
@@ -429,7 +441,7 @@ impl Driver {
         taught: &[u32],
         teacher: &str,
         student: &str,
-        save: &Path,
+        save: &str,
     ) -> Result<(TrainSummary, Option<String>)> {
         let taught_set: HashSet<u32> = taught.iter().copied().collect();
         let pool = split(data, "distill")?;
@@ -466,7 +478,8 @@ impl Driver {
                 caption_weight: dc.caption_weight,
             },
             init: Some(student.to_string()),
-            save: save.display().to_string(),
+            save: save.to_string(),
+            keep_saved: false,
             plan: shuffled(main, config.run.seed ^ 0x5eed),
             replay: (replay_batch > 0).then(|| shuffled(others, config.run.seed ^ 0x7e91)),
             steps: dc.steps,

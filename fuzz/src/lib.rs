@@ -154,6 +154,7 @@ fn worker_msgs() -> Vec<WorkerMsg> {
                 final_loss: 0.1,
                 wall_seconds: 2.5,
                 digest: "ab".into(),
+                reused: false,
             }),
         },
         WorkerMsg::Failed {

@@ -219,6 +219,7 @@ mod tests {
                 objective,
                 init: Some("a.safetensors".into()),
                 save: "b.safetensors".into(),
+                keep_saved: false,
                 plan: plan(),
                 replay: Some(plan()),
                 steps: 10,
@@ -284,6 +285,7 @@ mod tests {
                     final_loss: 0.1,
                     wall_seconds: 2.5,
                     digest: "ab".into(),
+                    reused: false,
                 }),
             },
             WorkerMsg::Done {

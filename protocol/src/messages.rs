@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use xkd_config::Modality;
 
 /// Bumped whenever the encoding of any message changes.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// What a worker sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -217,8 +217,14 @@ pub struct TrainTask {
     pub objective: Objective,
     /// Model to start from; `None` = fresh initialisation from the run seed.
     pub init: Option<String>,
-    /// Where rank 0 writes the trained parameters (safetensors).
+    /// Where the trained parameters go. A local path: every rank writes its own copy there
+    /// (the ranks' parameters are equal, and their hosts may share no filesystem). An
+    /// object-store URL: rank 0 uploads them under it, as `student.safetensors` (a stand-in)
+    /// or `student-lora/` (LoRA adapters in PEFT's format).
     pub save: String,
+    /// `save` is a cache keyed by the recipe (pretraining): when every rank finds a model
+    /// there, none trains and the summary says `reused`.
+    pub keep_saved: bool,
     pub plan: ShardPlan,
     /// Clips the replay share of each batch is drawn from (distillation only).
     pub replay: Option<ShardPlan>,
@@ -382,6 +388,8 @@ pub struct TrainSummary {
     /// Parameter digest (`xkd_checkpoint::digest_tensors`) of every tensor of the trained
     /// model: comparable with `xkd checkpoint digest` of its checkpoints.
     pub digest: String,
+    /// Every rank found the model already at `save` (`TrainTask::keep_saved`); no step taken.
+    pub reused: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

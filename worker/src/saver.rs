@@ -12,6 +12,7 @@
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use candle_core::{DType, Tensor};
+use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use xkd_checkpoint::{digest_tensors, ParamDigest, Store, TensorRef, OPTIMIZER, STUDENT};
@@ -126,6 +127,18 @@ pub fn read_student(url: &str) -> Result<Option<Bytes>> {
     })
     .with_context(|| format!("reading the student of checkpoint {url}"))
     .map(Some)
+}
+
+/// Uploads every file under the local directory `dir` to the same relative names under the
+/// store URL `url`, replacing what is there (a distilled student: the coordinator copies it
+/// into its output directory, which need not be on this host).
+pub fn publish(dir: &Path, url: &str) -> Result<()> {
+    on_own_runtime(|| async {
+        let store = Store::open(url)?;
+        store.replace_prefix(dir).await?;
+        Ok(())
+    })
+    .with_context(|| format!("uploading {} to {url}", dir.display()))
 }
 
 /// `work` on a thread and a runtime of its own, so that it works from any caller (the

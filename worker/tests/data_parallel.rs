@@ -43,6 +43,7 @@ fn task(config: &Config, modality: Modality, batch: usize, save: &Path) -> Train
         objective: Objective::Supervised,
         init: None,
         save: save.display().to_string(),
+        keep_saved: false,
         plan: ShardPlan::shuffled(clips, 3),
         replay: None,
         steps: 5,

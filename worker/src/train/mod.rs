@@ -468,6 +468,11 @@ impl Rank {
             Some(_) => Faults::from_env(self.rank)?,
             None => Faults::default(),
         };
+        if task.keep_saved {
+            if let Some(summary) = self.reuse_saved(task, start)? {
+                return Ok(summary);
+            }
+        }
         let (params, student) = self.build_student(task)?;
         self.progress.tick();
         let anchors = self.anchors(task, &params)?;
@@ -598,8 +603,8 @@ impl Rank {
             }
         }
         let digest = digest_params(&params)?;
-        if self.rank == 0 && !stopped {
-            params.save(Path::new(&task.save))?;
+        if !stopped {
+            self.save(&params, &task.save)?;
         }
         let collective = self.collective.as_mut();
         self.progress.waiting(|| collective.barrier())?;
@@ -614,7 +619,66 @@ impl Rank {
             final_loss: last_loss,
             wall_seconds: start.elapsed().as_secs_f64(),
             digest,
+            reused: false,
         })
+    }
+
+    /// The model `task.save` holds when every rank finds one there (one vote each, summed
+    /// over the ring), so that all ranks skip training or none does; `None` to train.
+    fn reuse_saved(&mut self, task: &TrainTask, start: Instant) -> Result<Option<TrainSummary>> {
+        let have = Path::new(&task.save).is_file();
+        let mut votes = [if have { 1.0f32 } else { 0.0 }];
+        let collective = self.collective.as_mut();
+        self.progress
+            .waiting(|| collective.all_reduce_mean(&mut votes))
+            .context("asking every rank whether it has the saved model")?;
+        // The mean times the world is the number of ranks that have it, up to rounding.
+        if (1.0 - votes[0]) * self.world as f32 > 0.5 {
+            if have {
+                tracing::info!(
+                    rank = self.rank,
+                    path = task.save,
+                    "another rank lacks the saved model: every rank trains it again"
+                );
+            }
+            return Ok(None);
+        }
+        let (varmap, _) = self.build_model(task.modality, Some(&task.save), task.seed)?;
+        self.progress.tick();
+        Ok(Some(TrainSummary {
+            steps: 0,
+            stopped: false,
+            final_loss: f64::NAN,
+            wall_seconds: start.elapsed().as_secs_f64(),
+            digest: digest_params(&Params::Full(varmap))?,
+            reused: true,
+        }))
+    }
+
+    /// `params` to `save`: this rank's own copy at a local path (ranks of one host write the
+    /// same bytes, each through a rename), or rank 0's upload under an object-store URL,
+    /// staged in the cache first.
+    fn save(&self, params: &Params, save: &str) -> Result<()> {
+        if !save.contains("://") {
+            return params.save(Path::new(save));
+        }
+        if self.rank != 0 {
+            return Ok(());
+        }
+        let staging =
+            Path::new(&self.config.run.cache_dir).join(format!("staging-{}", std::process::id()));
+        let name = match params {
+            Params::Full(_) => "student.safetensors",
+            Params::Lora { .. } => "student-lora",
+        };
+        let _ = std::fs::remove_dir_all(&staging);
+        let published = params
+            .save(&staging.join(name))
+            .and_then(|()| saver::publish(&staging, save));
+        let _ = std::fs::remove_dir_all(&staging);
+        published?;
+        tracing::info!(rank = self.rank, url = save, "trained model uploaded");
+        Ok(())
     }
 
     fn anchors(&self, task: &TrainTask, student: &Params) -> Result<Option<Anchors>> {

@@ -68,6 +68,10 @@ pub struct RunConfig {
     /// rank's feature memory whatever the dataset's size (plus the batch in hand); 0 keeps
     /// only the current batch.
     pub feature_cache_mb: u64,
+    /// Threads of each worker's clip loader: they decode the clips of the next steps and make
+    /// their features (and Qwen2 processor outputs) while the current step computes, into
+    /// `feature_cache_mb`. 1 to 256. Moves work between threads only: no result depends on it.
+    pub loader_threads: usize,
 }
 
 impl RunConfig {

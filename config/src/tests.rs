@@ -193,6 +193,7 @@ fn bad_values() -> Vec<(String, Option<&'static str>, &'static [&'static str])> 
         ("run.device", Some("\"gpu\"")),
         ("run.threads_per_worker", Some("1025")),
         ("run.feature_cache_mb", Some("2000000")),
+        ("run.loader_threads", Some("0")),
         ("data.source", Some("\"s3\"")),
         ("data.dir", Some("\"s3://bucket/set\"")),
         ("data.seed", None),
@@ -438,4 +439,20 @@ fn an_override_holding_more_than_one_value_is_refused() {
     }
     let c = Config::resolve(None, &["distill.alpha=0.5 # a comment".to_string()]).unwrap();
     assert_eq!(c.distill.alpha, 0.5);
+}
+
+/// `run.loader_threads` takes 1 to 256: none would put feature work back on the training
+/// thread, and each is an OS thread of every worker.
+#[test]
+fn loader_threads_are_refused_outside_1_to_256_by_name() {
+    for ok in ["1", "256"] {
+        let c = Config::resolve(None, &[format!("run.loader_threads={ok}")]).unwrap();
+        assert_eq!(c.run.loader_threads.to_string(), ok);
+    }
+    for bad in ["0", "257", "-1"] {
+        let e = Config::resolve(None, &[format!("run.loader_threads={bad}")])
+            .expect_err(bad)
+            .to_string();
+        assert!(e.contains("run.loader_threads"), "{bad}: {e}");
+    }
 }

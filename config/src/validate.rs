@@ -106,6 +106,17 @@ impl Config {
                 format!("{} MiB is more than 1 TiB", self.run.feature_cache_mb),
             ));
         }
+        // At least one: with none, features would be made on the training thread again.
+        const MAX_LOADER_THREADS: usize = 256;
+        if !(1..=MAX_LOADER_THREADS).contains(&self.run.loader_threads) {
+            return Err(bad(
+                "run.loader_threads",
+                format!(
+                    "{} is not between 1 and {MAX_LOADER_THREADS}",
+                    self.run.loader_threads
+                ),
+            ));
+        }
         if self.run.threads_per_worker > MAX_THREADS {
             return Err(bad(
                 "run.threads_per_worker",

@@ -448,4 +448,17 @@ mod tests {
         assert_eq!(s.rng.replay_seed, Some(2));
         assert_eq!(s.world_size, 2);
     }
+
+    /// The feature cache's budget and the loader's threads move work and memory, not numbers:
+    /// a run resumed with other values continues the same recipe.
+    #[test]
+    fn memory_and_loader_keys_leave_the_recipe_digest_alone() {
+        let base = Config::embedded();
+        let mut other = base.clone();
+        other.run.feature_cache_mb = 0;
+        other.run.loader_threads = 7;
+        assert_eq!(recipe_digest(&base), recipe_digest(&other));
+        other.run.seed += 1;
+        assert_ne!(recipe_digest(&base), recipe_digest(&other));
+    }
 }

@@ -14,7 +14,9 @@ const POWER_FLOOR: f32 = 1e-10;
 /// Whisper keeps 8 decades of dynamic range below the loudest bin of the clip.
 const DYNAMIC_RANGE: f32 = 8.0;
 
-/// A planned log-mel transform for one (sample rate, n_fft, hop, n_mels).
+/// A planned log-mel transform for one (sample rate, n_fft, hop, n_mels). Clones share the
+/// FFT plan.
+#[derive(Clone)]
 pub struct LogMel {
     n_fft: usize,
     hop: usize,

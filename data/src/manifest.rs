@@ -132,6 +132,9 @@ fn read_manifest_rows(path: &Path) -> anyhow::Result<Vec<ClipRecord>> {
             .with_context(|| format!("{}:{line_no}: bad clip record", path.display()))?;
         clips.push(clip);
     }
+    // Every rank keeps the manifest for its lifetime; the doubling's spare rows (up to half of
+    // what 200,000 clips take) would stay with it.
+    clips.shrink_to_fit();
     Ok(clips)
 }
 

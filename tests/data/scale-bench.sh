@@ -3,8 +3,11 @@
 # row points at the same 0.5-s wav and four 32x32 pngs; the clips are distinct ids, so each is
 # read and featurised on its own), nearly all in the distill split, and for each an `xkd run`
 # (coordinator and 2 workers, stand-ins) that takes 50 distillation steps. Prints the time to
-# the first distillation step, each worker's peak RSS (VmHWM, polled from /proc while it runs)
-# and the distillation's steps/s. Not part of the tests: run it by hand.
+# the first distillation step, each worker's and the coordinator's peak RSS (VmHWM, polled from
+# /proc while it runs), the distillation's steps/s, and where the workers' distillation clips
+# came from (their `clips loaded` log lines): made ahead on the loader's threads, waited for
+# while a loader thread made them, reused, or made on the training thread. Not part of the
+# tests: run it by hand.
 #
 #   tests/data/scale-bench.sh [DIR]     (default target/scale-bench)
 set -euo pipefail
@@ -52,8 +55,8 @@ with open(os.path.join(out, "manifest.jsonl"), "w") as f:
 PY
 }
 
-printf '| clips | manifest | time to first step | peak RSS worker 0 | peak RSS worker 1 | steps/s |\n'
-printf '|---:|---:|---:|---:|---:|---:|\n'
+printf '| clips | manifest | time to first step | peak RSS worker 0 | peak RSS worker 1 | peak RSS coordinator | steps/s | clips ahead / waited / reused / on training thread |\n'
+printf '|---:|---:|---:|---:|---:|---:|---:|---|\n'
 for n in 2000 200000; do
     set_dir=$dir/set-$n
     [ -f "$set_dir/manifest.jsonl" ] || make_set "$n" "$set_dir"
@@ -69,7 +72,10 @@ for n in 2000 200000; do
         >/dev/null 2>"$log" &
     run_pid=$!
     declare -A peak=()
+    coordinator=0
     while kill -0 "$run_pid" 2>/dev/null; do
+        kb=$(awk '/VmHWM/ {print $2}' "/proc/$run_pid/status" 2>/dev/null || echo 0)
+        [ -n "$kb" ] && [ "${kb:-0}" -gt "$coordinator" ] && coordinator=$kb
         for pid in $(pgrep -P "$run_pid" || true); do
             kb=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
             [ -n "$kb" ] && [ "${kb:-0}" -gt "${peak[$pid]:-0}" ] && peak[$pid]=$kb
@@ -77,10 +83,11 @@ for n in 2000 200000; do
         sleep 0.2
     done
     wait "$run_pid"
-    python3 - "$log" "$start" "$n" "$(du -k "$set_dir/manifest.jsonl" | cut -f1)" "${peak[@]}" <<'PY'
-import json, sys, datetime
+    python3 - "$log" "$start" "$n" "$(du -k "$set_dir/manifest.jsonl" | cut -f1)" "$out/logs" "$coordinator" "${peak[@]}" <<'PY'
+import glob, json, os, sys, datetime
 log, start, n, manifest_kb = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-peaks = sorted(int(p) for p in sys.argv[5:])
+logs, coordinator = sys.argv[5], int(sys.argv[6])
+peaks = sorted(int(p) for p in sys.argv[7:])
 steps = []
 for line in open(log):
     try:
@@ -94,6 +101,22 @@ steps.sort()
 first = steps[0][1] - start
 rate = (steps[-1][0] - steps[0][0]) / (steps[-1][1] - steps[0][1])
 rss = [f"{p / 1024:.0f} MiB" for p in peaks] + ["?"] * (2 - len(peaks))
-print(f"| {n:,} | {manifest_kb / 1024:.1f} MiB | {first:.1f} s | {rss[0]} | {rss[1]} | {rate:.2f} |")
+# Each worker's last `clips loaded` line is its distillation task's (the last training task).
+loads = [0, 0, 0, 0]
+for path in sorted(glob.glob(os.path.join(logs, "worker-*.log"))):
+    last = None
+    for line in open(path):
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        fields = r.get("fields", r)
+        if fields.get("message") == "clips loaded":
+            last = fields
+    if last:
+        for i, k in enumerate(["ahead", "waited", "reused", "on_training_thread"]):
+            loads[i] += int(last[k])
+print(f"| {n:,} | {manifest_kb / 1024:.1f} MiB | {first:.1f} s | {rss[0]} | {rss[1]} "
+      f"| {coordinator / 1024:.0f} MiB | {rate:.2f} | {' / '.join(str(x) for x in loads)} |")
 PY
 done

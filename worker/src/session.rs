@@ -297,7 +297,7 @@ fn prepare_data(rank: &mut Rank) -> Result<DataSummary> {
         data::load_manifest(&dir)?
     };
     let summary = summarise(&manifest);
-    rank.manifest = Some(manifest);
+    rank.manifest = Some(std::sync::Arc::new(manifest));
     rank.progress.tick();
     Ok(summary)
 }

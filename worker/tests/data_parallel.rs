@@ -26,7 +26,9 @@ fn small_config(dir: &Path) -> Config {
 fn rank(config: &Config, r: u32, world: u32, collective: Box<dyn Collective>) -> Rank {
     let mut rank = Rank::new(config.clone(), r, world, collective).unwrap();
     let dir = PathBuf::from(&config.data.dir);
-    rank.manifest = Some(data::ensure_dataset(&config.data, &dir).unwrap());
+    rank.manifest = Some(std::sync::Arc::new(
+        data::ensure_dataset(&config.data, &dir).unwrap(),
+    ));
     rank
 }
 
@@ -153,4 +155,30 @@ fn same_seed_gives_byte_identical_parameters() {
         .train(1, &t, |_| {})
         .unwrap();
     assert_ne!(std::fs::read(&a).unwrap(), std::fs::read(&c).unwrap());
+}
+
+/// The loader only moves work between threads: one loader thread and a cache that keeps every
+/// clip, or four threads and no cache beyond the steps in flight (so clips are made again each
+/// epoch), train the same bytes.
+#[test]
+fn loader_threads_and_the_cache_budget_change_no_bit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = small_config(tmp.path());
+    let mut sync = config.clone();
+    sync.run.loader_threads = 1;
+    sync.run.feature_cache_mb = 2048;
+    let mut ahead = config.clone();
+    ahead.run.loader_threads = 4;
+    ahead.run.feature_cache_mb = 0;
+    for modality in [Modality::Audio, Modality::Visual] {
+        let a = tmp.path().join(format!("{modality:?}-sync.safetensors"));
+        let b = tmp.path().join(format!("{modality:?}-ahead.safetensors"));
+        train_world(&sync, modality, 2, 4, &a);
+        train_world(&ahead, modality, 2, 4, &b);
+        assert_eq!(
+            std::fs::read(&a).unwrap(),
+            std::fs::read(&b).unwrap(),
+            "{modality:?}"
+        );
+    }
 }

@@ -60,6 +60,54 @@ enum Model {
     },
 }
 
+/// A family's processor without its model: what [`QwenModel::prepare`] runs, cheap to clone
+/// and free to move to another thread; it prepares a clip exactly as the model does.
+#[derive(Clone)]
+pub enum Processor {
+    /// Whisper log-mel over the checkpoint's window of `window` samples.
+    Audio { mel: LogMel, window: usize },
+    /// Qwen2-VL's resize, normalisation and patches.
+    Vl(ImageProcessor),
+}
+
+impl Processor {
+    /// `clip` as [`QwenModel::prepare`] prepares it for the model this came from.
+    pub fn prepare(&self, clip: Clip) -> Result<Prepared> {
+        match self {
+            Processor::Audio { mel, window } => prepare_audio(mel, *window, clip),
+            Processor::Vl(processor) => prepare_video(processor, clip),
+        }
+    }
+}
+
+fn prepare_audio(mel: &LogMel, window: usize, clip: Clip) -> Result<Prepared> {
+    let Clip::Audio(wav) = clip else {
+        candle_core::bail!("Qwen2-Audio takes audio clips");
+    };
+    let (features, valid) = mel.compute_window(wav, window);
+    Ok(Prepared::Audio { features, valid })
+}
+
+fn prepare_video(processor: &ImageProcessor, clip: Clip) -> Result<Prepared> {
+    let Clip::Video { frames, h, w } = clip else {
+        candle_core::bail!("Qwen2-VL takes video clips");
+    };
+    let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
+    let (patches, grid) = processor.preprocess(&refs, h, w)?;
+    Ok(Prepared::Video { patches, grid })
+}
+
+impl Prepared {
+    /// Bytes its buffers hold.
+    pub fn bytes(&self) -> u64 {
+        let floats = match self {
+            Prepared::Audio { features, .. } => features.len(),
+            Prepared::Video { patches, .. } => patches.len(),
+        };
+        (floats * std::mem::size_of::<f32>()) as u64
+    }
+}
+
 /// Each prompt's last position: where its answer's logits are.
 fn last_positions(lens: &[usize]) -> Vec<usize> {
     lens.iter().map(|&len| len.saturating_sub(1)).collect()
@@ -173,18 +221,20 @@ impl QwenModel {
     /// `clip` as this model's processor prepares it: what [`QwenModel::letter_logits`] takes.
     /// A clip's preparation does not depend on its question, so a caller can keep it.
     pub fn prepare(&self, clip: Clip) -> Result<Prepared> {
-        match (&self.model, clip) {
-            (Model::Audio { mel, window, .. }, Clip::Audio(wav)) => {
-                let (features, valid) = mel.compute_window(wav, *window);
-                Ok(Prepared::Audio { features, valid })
-            }
-            (Model::Vl { processor, .. }, Clip::Video { frames, h, w }) => {
-                let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
-                let (patches, grid) = processor.preprocess(&refs, h, w)?;
-                Ok(Prepared::Video { patches, grid })
-            }
-            (Model::Audio { .. }, _) => candle_core::bail!("Qwen2-Audio takes audio clips"),
-            (Model::Vl { .. }, _) => candle_core::bail!("Qwen2-VL takes video clips"),
+        match &self.model {
+            Model::Audio { mel, window, .. } => prepare_audio(mel, *window, clip),
+            Model::Vl { processor, .. } => prepare_video(processor, clip),
+        }
+    }
+
+    /// This model's processor alone, to prepare clips away from the model (a loader thread).
+    pub fn processor(&self) -> Processor {
+        match &self.model {
+            Model::Audio { mel, window, .. } => Processor::Audio {
+                mel: mel.clone(),
+                window: *window,
+            },
+            Model::Vl { processor, .. } => Processor::Vl(processor.clone()),
         }
     }
 

@@ -15,7 +15,7 @@ pub mod resize;
 pub mod vision;
 pub mod weights;
 
-pub use answer::{Clip, Prepared, QwenModel};
+pub use answer::{Clip, Prepared, Processor, QwenModel};
 pub use audio::Qwen2Audio;
 pub use config::{Qwen2AudioConfig, Qwen2VlConfig, TextConfig};
 pub use lora::{LoraAdapters, LoraConfig, LoraTarget};

@@ -1,18 +1,20 @@
 //! What a model is asked: a batch of clips as features and prompts (stand-ins) or as each
 //! family's processor prepares them (Qwen2), each clip's question, and the letter logits that
-//! come back. `FeatureCache` keeps clips' features within `run.feature_cache_mb`.
+//! come back. Clips come through `Inputs`: a loader (`xkd_data::Loader`) that makes the next
+//! steps' inputs on `run.loader_threads` threads of its own while the current step computes,
+//! and keeps what was used within `run.feature_cache_mb`.
 
 use super::Rank;
 use anyhow::{bail, Context as _, Result};
 use candle_core::Tensor;
-use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use xkd_config::{Config, Modality};
 use xkd_data::features::LogMel;
-use xkd_data::{self as data, Manifest};
+use xkd_data::{self as data, Loader, Manifest};
 use xkd_models::model::{self, Vocab, OPTIONS};
-use xkd_models::net::Net;
-use xkd_models::qwen::{Clip, Prepared, QwenModel};
+use xkd_models::net::{self, Net};
+use xkd_models::qwen::{Clip, Prepared, Processor, QwenModel};
 use xkd_protocol::{ClipOutcome, Sample};
 
 impl Rank {
@@ -23,34 +25,51 @@ impl Rank {
         samples: &[Sample],
         seed: u64,
     ) -> Result<Batch> {
-        self.cache.begin_batch();
-        let manifest = self.manifest.as_ref().context("dataset not loaded")?;
+        let manifest = self.manifest()?.clone();
         let vocab = Vocab::new(manifest.classes.len());
         let mm_tokens = mm_tokens(&self.config, modality);
-        let mut features = Vec::new();
+        let inputs = self.inputs()?;
+        let shape: Vec<usize> = match modality {
+            Modality::Audio => {
+                let mel = &inputs.source.mel;
+                let frames = mel.frames(self.config.clip_samples());
+                vec![samples.len(), frames, mel.n_mels()]
+            }
+            Modality::Visual => {
+                let (t, s) = (self.config.data.frames, self.config.data.frame_size);
+                vec![samples.len(), t, 3, s, s]
+            }
+        };
+        let per_clip: usize = shape[1..].iter().product();
+        let mut features = Vec::with_capacity(per_clip * samples.len());
         let mut prompts = Vec::new();
         let mut answers = Vec::new();
         let mut labels = Vec::new();
         for &Sample { clip, epoch } in samples {
-            let record = clip_record(manifest, clip)?;
-            features.extend_from_slice(self.cache.get(manifest, record, modality)?);
+            let record = clip_record(&manifest, clip)?;
+            let input = inputs.get(clip, modality, false)?;
+            let Input::Features(values) = &*input else {
+                bail!("clip {clip}: the loader answered a stand-in with a Qwen2 input");
+            };
+            if values.len() != per_clip {
+                bail!(
+                    "clip {clip} makes {} {} values, not {per_clip}: its {} do not match \
+                     data.clip_seconds, data.frames or data.frame_size",
+                    values.len(),
+                    modality.as_str(),
+                    match modality {
+                        Modality::Audio => format!("audio ({})", record.audio),
+                        Modality::Visual => format!("frames ({})", record.frames.join(", ")),
+                    }
+                );
+            }
+            features.extend_from_slice(values);
             let q = model::question(seed, clip, epoch, record.label, manifest.classes.len());
             prompts.extend(vocab.prompt(&q.options, mm_tokens));
             answers.push(q.answer as u32);
             labels.push((record.label, q.options));
         }
         let b = samples.len();
-        let shape: Vec<usize> = match modality {
-            Modality::Audio => {
-                let mel = &self.cache.mel;
-                let frames = mel.frames(self.config.clip_samples());
-                vec![b, frames, mel.n_mels()]
-            }
-            Modality::Visual => {
-                let (t, s) = (self.config.data.frames, self.config.data.frame_size);
-                vec![b, t, 3, s, s]
-            }
-        };
         let seq = prompts.len() / b.max(1);
         Ok(Batch {
             features: Tensor::from_vec(features, shape, &self.device)?,
@@ -125,13 +144,15 @@ impl Rank {
             // The config refuses both with a Qwen2 model; this names a caller that did not.
             bail!("a Qwen2 model answers with the option letters only");
         }
-        self.cache.begin_batch();
-        let manifest = self.manifest.as_ref().context("dataset not loaded")?;
+        let manifest = self.manifest()?.clone();
         let n_classes = manifest.classes.len();
+        let inputs = self.inputs()?;
+        inputs.register(modality, qwen);
         let (mut answer_idx, mut labels, mut options) = (Vec::new(), Vec::new(), Vec::new());
+        let mut prepared = Vec::with_capacity(samples.len());
         for &Sample { clip, epoch } in samples {
-            let record = clip_record(manifest, clip)?;
-            self.cache.prepare(manifest, record, modality, qwen)?;
+            let record = clip_record(&manifest, clip)?;
+            prepared.push(inputs.get(clip, modality, true)?);
             let q = model::question(seed, clip, epoch, record.label, n_classes);
             options.push(
                 q.options
@@ -141,9 +162,16 @@ impl Rank {
             answer_idx.push(q.answer as u32);
             labels.push((record.label, q.options));
         }
-        let clips: Vec<&Prepared> = samples
+        let clips: Vec<&Prepared> = prepared
             .iter()
-            .map(|s| self.cache.prepared(s.clip, modality))
+            .zip(samples)
+            .map(|(input, s)| match &**input {
+                Input::Qwen(p) => Ok(p),
+                Input::Features(_) => Err(anyhow::anyhow!(
+                    "clip {}: the loader answered a Qwen2 model with stand-in features",
+                    s.clip
+                )),
+            })
             .collect::<Result<_>>()?;
         let (logits, tokens) = qwen.letter_logits(&clips, &options, &self.device)?;
         Ok(Answers {
@@ -182,198 +210,184 @@ pub(super) struct Batch {
     pub(super) labels: Vec<(u32, [u32; OPTIONS])>,
 }
 
-/// What a cache entry holds, by the model that reads it.
+/// Which input of which clip: the stand-ins' features, or a Qwen2 processor's output, of one
+/// modality. Every Qwen2 model of one modality in a run comes from that modality's one
+/// directory, so one preparation serves them all (teacher, student, frozen student).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Kind {
-    /// A stand-in's features: log-mel, or normalised frames.
-    Features(Modality),
-    /// A Qwen2 model's processor output.
-    Qwen(Modality),
+pub(super) struct Key {
+    clip: u32,
+    modality: Modality,
+    qwen: bool,
 }
 
-enum Value {
+/// One clip made into what a model takes.
+pub(super) enum Input {
+    /// A stand-in's features: log-mel `[frames, n_mels]`, or frames `[T, 3, S, S]` normalised.
     Features(Vec<f32>),
-    Prepared(Prepared),
+    /// As a Qwen2 model's processor prepared it.
+    Qwen(Prepared),
 }
 
-impl Value {
-    fn bytes(&self) -> usize {
-        let floats = match self {
-            Value::Features(v) => v.len(),
-            Value::Prepared(Prepared::Audio { features, .. }) => features.len(),
-            Value::Prepared(Prepared::Video { patches, .. }) => patches.len(),
-        };
-        floats * std::mem::size_of::<f32>()
+impl Input {
+    /// What the cache counts it as: its buffers and the cache's own bookkeeping of it.
+    fn bytes(&self) -> u64 {
+        const ENTRY: u64 = 128;
+        ENTRY
+            + match self {
+                Input::Features(v) => (v.len() * std::mem::size_of::<f32>()) as u64,
+                Input::Qwen(p) => p.bytes(),
+            }
     }
 }
 
-struct Entry {
-    value: Value,
-    bytes: usize,
-    /// `FeatureCache::tick` when last used: the key of `order`.
-    used: u64,
-    /// The batch that last used it: entries of the batch in hand are never evicted.
-    batch: u64,
+/// Steps (or evaluation chunks) after the current one whose clips the loader makes ahead: the
+/// window is the current step and these, so a rank holds at most `run.feature_cache_mb` plus
+/// `PREFETCH_STEPS + 1` steps' inputs.
+pub(super) const PREFETCH_STEPS: u64 = 2;
+
+/// How a rank reads its clips: files decoded and made into model inputs by `Source`, through a
+/// `Loader` of `run.loader_threads` threads whose cache is `run.feature_cache_mb`. Made for
+/// one loaded dataset; a new manifest gets a new one.
+///
+/// Invariant: per rank, inputs take at most `run.feature_cache_mb` plus the window's
+/// (`PREFETCH_STEPS + 1` steps), whatever the dataset's size or the epochs; an input is the
+/// same bits whichever thread made it and however often it was made again, so neither key is
+/// part of the recipe.
+pub(super) struct Inputs {
+    source: Arc<Source>,
+    loader: Loader<Key, Input>,
 }
 
-/// Clips' features, made on first use and kept while they fit `run.feature_cache_mb`: the
-/// stand-ins' features, and the clips as a Qwen2 model's own processor prepares them. The
-/// least recently used go first, except those of the batch in hand (`begin_batch`), so a
-/// rank's feature memory is the budget plus one batch, whatever the dataset's size.
-pub(super) struct FeatureCache {
+/// What makes an input out of a clip's files.
+struct Source {
+    manifest: Arc<Manifest>,
+    /// The stand-ins' log-mel.
     mel: LogMel,
     /// `data.sample_rate`: every wav must be at this rate (`load_audio` refuses others).
     sample_rate: u32,
-    budget: usize,
-    held: usize,
-    tick: u64,
-    batch: u64,
-    entries: HashMap<(Kind, u32), Entry>,
-    /// Last use -> key, oldest first.
-    order: BTreeMap<u64, (Kind, u32)>,
+    /// The Qwen2 processor of each modality (audio, visual), once a Qwen2 model of it is
+    /// loaded.
+    processors: [OnceLock<Processor>; 2],
 }
 
-impl FeatureCache {
-    pub(super) fn new(mel: LogMel, sample_rate: u32, budget_mb: u64) -> Self {
-        Self {
-            mel,
-            sample_rate,
-            budget: (budget_mb as usize).saturating_mul(1 << 20),
-            held: 0,
-            tick: 0,
-            batch: 0,
-            entries: HashMap::new(),
-            order: BTreeMap::new(),
+fn slot(modality: Modality) -> usize {
+    match modality {
+        Modality::Audio => 0,
+        Modality::Visual => 1,
+    }
+}
+
+impl Inputs {
+    pub(super) fn new(config: &Config, manifest: Arc<Manifest>) -> Inputs {
+        let f = &config.features;
+        let source = Arc::new(Source {
+            manifest,
+            mel: LogMel::new(config.data.sample_rate, f.n_fft, f.hop, f.n_mels),
+            sample_rate: config.data.sample_rate,
+            processors: [OnceLock::new(), OnceLock::new()],
+        });
+        let loading = source.clone();
+        let loader = Loader::new(
+            config.run.loader_threads,
+            config.run.feature_cache_mb.saturating_mul(1 << 20),
+            move |key: &Key| loading.load(key),
+            Input::bytes,
+        );
+        Inputs { source, loader }
+    }
+
+    /// Whether these are the inputs of `manifest` (the same loaded dataset).
+    pub(super) fn serves(&self, manifest: &Arc<Manifest>) -> bool {
+        Arc::ptr_eq(&self.source.manifest, manifest)
+    }
+
+    /// Keeps `qwen`'s processor for clips of `modality` (the first one a modality gets is
+    /// its directory's, as every later one is).
+    pub(super) fn register(&self, modality: Modality, qwen: &QwenModel) {
+        self.source.processors[slot(modality)].get_or_init(|| qwen.processor());
+    }
+
+    /// Keeps the processor of `net` when it is a Qwen2 model.
+    pub(super) fn register_net(&self, modality: Modality, net: &Net) {
+        if let Net::Qwen(qwen) = net {
+            self.register(modality, qwen);
         }
     }
 
-    /// Starts a batch: what it uses stays until the next one starts.
-    pub(super) fn begin_batch(&mut self) {
-        self.batch += 1;
+    /// Clip `clip`'s input for a model of `modality` (`qwen`: a Qwen2 model's, else a
+    /// stand-in's); an error names the clip, whichever thread loaded it.
+    pub(super) fn get(&self, clip: u32, modality: Modality, qwen: bool) -> Result<Arc<Input>> {
+        let key = Key {
+            clip,
+            modality,
+            qwen,
+        };
+        self.loader
+            .get(&key)
+            .with_context(|| format!("loading clip {clip} ({} input)", modality.as_str()))
     }
 
-    /// Bytes of features held now.
-    #[cfg(test)]
-    pub(super) fn held(&self) -> usize {
-        self.held
-    }
-
-    /// The entry for `key`, made by `make` when it is not there; marks it used.
-    fn entry(
-        &mut self,
-        key: (Kind, u32),
-        make: impl FnOnce(&LogMel, u32) -> Result<Value>,
-    ) -> Result<&Value> {
-        self.tick += 1;
-        let (tick, batch) = (self.tick, self.batch);
-        if let Some(e) = self.entries.get_mut(&key) {
-            self.order.remove(&e.used);
-            e.used = tick;
-            e.batch = batch;
-            self.order.insert(tick, key);
-        } else {
-            let value = make(&self.mel, self.sample_rate)?;
-            let bytes = value.bytes();
-            self.held += bytes;
-            self.entries.insert(
-                key,
-                Entry {
-                    value,
-                    bytes,
-                    used: tick,
-                    batch,
-                },
-            );
-            self.order.insert(tick, key);
-            self.evict();
-        }
-        Ok(&self.entries[&key].value)
-    }
-
-    /// Drops the least recently used entries until the budget holds, sparing the batch's.
-    fn evict(&mut self) {
-        let mut spared = Vec::new();
-        while self.held > self.budget {
-            let Some((used, key)) = self.order.pop_first() else {
-                break;
-            };
-            let e = &self.entries[&key];
-            if e.batch == self.batch {
-                spared.push((used, key));
+    /// Names the clips the next calls of `get` ask for, in order, for `config`'s models of
+    /// each modality; the loader's threads prepare them meanwhile. A Qwen2 modality whose
+    /// processor is not known yet is left to `get`.
+    pub(super) fn prefetch(&self, config: &Config, wanted: &[(Modality, Vec<Sample>)]) {
+        let mut keys = Vec::new();
+        for (modality, samples) in wanted {
+            let qwen = net::is_qwen2(config, *modality);
+            if qwen && self.source.processors[slot(*modality)].get().is_none() {
                 continue;
             }
-            self.held -= e.bytes;
-            self.entries.remove(&key);
+            keys.extend(samples.iter().map(|s| Key {
+                clip: s.clip,
+                modality: *modality,
+                qwen,
+            }));
         }
-        self.order.extend(spared);
+        self.loader.prefetch(keys);
     }
 
-    /// Prepares clip `record` for `qwen` if it is not held: decoded, then through the model's
-    /// processor (Whisper log-mel, Qwen2-VL resize and patches): host work, 3,000 FFT frames
-    /// and a 128-band filterbank per clip at Qwen2-Audio's 30-s window, that would otherwise
-    /// run for the teacher, the student and the frozen student on every step. Every Qwen2
-    /// model of one modality in a run comes from that modality's one directory, so one
-    /// preparation serves them all.
-    pub(super) fn prepare(
-        &mut self,
-        manifest: &Manifest,
-        record: &data::ClipRecord,
-        modality: Modality,
-        qwen: &QwenModel,
-    ) -> Result<()> {
-        let dir = &manifest.dir;
-        self.entry((Kind::Qwen(modality), record.id), |_, rate| {
-            let prepared = match modality {
-                Modality::Audio => {
-                    let wav = data::load_audio(&dir.join(&record.audio), rate)?;
-                    qwen.prepare(Clip::Audio(&wav))?
-                }
-                Modality::Visual => {
-                    let paths: Vec<PathBuf> = record.frames.iter().map(|f| dir.join(f)).collect();
-                    let (h, w, frames) = data::load_frames_rgb(&paths)?;
-                    qwen.prepare(Clip::Video {
-                        frames: &frames,
-                        h,
-                        w,
-                    })?
-                }
-            };
-            Ok(Value::Prepared(prepared))
-        })?;
-        Ok(())
+    pub(super) fn stats(&self) -> data::loader::Stats {
+        self.loader.stats()
     }
 
-    /// A clip `prepare` has prepared for this batch.
-    pub(super) fn prepared(&self, clip: u32, modality: Modality) -> Result<&Prepared> {
-        match self.entries.get(&(Kind::Qwen(modality), clip)) {
-            Some(Entry {
-                value: Value::Prepared(p),
-                ..
-            }) => Ok(p),
-            _ => bail!("clip {clip} was not prepared"),
-        }
+    /// Bytes the cache holds (inputs used before and out of the window).
+    pub(super) fn cache_bytes(&self) -> u64 {
+        self.loader.cache_bytes()
     }
+}
 
-    pub(super) fn get(
-        &mut self,
-        manifest: &Manifest,
-        record: &data::ClipRecord,
-        modality: Modality,
-    ) -> Result<&[f32]> {
-        let dir = &manifest.dir;
-        let value = self.entry((Kind::Features(modality), record.id), |mel, rate| {
-            Ok(Value::Features(match modality {
-                Modality::Audio => mel.compute(&data::load_audio(&dir.join(&record.audio), rate)?),
-                Modality::Visual => {
-                    let paths: Vec<PathBuf> = record.frames.iter().map(|f| dir.join(f)).collect();
-                    data::load_frames(&paths)?
-                }
-            }))
-        })?;
-        match value {
-            Value::Features(v) => Ok(v),
-            Value::Prepared(_) => bail!("clip {} holds processor output, not features", record.id),
+impl Source {
+    /// Decodes `key`'s clip and makes it into the input: the stand-ins' log-mel or normalised
+    /// frames, or what the modality's Qwen2 processor makes of it.
+    fn load(&self, key: &Key) -> Result<Input> {
+        let manifest = &self.manifest;
+        let record = clip_record(manifest, key.clip)?;
+        let audio = || data::load_audio(&manifest.dir.join(&record.audio), self.sample_rate);
+        let frames: Vec<PathBuf> = match key.modality {
+            Modality::Visual => manifest.frame_paths(record),
+            Modality::Audio => Vec::new(),
+        };
+        if !key.qwen {
+            return Ok(Input::Features(match key.modality {
+                Modality::Audio => self.mel.compute(&audio()?),
+                Modality::Visual => data::load_frames(&frames)?,
+            }));
         }
+        let processor = self.processors[slot(key.modality)]
+            .get()
+            .context("no Qwen2 model of this modality is loaded to prepare it")?;
+        let prepared = match key.modality {
+            Modality::Audio => processor.prepare(Clip::Audio(&audio()?))?,
+            Modality::Visual => {
+                let (h, w, frames) = data::load_frames_rgb(&frames)?;
+                processor.prepare(Clip::Video {
+                    frames: &frames,
+                    h,
+                    w,
+                })?
+            }
+        };
+        Ok(Input::Qwen(prepared))
     }
 }
 
@@ -406,67 +420,158 @@ pub(super) fn outcome(clip: u32, b: &Answers, i: usize, p: &[f32]) -> ClipOutcom
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
+    use xkd_collective::Solo;
 
-    const KIB: usize = 1 << 10;
-
-    fn cache(budget_mb: u64) -> FeatureCache {
-        FeatureCache::new(LogMel::new(16000, 400, 160, 40), 16000, budget_mb)
+    /// A small synthetic set on disk and its config, with two loader threads and a 1 MiB
+    /// cache (about 20 visual clips: a batch of 8 fits, the set does not).
+    fn setup() -> (tempfile::TempDir, Config, Arc<Manifest>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = Config::embedded();
+        c.data.pretrain_clips = 2;
+        c.data.pretrain_scarce_clips = 1;
+        c.data.probe_clips = 1;
+        c.data.distill_clips = 1;
+        c.data.eval_clips = 1;
+        c.run.feature_cache_mb = 1;
+        c.run.loader_threads = 2;
+        c.data.dir = tmp.path().join("data").display().to_string();
+        let manifest = data::ensure_dataset(&c.data, Path::new(&c.data.dir)).unwrap();
+        (tmp, c, Arc::new(manifest))
     }
 
-    /// Puts clip `id` (256 KiB of features) in as one batch; counts the makes.
-    fn put(c: &mut FeatureCache, id: u32, made: &mut usize) {
-        c.begin_batch();
-        c.entry((Kind::Features(Modality::Audio), id), |_, _| {
-            *made += 1;
-            Ok(Value::Features(vec![id as f32; 64 * KIB]))
-        })
-        .unwrap();
+    fn rank(config: &Config, manifest: &Arc<Manifest>) -> Rank {
+        let mut rank = Rank::new(config.clone(), 0, 1, Box::new(Solo)).unwrap();
+        rank.manifest = Some(manifest.clone());
+        rank
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    }
+
+    /// Waits for the loader's threads to have loaded `n` clips; fails after a minute.
+    fn prefetched(inputs: &Inputs, n: u64) {
+        let start = Instant::now();
+        while inputs.stats().prefetched < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{:?}",
+                inputs.stats()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    use std::path::Path;
+
+    /// A silent 16-bit mono wav of `n` samples at `rate`.
+    fn pcm16_wav(rate: u32, n: usize) -> Vec<u8> {
+        let data = (n * 2) as u32;
+        let mut w = Vec::new();
+        w.extend_from_slice(b"RIFF");
+        w.extend_from_slice(&(36 + data).to_le_bytes());
+        w.extend_from_slice(b"WAVEfmt ");
+        w.extend_from_slice(&16u32.to_le_bytes());
+        w.extend_from_slice(&1u16.to_le_bytes()); // PCM
+        w.extend_from_slice(&1u16.to_le_bytes()); // mono
+        w.extend_from_slice(&rate.to_le_bytes());
+        w.extend_from_slice(&(rate * 2).to_le_bytes());
+        w.extend_from_slice(&2u16.to_le_bytes());
+        w.extend_from_slice(&16u16.to_le_bytes());
+        w.extend_from_slice(b"data");
+        w.extend_from_slice(&data.to_le_bytes());
+        w.resize(w.len() + n * 2, 0);
+        w
     }
 
     #[test]
-    fn the_cache_keeps_within_its_budget_dropping_the_least_recently_used() {
-        let mut c = cache(1);
-        let mut made = 0;
-        for id in 0..10 {
-            put(&mut c, id, &mut made);
-            assert!(
-                c.held() <= 1 << 20,
-                "{} bytes held after clip {id}",
-                c.held()
-            );
-        }
-        assert_eq!(made, 10);
-        // Clip 6 used again becomes the newest: clip 7, the oldest, goes for clip 10.
-        put(&mut c, 6, &mut made);
-        put(&mut c, 10, &mut made);
-        assert_eq!(made, 11, "clip 6 was still held");
-        put(&mut c, 6, &mut made);
-        assert_eq!(made, 11, "clip 6 survived as recently used");
-        put(&mut c, 7, &mut made);
-        assert_eq!(made, 12, "clip 7 was dropped");
-        let held: Vec<u32> = (0..11)
-            .filter(|&id| {
-                c.entries
-                    .contains_key(&(Kind::Features(Modality::Audio), id))
+    fn a_prefetched_batch_equals_a_synchronous_one() {
+        let (_tmp, config, manifest) = setup();
+        let samples: Vec<Sample> = manifest
+            .clips
+            .iter()
+            .rev()
+            .take(8)
+            .map(|c| Sample {
+                clip: c.id,
+                epoch: 1,
             })
             .collect();
-        assert_eq!(held, [6, 7, 9, 10]);
+        for modality in [Modality::Audio, Modality::Visual] {
+            let mut ahead = rank(&config, &manifest);
+            // Never told what comes: makes every clip on the training thread.
+            let mut sync = rank(&config, &manifest);
+            let inputs = ahead.inputs().unwrap();
+            inputs.prefetch(&config, &[(modality, samples.clone())]);
+            prefetched(&inputs, 8);
+            let a = ahead.batch(modality, &samples, 5).unwrap();
+            let b = sync.batch(modality, &samples, 5).unwrap();
+            assert_eq!(a.features.dims(), b.features.dims());
+            assert_eq!(bits(&a.features), bits(&b.features), "{modality:?}");
+            assert_eq!(
+                a.prompts.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+                b.prompts.flatten_all().unwrap().to_vec1::<u32>().unwrap()
+            );
+            assert_eq!((a.answer_idx, a.labels), (b.answer_idx, b.labels));
+            // Every clip came from the loader's threads, none from the training thread.
+            let stats = inputs.stats();
+            assert_eq!(stats.misses, 0, "{modality:?}: {stats:?}");
+            assert_eq!(sync.inputs().unwrap().stats().misses, 8);
+        }
     }
 
     #[test]
-    fn a_batch_keeps_its_own_clips_even_over_the_budget() {
-        let mut c = cache(0);
-        let mut made = 0;
-        c.begin_batch();
-        for id in 0..3 {
-            c.entry((Kind::Features(Modality::Visual), id), |_, _| {
-                made += 1;
-                Ok(Value::Features(vec![1.0; 16 * KIB]))
+    fn a_clip_that_fails_in_the_background_is_named_on_the_training_thread() {
+        let (_tmp, config, manifest) = setup();
+        let broken = &manifest.clips[3];
+        let wav = manifest.audio_path(broken);
+        std::fs::write(&wav, b"RIFF not a wav").unwrap();
+        let samples: Vec<Sample> = manifest.clips[..6]
+            .iter()
+            .map(|c| Sample {
+                clip: c.id,
+                epoch: 0,
             })
-            .unwrap();
-        }
-        assert_eq!(c.held(), 3 * 64 * KIB, "the batch in hand is held whole");
-        put(&mut c, 9, &mut made);
-        assert_eq!(c.held(), 256 * KIB, "the previous batch is dropped");
+            .collect();
+        let mut ahead = rank(&config, &manifest);
+        let inputs = ahead.inputs().unwrap();
+        inputs.prefetch(&config, &[(Modality::Audio, samples.clone())]);
+        prefetched(&inputs, 6);
+        let Err(e) = ahead.batch(Modality::Audio, &samples, 5) else {
+            panic!("a batch with a broken wav was built");
+        };
+        let e = format!("{e:#}");
+        assert!(
+            e.contains(&format!("clip {}", broken.id)) && e.contains(&wav.display().to_string()),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_clip_of_the_wrong_length_is_named() {
+        let (_tmp, config, manifest) = setup();
+        let clip = &manifest.clips[0];
+        // Twice the configured length: the features would not fit the batch's shape.
+        let wav = pcm16_wav(config.data.sample_rate, config.clip_samples() * 2);
+        std::fs::write(manifest.audio_path(clip), wav).unwrap();
+        let samples = [Sample {
+            clip: clip.id,
+            epoch: 0,
+        }];
+        let Err(e) = rank(&config, &manifest).batch(Modality::Audio, &samples, 5) else {
+            panic!("a batch with a clip twice too long was built");
+        };
+        let e = format!("{e:#}");
+        assert!(
+            e.contains(&format!("clip {}", clip.id)) && e.contains(&clip.audio),
+            "{e}"
+        );
     }
 }

@@ -20,7 +20,6 @@ use std::time::Instant;
 use xkd_collective::buckets::Buckets;
 use xkd_collective::Collective;
 use xkd_config::{Config, DeviceChoice, Modality};
-use xkd_data::features::LogMel;
 use xkd_data::Manifest;
 use xkd_models::model::{self, InputShape, Model, Vocab};
 use xkd_models::net::{self, Net, Params};
@@ -33,7 +32,7 @@ use xkd_protocol::{
 mod inputs;
 mod loss;
 
-use inputs::{outcome, Ask, FeatureCache};
+use inputs::{outcome, Ask, Inputs, PREFETCH_STEPS};
 
 /// What one rank holds across tasks: config, dataset, feature caches and its collective.
 pub struct Rank {
@@ -41,13 +40,15 @@ pub struct Rank {
     pub rank: u32,
     pub world: u32,
     pub collective: Box<dyn Collective>,
-    pub manifest: Option<Manifest>,
+    /// The loaded dataset (`PrepareData`); shared with the loader's threads.
+    pub manifest: Option<Arc<Manifest>>,
     /// Set to end the running training task early (preemption): ranks agree on the step
     /// through the all-reduce, rank 0 checkpoints it, and `train` returns `stopped`.
     pub stop: Arc<AtomicBool>,
     /// What this rank's compute thread has done, read by the heartbeat (`Progress`).
     pub progress: Arc<Progress>,
-    cache: FeatureCache,
+    /// How clips are read: made for the loaded manifest on first use, remade for a new one.
+    inputs: Option<Arc<Inputs>>,
     device: Device,
 }
 
@@ -71,9 +72,6 @@ impl Rank {
         device: Device,
         collective: Box<dyn Collective>,
     ) -> Rank {
-        let f = &config.features;
-        let mel = LogMel::new(config.data.sample_rate, f.n_fft, f.hop, f.n_mels);
-        let cache = FeatureCache::new(mel, config.data.sample_rate, config.run.feature_cache_mb);
         Rank {
             config,
             rank,
@@ -82,15 +80,30 @@ impl Rank {
             manifest: None,
             stop: Arc::new(AtomicBool::new(false)),
             progress: Arc::default(),
-            cache,
+            inputs: None,
             device,
         }
     }
 
-    pub fn manifest(&self) -> Result<&Manifest> {
+    pub fn manifest(&self) -> Result<&Arc<Manifest>> {
         self.manifest
             .as_ref()
             .context("the dataset is not loaded on this rank (PrepareData was not run)")
+    }
+
+    /// The clip loader of the loaded dataset.
+    fn inputs(&mut self) -> Result<Arc<Inputs>> {
+        let manifest = self.manifest()?.clone();
+        match &self.inputs {
+            Some(inputs) if inputs.serves(&manifest) => Ok(inputs.clone()),
+            _ => {
+                // The old loader's threads stop before the new one's start.
+                self.inputs = None;
+                let inputs = Arc::new(Inputs::new(&self.config, manifest));
+                self.inputs = Some(inputs.clone());
+                Ok(inputs)
+            }
+        }
     }
 
     fn input_shape(&self) -> InputShape {
@@ -477,6 +490,15 @@ impl Rank {
         self.progress.tick();
         let anchors = self.anchors(task, &params)?;
         self.progress.tick();
+        let inputs = self.inputs()?;
+        let loaded_before = inputs.stats();
+        inputs.register_net(task.modality, &student);
+        if let Some(anchors) = &anchors {
+            inputs.register_net(task.modality.other(), &anchors.teacher);
+            if let Before::Copy(net) = &anchors.student_before {
+                inputs.register_net(task.modality, net);
+            }
+        }
         let vars = params.trainable();
         let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
         let parameters: usize = params.named().iter().map(|(_, v)| v.elem_count()).sum();
@@ -525,6 +547,7 @@ impl Rank {
             let lr = learning_rate(step, task.steps, task.warmup_steps, task.lr);
             opt.set_learning_rate(lr);
             params.start_step(task.seed, step, self.rank, &self.device)?;
+            self.prefetch_steps(&inputs, task, step - first, anchors.is_some());
             let t0 = clock(&self.device)?;
             let (loss, parts, times) = self.loss(task, &student, anchors.as_ref(), step - first)?;
             let mut grads = loss.backward()?;
@@ -602,6 +625,17 @@ impl Rank {
                 break;
             }
         }
+        inputs.prefetch(&self.config, &[]);
+        let loads = inputs.stats().since(loaded_before);
+        tracing::info!(
+            rank = self.rank,
+            ahead = loads.ahead,
+            waited = loads.waits,
+            reused = loads.hits,
+            on_training_thread = loads.misses,
+            cache_mib = inputs.cache_bytes() >> 20,
+            "clips loaded"
+        );
         let digest = digest_params(&params)?;
         if !stopped {
             self.save(&params, &task.save)?;
@@ -713,6 +747,28 @@ impl Rank {
         }))
     }
 
+    /// Names to the loader the clips of this rank's steps `step..=step + PREFETCH_STEPS`
+    /// (counted from the task's first, as `loss` counts them), in the order `loss` asks for
+    /// them: the teacher's rows, the replay rows (the frozen student's), the student's. The
+    /// loader's threads make them while this step computes; what the window leaves goes to
+    /// the cache of `run.feature_cache_mb`.
+    fn prefetch_steps(&self, inputs: &Inputs, task: &TrainTask, step: u64, distill: bool) {
+        if task.plan.is_empty() {
+            return;
+        }
+        let steps = task.steps - task.resume_from.unwrap_or(0).min(task.steps);
+        let mut wanted = Vec::new();
+        for s in step..(step + PREFETCH_STEPS + 1).min(steps) {
+            let main = task.plan.samples(self.rank, self.world, s, task.batch);
+            if distill {
+                wanted.push((task.modality.other(), main.clone()));
+            }
+            wanted.push((task.modality, self.replay_samples(task, s)));
+            wanted.push((task.modality, main));
+        }
+        inputs.prefetch(&self.config, &wanted);
+    }
+
     /// This rank's replay rows of the `step`-th step (none without a replay plan).
     fn replay_samples(&self, task: &TrainTask, step: u64) -> Vec<Sample> {
         match &task.replay {
@@ -733,8 +789,13 @@ impl Rank {
             .into_iter()
             .map(|clip| Sample { clip, epoch: 0 })
             .collect();
+        let inputs = self.inputs()?;
+        inputs.register_net(task.modality, &net);
+        let chunks: Vec<&[Sample]> = mine.chunks(64).collect();
         let mut out = Vec::with_capacity(mine.len());
-        for chunk in mine.chunks(64) {
+        for (i, chunk) in chunks.iter().enumerate() {
+            let coming = &chunks[i..(i + 1 + PREFETCH_STEPS as usize).min(chunks.len())];
+            inputs.prefetch(&self.config, &[(task.modality, coming.concat())]);
             let a = self.answers(&net, task.modality, chunk, task.seed, Ask::default())?;
             let probs = candle_nn::ops::softmax(&a.logits, D::Minus1)?.to_vec2::<f32>()?;
             for (i, p) in probs.iter().enumerate() {
@@ -742,6 +803,7 @@ impl Rank {
             }
             self.progress.tick();
         }
+        inputs.prefetch(&self.config, &[]);
         Ok(out)
     }
 }

@@ -256,18 +256,27 @@ impl Store {
         Ok(self.upload_files(dir, &[], false).await?.0)
     }
 
+    /// Every object under the store's URL.
+    async fn list_prefix(&self) -> Result<Vec<object_store::ObjectMeta>> {
+        self.inner
+            .list(Some(&self.prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.err("listing", &self.prefix, e))
+    }
+
     async fn upload_files(
         &self,
         dir: &std::path::Path,
         last: &[&str],
         keep_same_size: bool,
     ) -> Result<(usize, usize)> {
-        let metas: Vec<_> = self
-            .inner
-            .list(Some(&self.prefix))
-            .try_collect()
-            .await
-            .map_err(|e| self.err("listing", &self.prefix, e))?;
+        // What is there matters only to keep it; a replacing upload need not list.
+        let metas = if keep_same_size {
+            self.list_prefix().await?
+        } else {
+            Vec::new()
+        };
         let there: std::collections::HashMap<String, u64> = metas
             .into_iter()
             .filter_map(|m| {
@@ -617,12 +626,7 @@ impl Store {
     pub async fn download_prefix(&self, dir: &std::path::Path) -> Result<Vec<String>> {
         use futures::StreamExt as _;
         use std::os::unix::fs::FileExt as _;
-        let metas: Vec<_> = self
-            .inner
-            .list(Some(&self.prefix))
-            .try_collect()
-            .await
-            .map_err(|e| self.err("listing", &self.prefix, e))?;
+        let metas = self.list_prefix().await?;
         let mut names = Vec::with_capacity(metas.len());
         // (file, object, range) of every range to fetch.
         let mut files = Vec::with_capacity(metas.len());

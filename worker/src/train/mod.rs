@@ -454,7 +454,7 @@ enum Teacher {
     /// The frozen teacher itself, asked every step.
     Model(Net),
     /// Its answers as the caching stage stored them; the teacher is not loaded.
-    Cached(teacher_cache::CachedTeacher),
+    Cached(Box<teacher_cache::CachedTeacher>),
 }
 
 /// The student before distillation, which the replay rows are anchored to.
@@ -744,7 +744,10 @@ impl Rank {
                     cache = cache.key,
                     "teacher answers from the cache; the teacher is not loaded"
                 );
-                Teacher::Cached(teacher_cache::CachedTeacher::open(task, &self.device)?)
+                Teacher::Cached(Box::new(teacher_cache::CachedTeacher::open(
+                    task,
+                    &self.device,
+                )?))
             }
             None => {
                 Teacher::Model(self.build_net(task.modality.other(), teacher, task.seed, true)?)

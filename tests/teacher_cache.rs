@@ -2,14 +2,15 @@
 //! student is the online run's bit for bit, its distillation never loads the teacher (each
 //! worker's own log says so, and no frozen teacher is built after that line), and a caching
 //! stage started again keeps the whole shards and makes again the damaged one and the one
-//! whose caching was interrupted (shard without its digest object).
+//! whose caching was interrupted (shard without its digest object); and the cache works the
+//! same in a real S3-compatible server (s3s-fs).
 //!
 //! One test function on purpose: the runs share a cache of pretrained stand-ins, one after
 //! another on a 2-core machine.
 
 mod common;
 
-use common::{find, records, small_recipe, xkd};
+use common::{find, records, s3, small_recipe, xkd};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -23,11 +24,20 @@ fn root() -> PathBuf {
 /// `xkd --log-format json run` of the small recipe into `out`; returns report.json and the
 /// coordinator's log records.
 fn run(out: &Path, run_id: &str, extra: &[&str]) -> (Value, Vec<Value>) {
+    run_env(out, run_id, extra, &[])
+}
+
+fn run_env(
+    out: &Path,
+    run_id: &str,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> (Value, Vec<Value>) {
     let mut sets = small_recipe(&root().join("cache"), run_id, STEPS, 4, 2);
     sets.extend(extra.iter().map(|s| s.to_string()));
     let mut args = vec!["--log-format".to_string(), "json".into()];
     args.extend(common::run_args(out, &sets, &[]));
-    let (code, stdout, stderr) = xkd(&args, &[]);
+    let (code, stdout, stderr) = xkd(&args, env);
     assert_eq!(code, 0, "xkd run failed:\n{stdout}{stderr}");
     let log = out.with_extension("log");
     std::fs::write(&log, &stderr).unwrap();
@@ -141,4 +151,19 @@ fn a_cached_teacher_trains_the_online_student_and_its_shards_are_remade_when_dam
             .any(|(i, why)| *i == 2 && why.contains("no digest")),
         "{remade:?}"
     );
+
+    // The same through a real S3-compatible server: the cache is only in the store.
+    let server = s3::S3Server::start();
+    let url = server.url("runs");
+    let store = format!("checkpoint.url=\"{url}\"");
+    let mut sets = cached_sets.to_vec();
+    sets.push(&store);
+    let (s3_run, log) = run_env(&root().join("runs/s3"), "tc-s3", &sets, &server.env());
+    assert_eq!(s3_run["student_digest"], online["student_digest"]);
+    assert_eq!(cache_ready(&log), (0, STEPS.div_ceil(SHARD_STEPS)));
+    let manifest = find(&log, "teacher cache ready")[0]["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(manifest.starts_with(&url), "{manifest} is not in {url}");
 }

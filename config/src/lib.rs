@@ -274,9 +274,40 @@ pub struct DistillConfig {
     pub weight_decay: f64,
     pub warmup_steps: u64,
     pub grad_clip: f64,
+    /// Where the teacher's answers come from: `online` (the teacher is loaded by every worker
+    /// and answers each step) or `cached` (a stage before distillation runs it once over every
+    /// question the steps will ask and stores its answers in the run's checkpoint store;
+    /// distillation then reads them and never loads the teacher). Both give the same student
+    /// bit for bit, so the key is outside the recipe digest (`DistillConfig::recipe`).
+    pub teacher: TeacherSource,
+    /// Steps of questions per shard of the teacher cache (a worker holds at most two shards
+    /// while it distills). Layout only: outside the recipe digest.
+    pub cache_shard_steps: u64,
 }
 
 impl DistillConfig {
+    /// What of this section decides the numbers a run computes: everything but `teacher` and
+    /// `cache_shard_steps`, which only say where the teacher's answers come from. Serialises
+    /// as the section did before those keys existed, so recipe digests keep their values.
+    pub fn recipe(&self) -> impl Serialize + '_ {
+        DistillRecipe {
+            direction: self.direction,
+            classes: self.classes,
+            alpha: self.alpha,
+            temperature: self.temperature,
+            target: self.target,
+            kl_over: self.kl_over,
+            replay_fraction: self.replay_fraction,
+            caption_weight: self.caption_weight,
+            steps: self.steps,
+            batch: self.batch,
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            warmup_steps: self.warmup_steps,
+            grad_clip: self.grad_clip,
+        }
+    }
+
     pub fn train(&self) -> TrainConfig {
         TrainConfig {
             steps: self.steps,
@@ -286,6 +317,46 @@ impl DistillConfig {
             warmup_steps: self.warmup_steps,
             caption_weight: 0.0,
             grad_clip: self.grad_clip,
+        }
+    }
+}
+
+/// `DistillConfig` less the keys that do not change a number (`DistillConfig::recipe`), in
+/// the section's field order.
+#[derive(Serialize)]
+struct DistillRecipe {
+    direction: Direction,
+    classes: DistillClasses,
+    alpha: f64,
+    temperature: f64,
+    target: CeTarget,
+    kl_over: KlOver,
+    replay_fraction: f64,
+    caption_weight: f64,
+    steps: u64,
+    batch: usize,
+    lr: f64,
+    weight_decay: f64,
+    warmup_steps: u64,
+    grad_clip: f64,
+}
+
+/// Where distillation's teacher answers come from (`distill.teacher`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherSource {
+    /// Every worker loads the teacher and runs it on each step's questions.
+    Online,
+    /// The teacher cache stage answers every question once into the run's store; distillation
+    /// reads the answers and never loads the teacher.
+    Cached,
+}
+
+impl TeacherSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TeacherSource::Online => "online",
+            TeacherSource::Cached => "cached",
         }
     }
 }

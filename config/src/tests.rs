@@ -236,6 +236,8 @@ fn bad_values() -> Vec<(String, Option<&'static str>, &'static [&'static str])> 
         ("distill.weight_decay", Some("inf")),
         ("distill.warmup_steps", None),
         ("distill.grad_clip", Some("nan")),
+        ("distill.teacher", Some("\"sometimes\"")),
+        ("distill.cache_shard_steps", Some("0")),
         ("lora.r", Some("4")),
         ("checkpoint.url", None),
         ("checkpoint.every_steps", None),
@@ -455,4 +457,31 @@ fn loader_threads_are_refused_outside_1_to_256_by_name() {
             .to_string();
         assert!(e.contains("run.loader_threads"), "{bad}: {e}");
     }
+}
+
+#[test]
+fn a_cached_teacher_needs_the_option_letters_and_leaves_the_recipe_digest_alone() {
+    let c = Config::resolve(None, &["distill.teacher=\"cached\"".into()]).unwrap();
+    assert_eq!(c.distill.teacher, TeacherSource::Cached);
+    let online = Config::resolve(None, &[]).unwrap();
+    assert_eq!(online.distill.teacher, TeacherSource::Online);
+    let digest = |c: &Config| section_digest(&c.distill.recipe());
+    assert_eq!(digest(&c), digest(&online));
+    let shards = Config::resolve(None, &["distill.cache_shard_steps=3".into()]).unwrap();
+    assert_eq!(digest(&shards), digest(&online));
+    let other = Config::resolve(None, &["distill.steps=3".into()]).unwrap();
+    assert_ne!(digest(&other), digest(&online));
+    let e = Config::resolve(
+        None,
+        &[
+            "distill.teacher=\"cached\"".into(),
+            "distill.kl_over=\"vocab\"".into(),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("distill.teacher") && e.contains("options"),
+        "{e}"
+    );
 }

@@ -2,7 +2,9 @@
 //! error names the key and the bad value; the binary exits 2 with it.
 
 use crate::DataSource;
-use crate::{Config, ConfigError, DeviceChoice, KlOver, Modality, ModelConfig, ModelFamily};
+use crate::{
+    Config, ConfigError, DeviceChoice, KlOver, Modality, ModelConfig, ModelFamily, TeacherSource,
+};
 
 fn bad(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::BadValue {
@@ -337,6 +339,16 @@ impl Config {
             ));
         }
         non_negative("distill.caption_weight", dc.caption_weight)?;
+        if dc.teacher == TeacherSource::Cached && dc.kl_over != KlOver::Options {
+            return Err(bad(
+                "distill.teacher",
+                "`cached` needs distill.kl_over = \"options\": the cache holds the option \
+                 letters' logits, not the whole vocabulary's",
+            ));
+        }
+        if dc.cache_shard_steps == 0 {
+            return Err(bad("distill.cache_shard_steps", "must be at least 1"));
+        }
         let h = &self.heuristic;
         within("heuristic.threshold", h.threshold, 0.0, 1.0, false)?;
         within("heuristic.teacher_floor", h.teacher_floor, 0.0, 1.0, false)?;

@@ -115,7 +115,8 @@ pub fn recipe_digest(config: &Config) -> String {
         &config.visual_model,
         &config.pretrain,
         &config.heuristic,
-        &config.distill,
+        // Without `distill.teacher`: a cached run equals the online one, and may resume it.
+        config.distill.recipe(),
         config.run.seed,
     ))
 }
@@ -428,6 +429,7 @@ mod tests {
             seed: 17,
             checkpoint: None,
             resume_from: None,
+            teacher_cache: None,
         }
     }
 

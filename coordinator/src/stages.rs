@@ -15,10 +15,11 @@ use std::path::Path;
 use std::time::Instant;
 use xkd_config::{
     section_digest, CeTarget, Config, DataSource, DistillClasses, KlOver, Modality, ModelFamily,
+    TeacherSource,
 };
 use xkd_protocol::{
-    CheckpointOrder, ClipOutcome, DataSummary, EvalTask, Objective, ShardPlan, TaskKind,
-    TaskResult, TrainSummary, TrainTask,
+    CacheTask, CheckpointOrder, ClipOutcome, DataSummary, EvalTask, Objective, ShardPlan, TaskKind,
+    TaskResult, TeacherCache, TeacherManifest, TrainSummary, TrainTask,
 };
 
 pub(crate) async fn stages(
@@ -382,6 +383,7 @@ impl Driver {
             seed: config.run.seed,
             checkpoint: None,
             resume_from: None,
+            teacher_cache: None,
         };
         let summary = self.train(task).await?;
         if summary.reused {
@@ -493,6 +495,7 @@ impl Driver {
             seed: config.run.seed,
             checkpoint: None,
             resume_from: None,
+            teacher_cache: None,
         };
         if task.batch == 0 {
             bail!("distill.replay_fraction leaves no taught-class clips in a worker's batch");
@@ -511,6 +514,12 @@ impl Driver {
         // Each pass starts (or, after a restart, resumes) from the newest checkpoint that
         // verifies; a failed generation is restarted by `recover` and the loop goes on.
         loop {
+            if config.distill.teacher == TeacherSource::Cached {
+                // Every pass: a shard found damaged while distilling (a transient failure)
+                // is made again here before the next pass reads it.
+                task.teacher_cache = Some(self.cache_teacher(config, &task).await?);
+                self.stage = "distill".into();
+            }
             let mut attempt = task.clone();
             // The loss at the checkpoint's step: the final loss when no step is left to take.
             let mut resumed_loss = None;
@@ -576,5 +585,88 @@ impl Driver {
                 Err(interrupt) => self.recover(interrupt).await?,
             }
         }
+    }
+}
+
+impl Driver {
+    /// The teacher cache stage (`distill.teacher = "cached"`): every rank makes the shards of
+    /// its share that the store lacks or holds damaged (`task`'s questions from its first
+    /// step), then the manifest listing them all goes into the run's store. Returns the cache
+    /// distillation reads.
+    async fn cache_teacher(&mut self, config: &Config, task: &TrainTask) -> Result<TeacherCache> {
+        self.stage = "teacher_cache".into();
+        let Objective::Distill { teacher, .. } = &task.objective else {
+            bail!("the teacher cache needs a distillation task");
+        };
+        let rows_per_step = (task.batch * self.world) as u64;
+        let shard_steps = config.distill.cache_shard_steps;
+        // Everything the answers depend on. The global batch is in it, not the world size:
+        // the same global batch on another number of workers asks the same questions.
+        let key = section_digest(&(
+            TeacherCache::FORMAT,
+            checkpoint::recipe_digest(config),
+            teacher,
+            task.modality,
+            &task.plan.clips,
+            task.plan.seed,
+            task.seed,
+            rows_per_step,
+            task.steps,
+            shard_steps,
+        ));
+        let layout = TeacherCache {
+            key,
+            shard_steps,
+            rows_per_step,
+            steps: task.steps,
+        };
+        let mut train = task.clone();
+        train.plan.cursor = 0;
+        train.resume_from = None;
+        let order = CacheTask {
+            train,
+            cache: layout.clone(),
+        };
+        let all = self.all();
+        let mut shards = Vec::new();
+        for result in self
+            .order(&all, TaskKind::CacheTeacher(Box::new(order)))
+            .await?
+        {
+            match result {
+                TaskResult::Cached(s) => shards.extend(s),
+                other => bail!("a worker answered CacheTeacher with {other:?}"),
+            }
+        }
+        shards.sort_by_key(|s| s.index);
+        let listed: Vec<u64> = shards.iter().map(|s| s.index).collect();
+        if listed != (0..layout.shards()).collect::<Vec<u64>>() {
+            bail!(
+                "the workers cached shards {listed:?} of the teacher cache's {}",
+                layout.shards()
+            );
+        }
+        let reused = shards.iter().filter(|s| s.reused).count();
+        let manifest = TeacherManifest {
+            format_version: TeacherCache::FORMAT,
+            layout: layout.clone(),
+            shards,
+        };
+        let checkpoints = self
+            .checkpoints
+            .clone()
+            .context("no checkpoint store was opened for this run")?;
+        let checkpoints = checkpoints.lock().await;
+        let name = layout.manifest_name();
+        let bytes = serde_json::to_vec_pretty(&manifest).context("encoding the cache manifest")?;
+        checkpoints.put_run_object(&name, bytes.into()).await?;
+        tracing::info!(
+            url = checkpoints.run_object_url(&name),
+            shards = layout.shards(),
+            reused,
+            made = layout.shards() as usize - reused,
+            "teacher cache ready"
+        );
+        Ok(layout)
     }
 }

@@ -237,6 +237,7 @@ mod tests {
                     every_steps: 5,
                 }),
                 resume_from: Some(40),
+                teacher_cache: None,
             })),
         }
     }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use xkd_config::Modality;
 
 /// Bumped whenever the encoding of any message changes.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// What a worker sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,6 +209,90 @@ pub enum TaskKind {
     Train(Box<TrainTask>),
     /// Predict every clip of the plan's list and report per-clip outcomes.
     Evaluate(EvalTask),
+    /// Run the frozen teacher once over every question the distillation task will ask and put
+    /// its answers into the run's store, one shard of `cache.shard_steps` steps at a time;
+    /// rank r makes the shards `i` with `i % world == r` that the store lacks or holds damaged.
+    CacheTeacher(Box<CacheTask>),
+}
+
+/// The teacher cache stage's order: the distillation task whose questions it answers, and
+/// where the answers go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheTask {
+    /// The distillation task as it will be ordered (its plan from the first step, its store).
+    pub train: TrainTask,
+    pub cache: TeacherCache,
+}
+
+/// Where a run's cached teacher answers are and how they are cut. The rows of global sample
+/// `g` of the main plan (the plan's `g`-th draw, whatever the world) are row
+/// `g % (shard_steps * rows_per_step)` of shard `g / (shard_steps * rows_per_step)`, so any
+/// world size with the same global batch reads the same cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeacherCache {
+    /// Names the cache: a digest of everything its answers depend on (recipe, teacher, plan,
+    /// global batch); objects are `<store>/<run_id>/run/teacher-<key>...`.
+    pub key: String,
+    pub shard_steps: u64,
+    /// Global taught-class rows per step (batch per rank x world).
+    pub rows_per_step: u64,
+    /// Steps the cache answers, from the plan's first sample.
+    pub steps: u64,
+}
+
+impl TeacherCache {
+    /// Format of the shards and of the manifest; part of the key.
+    pub const FORMAT: u32 = 1;
+
+    pub fn shards(&self) -> u64 {
+        self.steps.div_ceil(self.shard_steps.max(1))
+    }
+
+    pub fn rows_per_shard(&self) -> u64 {
+        self.shard_steps * self.rows_per_step
+    }
+
+    /// The steps shard `index` answers.
+    pub fn shard_steps_of(&self, index: u64) -> std::ops::Range<u64> {
+        let first = index * self.shard_steps;
+        first..(first + self.shard_steps).min(self.steps)
+    }
+
+    /// The run object holding shard `index` (a safetensors file).
+    pub fn shard_name(&self, index: u64) -> String {
+        format!("teacher-{}-{index:06}.safetensors", self.key)
+    }
+
+    /// The run object holding the sha256 (hex) of shard `index`'s bytes, written after it, so a
+    /// caching stage started again can tell a whole shard from a damaged or partial one.
+    pub fn digest_name(&self, index: u64) -> String {
+        format!("teacher-{}-{index:06}.sha256", self.key)
+    }
+
+    /// The run object listing every shard with its size and sha256 (`TeacherManifest` as
+    /// JSON), written by the coordinator once all shards are there.
+    pub fn manifest_name(&self) -> String {
+        format!("teacher-{}.json", self.key)
+    }
+}
+
+/// `teacher-<key>.json`: the cache as the coordinator found it complete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeacherManifest {
+    pub format_version: u32,
+    pub layout: TeacherCache,
+    /// One per shard, by index.
+    pub shards: Vec<CachedShard>,
+}
+
+/// One shard of the teacher cache as a rank left it in the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedShard {
+    pub index: u64,
+    pub size: u64,
+    pub sha256: String,
+    /// Found whole in the store (not made again by this stage).
+    pub reused: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -247,6 +331,9 @@ pub struct TrainTask {
     /// parameters and optimizer state it holds and takes steps `resume_from..steps`; the
     /// plans' cursors already point at the next global sample.
     pub resume_from: Option<u64>,
+    /// Distillation reads the teacher's answers from this cache in `checkpoint`'s store
+    /// instead of loading the teacher (`distill.teacher = "cached"`).
+    pub teacher_cache: Option<TeacherCache>,
 }
 
 /// Checkpoints rank 0 saves while it trains: the tensors only; the coordinator commits.
@@ -359,6 +446,8 @@ pub enum TaskResult {
     Data(DataSummary),
     Trained(TrainSummary),
     Evaluated(Vec<ClipOutcome>),
+    /// The teacher cache shards this rank is responsible for.
+    Cached(Vec<CachedShard>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -465,6 +554,15 @@ impl ShardPlan {
                     epoch: g / n,
                 }
             })
+            .collect()
+    }
+
+    /// The global sample indices `samples` draws, in the same order (the teacher cache's
+    /// row keys).
+    pub fn globals(&self, rank: u32, world: u32, step: u64, batch: usize) -> Vec<u64> {
+        let base = self.cursor + step * world as u64 * batch as u64;
+        (0..batch as u64)
+            .map(|k| base + rank as u64 + k * world as u64)
             .collect()
     }
 

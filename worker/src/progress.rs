@@ -52,6 +52,11 @@ impl Progress {
 /// models `max_restarts` times to fail the same way.
 pub fn failure_kind(error: &anyhow::Error) -> FailureKind {
     for cause in error.chain() {
+        // The distillation attempt that follows the restart runs the caching stage first,
+        // which makes the shard again.
+        if cause.is::<crate::train::teacher_cache::DamagedShard>() {
+            return FailureKind::Transient;
+        }
         if let Some(e) = cause.downcast_ref::<CollectiveError>() {
             return match e {
                 // The recipe's or the code's doing: ranks disagree on what to reduce.

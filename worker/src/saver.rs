@@ -82,6 +82,14 @@ pub fn digest(tensors: &[RawTensor]) -> ParamDigest {
 
 /// `tensors` as one safetensors file.
 pub fn encode(tensors: &[RawTensor]) -> Result<Bytes> {
+    encode_with(tensors, None)
+}
+
+/// `tensors` as one safetensors file with `meta` in its header's `__metadata__`.
+pub fn encode_with(
+    tensors: &[RawTensor],
+    meta: Option<std::collections::HashMap<String, String>>,
+) -> Result<Bytes> {
     let views = tensors
         .iter()
         .map(|t| {
@@ -90,7 +98,7 @@ pub fn encode(tensors: &[RawTensor]) -> Result<Bytes> {
             Ok((t.name.as_str(), view))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, None).context("encoding safetensors")?;
+    let bytes = safetensors::serialize(views, meta).context("encoding safetensors")?;
     Ok(Bytes::from(bytes))
 }
 
@@ -143,7 +151,7 @@ pub fn publish(dir: &Path, url: &str) -> Result<()> {
 
 /// `work` on a thread and a runtime of its own, so that it works from any caller (the
 /// compute thread, or inside the worker's async runtime).
-fn on_own_runtime<T, F, Fut>(work: F) -> Result<T>
+pub(crate) fn on_own_runtime<T, F, Fut>(work: F) -> Result<T>
 where
     T: Send,
     F: FnOnce() -> Fut + Send,

@@ -268,6 +268,7 @@ fn execute(rank: &mut Rank, task: &Task, tx: &LinkSender) -> Result<TaskResult> 
             Ok(TaskResult::Trained(summary))
         }
         TaskKind::Evaluate(t) => rank.evaluate(t).map(TaskResult::Evaluated),
+        TaskKind::CacheTeacher(t) => rank.cache_teacher(t).map(TaskResult::Cached),
     }
 }
 

@@ -63,6 +63,7 @@ fn task(config: &Config, modality: Modality, batch: usize, save: &Path) -> Train
         seed: 11,
         checkpoint: None,
         resume_from: None,
+        teacher_cache: None,
     }
 }
 

@@ -4,7 +4,8 @@
 //! distillation loss of `xkd-kernels`. Every model is asked through `Rank::answers`.
 
 use super::inputs::{letter_logits, Answers, Ask};
-use super::{clock, ms, Anchors, Before, Rank, Timings};
+use super::teacher_cache::Targets;
+use super::{clock, ms, Anchors, Before, Rank, Teacher, Timings};
 use anyhow::{bail, Context as _, Result};
 use candle_core::{Tensor, D};
 use xkd_kernels::{FusedLoss, LossParts};
@@ -19,7 +20,7 @@ impl Rank {
         &mut self,
         task: &TrainTask,
         student: &Net,
-        anchors: Option<&Anchors>,
+        anchors: Option<&mut Anchors>,
         step: u64,
     ) -> Result<(Tensor, (f64, f64), Timings)> {
         match (anchors, student) {
@@ -84,7 +85,7 @@ impl Rank {
         &mut self,
         task: &TrainTask,
         student: &Net,
-        anchors: &Anchors,
+        anchors: &mut Anchors,
         step: u64,
     ) -> Result<(Tensor, (f64, f64), Timings)> {
         let Objective::Distill {
@@ -98,17 +99,9 @@ impl Rank {
         else {
             bail!("a distillation loss needs a distillation task");
         };
-        let standin = |net: &Net| matches!(net, Net::StandIn(_));
-        let ask = Ask {
-            full_vocab,
-            caption: standin(student)
-                && standin(&anchors.teacher)
-                && match &anchors.student_before {
-                    Before::Copy(net) => standin(net),
-                    Before::None => true,
-                    Before::StudentBase(_) => false,
-                },
-        };
+        // Captions where no model is a Qwen2 one; the teacher cache asks the same
+        // (`teacher_cache::teacher_ask`).
+        let ask = super::teacher_cache::teacher_ask(self, task)?;
         let clips = task.plan.samples(self.rank, self.world, step, task.batch);
         let replay = self.replay_samples(task, step);
         let (n_main, n_replay) = (clips.len(), replay.len());
@@ -116,7 +109,19 @@ impl Rank {
         let seed = task.seed;
         // Targets: the teacher on the hard-class rows, the frozen student on the replay rows.
         let t0 = clock(&self.device)?;
-        let teacher = self.answers(&anchors.teacher, task.modality.other(), &clips, seed, ask)?;
+        let teacher = match &mut anchors.teacher {
+            Teacher::Model(net) => {
+                let a = self.answers(net, task.modality.other(), &clips, seed, ask)?;
+                Targets {
+                    logits: a.logits,
+                    caption: a.caption,
+                }
+            }
+            Teacher::Cached(cache) => {
+                let globals = task.plan.globals(self.rank, self.world, step, task.batch);
+                self.progress.waiting(|| cache.targets(&globals))?
+            }
+        };
         let mut targets = vec![teacher.logits.clone()];
         let mut caption_targets = vec![teacher.caption.clone()];
         if n_replay > 0 {

@@ -31,6 +31,7 @@ use xkd_protocol::{
 
 mod inputs;
 mod loss;
+pub mod teacher_cache;
 
 use inputs::{outcome, Ask, Inputs, PREFETCH_STEPS};
 
@@ -444,8 +445,16 @@ pub fn learning_rate(step: u64, steps: u64, warmup: u64, peak: f64) -> f64 {
 /// Frozen models a distillation step reads: the teacher, and the pre-distillation student
 /// when there are replay rows.
 struct Anchors {
-    teacher: Net,
+    teacher: Teacher,
     student_before: Before,
+}
+
+/// Where the teacher's answers come from (`distill.teacher`).
+enum Teacher {
+    /// The frozen teacher itself, asked every step.
+    Model(Net),
+    /// Its answers as the caching stage stored them; the teacher is not loaded.
+    Cached(Box<teacher_cache::CachedTeacher>),
 }
 
 /// The student before distillation, which the replay rows are anchored to.
@@ -488,13 +497,15 @@ impl Rank {
         }
         let (params, student) = self.build_student(task)?;
         self.progress.tick();
-        let anchors = self.anchors(task, &params)?;
+        let mut anchors = self.anchors(task, &params)?;
         self.progress.tick();
         let inputs = self.inputs()?;
         let loaded_before = inputs.stats();
         inputs.register_net(task.modality, &student);
         if let Some(anchors) = &anchors {
-            inputs.register_net(task.modality.other(), &anchors.teacher);
+            if let Teacher::Model(teacher) = &anchors.teacher {
+                inputs.register_net(task.modality.other(), teacher);
+            }
             if let Before::Copy(net) = &anchors.student_before {
                 inputs.register_net(task.modality, net);
             }
@@ -547,9 +558,10 @@ impl Rank {
             let lr = learning_rate(step, task.steps, task.warmup_steps, task.lr);
             opt.set_learning_rate(lr);
             params.start_step(task.seed, step, self.rank, &self.device)?;
-            self.prefetch_steps(&inputs, task, step - first, anchors.is_some());
+            let online = matches!(&anchors, Some(a) if matches!(a.teacher, Teacher::Model(_)));
+            self.prefetch_steps(&inputs, task, step - first, online);
             let t0 = clock(&self.device)?;
-            let (loss, parts, times) = self.loss(task, &student, anchors.as_ref(), step - first)?;
+            let (loss, parts, times) = self.loss(task, &student, anchors.as_mut(), step - first)?;
             let mut grads = loss.backward()?;
             let t1 = clock(&self.device)?;
             let ms_student = ms(t1 - t0) - times.teacher - times.loss;
@@ -723,7 +735,24 @@ impl Rank {
             .init
             .as_deref()
             .context("distillation needs the pretrained student as `init`")?;
-        let teacher = self.build_net(task.modality.other(), teacher, task.seed, true)?;
+        let teacher = match &task.teacher_cache {
+            Some(cache) => {
+                // Logged so that tests can tell, from the worker's own log, that the teacher
+                // stayed out of this process.
+                tracing::info!(
+                    rank = self.rank,
+                    cache = cache.key,
+                    "teacher answers from the cache; the teacher is not loaded"
+                );
+                Teacher::Cached(Box::new(teacher_cache::CachedTeacher::open(
+                    task,
+                    &self.device,
+                )?))
+            }
+            None => {
+                Teacher::Model(self.build_net(task.modality.other(), teacher, task.seed, true)?)
+            }
+        };
         let copy = std::env::var(ANCHOR_COPY_VAR).is_ok_and(|v| v == "1");
         let student_before = match student {
             _ if task.replay.is_none() || task.replay_batch == 0 => Before::None,
@@ -749,7 +778,8 @@ impl Rank {
 
     /// Names to the loader the clips of this rank's steps `step..=step + PREFETCH_STEPS`
     /// (counted from the task's first, as `loss` counts them), in the order `loss` asks for
-    /// them: the teacher's rows, the replay rows (the frozen student's), the student's. The
+    /// them: the teacher's rows (where the teacher is asked: `distill`), the replay rows (the
+    /// frozen student's), the student's. The
     /// loader's threads make them while this step computes; what the window leaves goes to
     /// the cache of `run.feature_cache_mb`.
     fn prefetch_steps(&self, inputs: &Inputs, task: &TrainTask, step: u64, distill: bool) {

@@ -573,7 +573,7 @@ fn host_parts(
 ) -> HostParts {
     let host = Memory::Host;
     let window_steps = crate::train::PREFETCH_STEPS + 1;
-    let budget = config.run.feature_cache_mb as u64 * (1 << 20);
+    let budget = config.run.feature_cache_mb * (1 << 20);
     let clips = dataset_clips(config);
     let (cache, cache_what) = match clips {
         Some(n) => {

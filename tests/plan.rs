@@ -94,7 +94,12 @@ fn cache(name: &str) -> String {
     format!("run.cache_dir=\"{}\"", dir.display())
 }
 
+/// Ignored by default: the stand-ins' memory is almost all the process's own, which the
+/// allocator makes vary with the machine's load (a worker peaked at 131 to 134 MiB on an idle
+/// VM, 186 to 235 MiB beside three compilers), so on a shared CI machine it would fail by
+/// chance. Run it alone: `cargo test --release --test plan -- --ignored`.
 #[test]
+#[ignore]
 fn the_plan_of_the_tiny_stand_ins_is_within_20_percent_of_their_peak_rss() {
     let sets = [
         cache("plan-standin-cache"),

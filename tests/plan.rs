@@ -96,7 +96,7 @@ fn cache(name: &str) -> String {
 
 /// Ignored by default: the stand-ins' memory is almost all the process's own, which the
 /// allocator makes vary with the machine's load (a worker peaked at 131 to 134 MiB on an idle
-/// VM, 186 to 235 MiB beside three compilers), so on a shared CI machine it would fail by
+/// VM, 186 to 225 MiB beside three compilers), so on a shared CI machine it would fail by
 /// chance. Run it alone: `cargo test --release --test plan -- --ignored`.
 #[test]
 #[ignore]

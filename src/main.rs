@@ -205,6 +205,25 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Memory of one worker, part by part (weights, adapters and optimizer, activations of a
+    /// distillation step and of evaluation, feature cache, loader window, the process), from
+    /// the config and the models' architectures, and whether it fits a device. Runs nothing.
+    Plan {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Device memory to fit in, GiB (default: 80 on a GPU, an H100's; on a CPU this
+        /// machine's memory over control.workers).
+        #[arg(long, value_name = "GIB", value_parser = positive_f64)]
+        device_gib: Option<f64>,
+        /// Source video frame size of a prepared dataset, HEIGHTxWIDTH, for a Qwen2-VL model
+        /// (frames are kept 2 a second, in multiples of 28 under a pixel cap, as `xkd data
+        /// prepare` keeps them). VGGSound's clips are mostly 360x640.
+        #[arg(long, value_name = "HxW", default_value = "360x640", value_parser = frame_size)]
+        frame_size: (usize, usize),
+        /// Print the plan as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect a checkpoint store (read-only).
     Checkpoint {
         #[command(subcommand)]
@@ -406,6 +425,25 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             action: ConfigAction::Show { cfg },
         } => {
             print!("{}", resolve(&cfg, None)?.to_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan {
+            cfg,
+            device_gib,
+            frame_size,
+            json,
+        } => {
+            let config = resolve(&cfg, None)?;
+            let options = xkd_worker::plan::Options {
+                device_bytes: device_gib.map(|g| (g * (1u64 << 30) as f64) as u64),
+                frame_size,
+            };
+            let plan = xkd_worker::plan::plan(&config, &options)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", xkd_worker::plan::text(&plan));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {
@@ -805,6 +843,16 @@ fn positive_f64(arg: &str) -> Result<f64, String> {
     match arg.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
         _ => Err(format!("`{arg}` is not a positive number")),
+    }
+}
+
+/// `HEIGHTxWIDTH` in pixels, each at least 1.
+fn frame_size(arg: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("`{arg}` is not HEIGHTxWIDTH in pixels, e.g. 360x640");
+    let (h, w) = arg.split_once(['x', 'X']).ok_or_else(bad)?;
+    match (h.trim().parse::<usize>(), w.trim().parse::<usize>()) {
+        (Ok(h), Ok(w)) if h > 0 && w > 0 => Ok((h, w)),
+        _ => Err(bad()),
     }
 }
 

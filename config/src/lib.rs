@@ -308,6 +308,17 @@ impl DistillConfig {
         }
     }
 
+    /// Clips one of `world` ranks takes per distillation step: (taught-class rows, replay
+    /// rows). `batch` is split evenly over the ranks (the config checks it divides), and
+    /// `replay_fraction` of a rank's share, rounded, are replay rows: the coordinator's plan
+    /// (when the distill split has clips of other classes; without any, none are replayed)
+    /// and `xkd plan`'s memory estimate both take it from here.
+    pub fn rows_per_rank(&self, world: usize) -> (usize, usize) {
+        let per_rank = self.batch / world.max(1);
+        let replay = (per_rank as f64 * self.replay_fraction).round() as usize;
+        (per_rank.saturating_sub(replay), replay.min(per_rank))
+    }
+
     pub fn train(&self) -> TrainConfig {
         TrainConfig {
             steps: self.steps,

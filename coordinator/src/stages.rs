@@ -463,12 +463,9 @@ impl Driver {
             );
         }
         let dc = &config.distill;
-        let per_worker = dc.batch / self.world;
-        let replay_batch = if others.is_empty() {
-            0
-        } else {
-            (per_worker as f64 * dc.replay_fraction).round() as usize
-        };
+        let (taught_rows, replay_rows) = dc.rows_per_rank(self.world);
+        let replay_batch = if others.is_empty() { 0 } else { replay_rows };
+        let per_worker = taught_rows + replay_rows;
         let mut task = TrainTask {
             modality: config.student_modality(),
             objective: Objective::Distill {

@@ -11,6 +11,13 @@ transformers 4.51's layout of the two architectures (what the published checkpoi
                                     biases), the audio window the real 30 s
     make_random_qwen2.py OUT --layers N
                                     the same with N layers in every stack (a quick run on a CPU)
+    make_random_qwen2.py OUT --cpu  writes OUT/qwen2-audio and OUT/qwen2-vl at the sizes in CPU
+                                    (Qwen2's whole 151,936-token vocabulary on 4 layers of width
+                                    256: about 82 million parameters each, most of them the
+                                    embeddings and the head), with the Python standard library
+                                    alone: the bf16 weights are one block of normal(0, 0.02)
+                                    values drawn once from a seeded generator and repeated.
+                                    What tests/plan.rs checks `xkd plan` against on a CPU.
     make_random_qwen2.py --check    checks the rules against the tiny fixtures that transformers
                                     itself wrote (tests/reference/make_qwen2_fixtures.py): every
                                     name and shape must agree. Needs neither torch nor safetensors.
@@ -58,6 +65,44 @@ MEDIUM = {
             **TEXT,
             "rope_scaling": {"mrope_section": [8, 12, 12], "rope_type": "default", "type": "default"},
             "vision_config": {"embed_dim": 1024, "depth": 12, "num_heads": 16, "hidden_size": 1024},
+        },
+        "preprocessor": {},
+    },
+}
+
+
+# A pair a CPU runs a few distillation steps of in seconds, whose memory is mostly weights: a
+# 6-second audio window (150 audio tokens for a 6-s clip), a small vision tower.
+CPU_TEXT = {
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "torch_dtype": "bfloat16",
+}
+CPU = {
+    "qwen2-audio": {
+        "config": {
+            "text_config": CPU_TEXT,
+            "audio_config": {
+                "d_model": 256,
+                "encoder_layers": 2,
+                "num_hidden_layers": 2,
+                "encoder_attention_heads": 4,
+                "encoder_ffn_dim": 1024,
+                "max_source_positions": 300,
+            },
+            "torch_dtype": "bfloat16",
+        },
+        "preprocessor": {"chunk_length": 6, "n_samples": 96000, "nb_max_frames": 600},
+    },
+    "qwen2-vl": {
+        "config": {
+            **CPU_TEXT,
+            "rope_scaling": {"mrope_section": [8, 12, 12], "rope_type": "default", "type": "default"},
+            "vision_config": {"embed_dim": 128, "depth": 2, "num_heads": 2, "hidden_size": 256},
         },
         "preprocessor": {},
     },
@@ -233,12 +278,60 @@ def write(out, layers=None):
         print(f"{d}: {len(tensors)} tensors, {count / 1e6:.0f}M parameters")
 
 
+def write_stdlib(out, sizes):
+    """`write` without torch: safetensors written by hand (an 8-byte header length, the JSON
+    header, the bytes), bf16 values cut from one seeded block."""
+    import random
+
+    rng = random.Random(0)
+    block = bytearray()
+    for _ in range(1 << 16):
+        # bf16 is the upper half of an f32.
+        block += struct.pack("<f", rng.gauss(0.0, 0.02))[2:]
+    one, zero = struct.pack("<f", 1.0)[2:], b"\0\0"
+    for name, over in sizes.items():
+        tiny, d = FIXTURES / f"{name}-tiny", Path(out) / name
+        d.mkdir(parents=True, exist_ok=True)
+        for f in ("tokenizer.json", "generation_config.json"):
+            shutil.copy(tiny / f, d / f)
+        config = merge(json.loads((tiny / "config.json").read_text()), over["config"])
+        pre = merge(json.loads((tiny / "preprocessor_config.json").read_text()), over["preprocessor"])
+        (d / "config.json").write_text(json.dumps(config, indent=2))
+        (d / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+        shapes = SHAPES[name](config)
+        header, offset = {}, 0
+        for k, shape in shapes.items():
+            n = 2
+            for x in shape:
+                n *= x
+            header[k] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
+            offset += n
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        count = 0
+        with open(d / "model.safetensors", "wb") as fh:
+            fh.write(struct.pack("<Q", len(text)) + text)
+            for i, (k, shape) in enumerate(shapes.items()):
+                n = header[k]["data_offsets"][1] - header[k]["data_offsets"][0]
+                count += n // 2
+                if len(shape) == 1:
+                    norm = "norm" in k and k.endswith(".weight") or k.endswith("ln_q.weight")
+                    fh.write((one if norm else zero) * (n // 2))
+                    continue
+                start = (i * 4099 * 2) % len(block)
+                rolled = block[start:] + block[:start]
+                fh.write(rolled * (n // len(rolled)) + rolled[: n % len(rolled)])
+        print(f"{d}: {len(shapes)} tensors, {count / 1e6:.0f}M parameters")
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--check"]:
         sys.exit(check())
     args = sys.argv[1:]
     if len(args) == 3 and args[1] == "--layers" and args[2].isdigit() and int(args[2]) > 0:
         write(args[0], int(args[2]))
+    elif len(args) == 2 and args[1] == "--cpu":
+        write_stdlib(args[0], CPU)
     elif len(args) == 1 and not args[0].startswith("-"):
         write(args[0])
     else:

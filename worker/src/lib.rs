@@ -8,6 +8,7 @@
 pub mod client;
 pub mod hold;
 pub mod optim;
+pub mod plan;
 pub mod progress;
 pub mod ring_host;
 pub mod saver;

@@ -124,6 +124,7 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
                 stop.store(false, Ordering::Relaxed);
                 let id = task.id;
                 let tx = sender.clone();
+                reset_peak_rss();
                 let mut running = tokio::task::spawn_blocking(move || {
                     let outcome = execute(&mut rank_state, &task, &tx);
                     (rank_state, outcome)
@@ -178,6 +179,11 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
                     }
                 };
                 state = Some(back);
+                if let Some(peak) = peak_rss() {
+                    // The task's own peak (reset as it started): what `xkd plan` predicts for
+                    // its phase, measured; tests/plan.rs reads it.
+                    tracing::info!(rank, task = id, peak_rss_mib = peak >> 20, "memory");
+                }
                 let reply = match outcome {
                     Ok(result) => WorkerMsg::Done { task: id, result },
                     Err(e) => {
@@ -270,6 +276,21 @@ fn execute(rank: &mut Rank, task: &Task, tx: &LinkSender) -> Result<TaskResult> 
         TaskKind::Evaluate(t) => rank.evaluate(t).map(TaskResult::Evaluated),
         TaskKind::CacheTeacher(t) => rank.cache_teacher(t).map(TaskResult::Cached),
     }
+}
+
+/// Starts this process's peak resident memory (`VmHWM`) again from what it holds now (Linux
+/// 4.0 and later: `5` to `/proc/self/clear_refs`), so each task's peak is its own. Best
+/// effort: elsewhere the peak is the process's.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// This process's peak resident memory, bytes (`VmHWM`; Linux only).
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb << 10)
 }
 
 /// What a panicking task said, from its join error.

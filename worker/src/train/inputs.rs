@@ -243,7 +243,7 @@ impl Input {
 /// Steps (or evaluation chunks) after the current one whose clips the loader makes ahead: the
 /// window is the current step and these, so a rank holds at most `run.feature_cache_mb` plus
 /// `PREFETCH_STEPS + 1` steps' inputs.
-pub(super) const PREFETCH_STEPS: u64 = 2;
+pub(crate) const PREFETCH_STEPS: u64 = 2;
 
 /// How a rank reads its clips: files decoded and made into model inputs by `Source`, through a
 /// `Loader` of `run.loader_threads` threads whose cache is `run.feature_cache_mb`. Made for

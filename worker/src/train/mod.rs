@@ -33,7 +33,11 @@ mod inputs;
 mod loss;
 pub mod teacher_cache;
 
-use inputs::{outcome, Ask, Inputs, PREFETCH_STEPS};
+pub(crate) use inputs::PREFETCH_STEPS;
+use inputs::{outcome, Ask, Inputs};
+
+/// Clips an evaluation (or probe) forward takes at once.
+pub(crate) const EVAL_CHUNK: usize = 64;
 
 /// What one rank holds across tasks: config, dataset, feature caches and its collective.
 pub struct Rank {
@@ -821,7 +825,7 @@ impl Rank {
             .collect();
         let inputs = self.inputs()?;
         inputs.register_net(task.modality, &net);
-        let chunks: Vec<&[Sample]> = mine.chunks(64).collect();
+        let chunks: Vec<&[Sample]> = mine.chunks(EVAL_CHUNK).collect();
         let mut out = Vec::with_capacity(mine.len());
         for (i, chunk) in chunks.iter().enumerate() {
             let coming = &chunks[i..(i + 1 + PREFETCH_STEPS as usize).min(chunks.len())];

@@ -4,7 +4,7 @@
 //! It lives with the worker because it describes a rank: which models a distillation task
 //! loads (`train::Before`), in which dtype (`frozen_dtype`), how the global batch is split
 //! (`DistillConfig::rows_per_rank`), the loader's window (`train::PREFETCH_STEPS`) and the
-//! evaluation chunk (`train::EVAL_CHUNK`). The per-op counts are in `arch.rs`.
+//! evaluation chunk (`train::eval_chunk`). The per-op counts are in `arch.rs`.
 //!
 //! A run has phases that never overlap on a rank: a distillation step (the teacher's forward,
 //! then the replay anchor's, then the student's forward and backward, all three models
@@ -464,7 +464,7 @@ fn caching_phase(teacher: &Arch, b: Bytes, taught: usize, host: &HostParts) -> P
     Phase::new("caching the teacher's answers", parts)
 }
 
-/// Evaluation (and probing): one model loaded, clips in chunks of `EVAL_CHUNK`.
+/// Evaluation (and probing): one model loaded, clips in chunks of `train::eval_chunk`.
 fn evaluation_phases(
     student: &Arch,
     teacher: &Arch,
@@ -472,7 +472,6 @@ fn evaluation_phases(
     lora: &Option<Adapters>,
     host: &HostParts,
 ) -> Vec<Phase> {
-    let chunk = host.chunk;
     let dev = Memory::Device;
     let weights = |a: &Arch| a.params * if a.qwen { b.w } else { F32 };
     let mut out = vec![];
@@ -485,10 +484,11 @@ fn evaluation_phases(
             ),
             part(
                 format!(
-                    "forward over {chunk} clips x {} tokens, frozen, one layer at a time",
+                    "forward over {} clips x {} tokens, frozen, one layer at a time",
+                    host.chunk(a),
                     a.tokens()
                 ),
-                a.frozen_peak(chunk, b),
+                a.frozen_peak(host.chunk(a), b),
                 dev,
             ),
         ];
@@ -499,13 +499,9 @@ fn evaluation_phases(
     frozen("teacher", teacher);
     frozen("student before distillation", student);
     if let Some(a) = lora {
-        // Saved adapters load as variables, so the forward keeps its graph while the logits
-        // live (no backward, no dropout).
-        let eval = Adapters {
-            dropout: false,
-            ..a.clone()
-        };
-        let graph = chunk * student.graph_per_clip(b, Some(&eval), false);
+        // Outside training the adapters enter the forward detached: no graph is kept, one
+        // layer's tensors at a time as in the frozen forwards (their f32 path is r wide).
+        let chunk = host.chunk(student);
         let mut parts = vec![
             part(
                 format!("student base weights ({}) and adapters", dtype(b)),
@@ -514,11 +510,11 @@ fn evaluation_phases(
             ),
             part(
                 format!(
-                    "forward over {chunk} clips x {} tokens with the adapters as variables: \
-                     every layer's tensors kept until the logits are read",
+                    "forward over {chunk} clips x {} tokens, adapters detached, one layer at a \
+                     time",
                     student.tokens()
                 ),
-                chunk * student.input_bytes + graph,
+                student.frozen_peak(chunk, b),
                 dev,
             ),
         ];
@@ -569,17 +565,26 @@ struct HostParts {
     common: Vec<Part>,
     distill_window: Part,
     window_steps: u64,
-    chunk: u64,
+    /// The most clips of the evaluated splits a worker takes (the synthetic set's), if known.
+    split_share: Option<u64>,
 }
 
 impl HostParts {
+    /// Clips `a`'s evaluation forward takes at once: `train::eval_chunk`, or fewer when the
+    /// synthetic set's probe and eval splits give a worker fewer.
+    fn chunk(&self, a: &Arch) -> u64 {
+        let most = crate::train::eval_chunk(a.qwen) as u64;
+        self.split_share.map_or(most, |n| most.min(n))
+    }
+
     fn eval_window(&self, a: &Arch) -> Part {
-        let bytes = self.window_steps * self.chunk * a.input_bytes;
+        let chunk = self.chunk(a);
+        let bytes = self.window_steps * chunk * a.input_bytes;
         part(
             format!(
                 "loader window: {} chunks of {} clips, {:.1} MiB a clip",
                 self.window_steps,
-                self.chunk,
+                chunk,
                 a.input_bytes as f64 / (1 << 20) as f64
             ),
             bytes,
@@ -655,20 +660,17 @@ fn host_parts(
             host,
         ),
         window_steps,
-        chunk: eval_chunk(config),
+        split_share: split_share(config),
     }
 }
 
-/// Clips an evaluation forward takes at once: `EVAL_CHUNK`, or fewer when the synthetic set's
-/// probe and eval splits give a worker fewer.
-fn eval_chunk(config: &Config) -> u64 {
-    let most = crate::train::EVAL_CHUNK as u64;
+/// The most clips of the synthetic set's probe or eval split one worker takes.
+fn split_share(config: &Config) -> Option<u64> {
     let d = &config.data;
-    if d.source != DataSource::Synthetic {
-        return most;
-    }
-    let split = (d.probe_clips.max(d.eval_clips) * xkd_data::synth::class_table().len()) as u64;
-    most.min(split.div_ceil(config.control.workers.max(1) as u64))
+    (d.source == DataSource::Synthetic).then(|| {
+        let split = (d.probe_clips.max(d.eval_clips) * xkd_data::synth::class_table().len()) as u64;
+        split.div_ceil(config.control.workers.max(1) as u64)
+    })
 }
 
 /// Clips of the dataset when the config alone says (the synthetic set).

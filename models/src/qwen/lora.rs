@@ -86,23 +86,45 @@ impl DropoutRng {
 /// model. Off, the model is its frozen base: the distillation's replay anchor (the student
 /// before distillation) is the student itself with its adapters off, not a second copy of
 /// the base weights.
+/// Also whether they are frozen for good (an evaluated student's).
 #[derive(Debug, Clone)]
-pub struct LoraSwitch(Arc<AtomicBool>);
+pub struct LoraSwitch(Arc<SwitchState>);
+
+#[derive(Debug)]
+struct SwitchState {
+    on: AtomicBool,
+    frozen: AtomicBool,
+}
 
 impl LoraSwitch {
     fn new() -> Self {
-        Self(Arc::new(AtomicBool::new(true)))
+        Self(Arc::new(SwitchState {
+            on: AtomicBool::new(true),
+            frozen: AtomicBool::new(false),
+        }))
     }
 
     fn is_on(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.on.load(Ordering::Relaxed)
+    }
+
+    fn is_frozen(&self) -> bool {
+        self.0.frozen.load(Ordering::Relaxed)
     }
 
     /// Turns the adapters off until the guard is dropped. A forward pass with them off reads
     /// no `Var`, so nothing it computes carries a gradient, and it draws no dropout mask.
     pub fn off(&self) -> AdaptersOff<'_> {
-        self.0.store(false, Ordering::Relaxed);
+        self.0.on.store(false, Ordering::Relaxed);
         AdaptersOff(self)
+    }
+
+    /// Freezes the adapters for good: they enter every forward detached, so a forward records
+    /// no graph and keeps one layer's tensors at a time, as a frozen model's does (with them
+    /// as variables every layer's tensors live until the logits are dropped). For a student
+    /// that is evaluated, never trained again.
+    pub fn freeze(&self) {
+        self.0.frozen.store(true, Ordering::Relaxed);
     }
 }
 
@@ -112,7 +134,7 @@ pub struct AdaptersOff<'a>(&'a LoraSwitch);
 
 impl Drop for AdaptersOff<'_> {
     fn drop(&mut self) {
-        self.0 .0.store(true, Ordering::Relaxed);
+        self.0 .0.on.store(true, Ordering::Relaxed);
     }
 }
 
@@ -136,14 +158,20 @@ impl LoraAdapter {
         &self.b
     }
 
-    /// `scale * B A dropout(x)` in f32, for `x` `[..., in]` of any dtype.
+    /// `scale * B A dropout(x)` in f32, for `x` `[..., in]` of any dtype; `A` and `B`
+    /// detached once the adapters are frozen ([`LoraSwitch::freeze`]).
     fn delta(&self, x: &Tensor, training: bool) -> Result<Tensor> {
         let mut x = x.to_dtype(DType::F32)?;
         if training && self.dropout > 0.0 {
             x = self.rng.dropout(&x, self.dropout)?;
         }
-        let h = x.broadcast_matmul(&self.a.as_tensor().t()?)?;
-        h.broadcast_matmul(&self.b.as_tensor().t()?)? * self.scale
+        let (a, b) = if self.on.is_frozen() {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        } else {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        };
+        let h = x.broadcast_matmul(&a.t()?)?;
+        h.broadcast_matmul(&b.t()?)? * self.scale
     }
 }
 
@@ -636,6 +664,32 @@ mod tests {
         }
         // On again, and the pass with it off took nothing from the dropout stream.
         assert_eq!(rows(proj.forward(&x).unwrap()), on);
+    }
+
+    #[test]
+    fn frozen_adapters_give_the_same_output_and_record_no_graph() {
+        let dev = Device::Cpu;
+        let adapters = LoraAdapters::init(config(0.0), "", &[target()], 9, &dev).unwrap();
+        let m = adapters.get(&target().path).unwrap();
+        m.b()
+            .set(&Tensor::randn(0f32, 1.0, (3, 2), &dev).unwrap())
+            .unwrap();
+        let base = Linear::new(Tensor::randn(0f32, 1.0, (3, 16), &dev).unwrap(), None);
+        let mut proj = LoraLinear::new(base);
+        proj.attach(m.clone()).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (4, 16), &dev).unwrap();
+        let live = proj.forward(&x).unwrap();
+        let grads = live.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(m.a()).is_some() && grads.get(m.b()).is_some());
+        adapters.switch().freeze();
+        let frozen = proj.forward(&x).unwrap();
+        assert_eq!(
+            frozen.to_vec2::<f32>().unwrap(),
+            live.to_vec2::<f32>().unwrap()
+        );
+        // Nothing the forward made tracks a variable: no graph is kept behind the output.
+        let grads = frozen.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(m.a()).is_none() && grads.get(m.b()).is_none());
     }
 
     #[test]

@@ -36,8 +36,16 @@ pub mod teacher_cache;
 pub(crate) use inputs::PREFETCH_STEPS;
 use inputs::{outcome, Ask, Inputs};
 
-/// Clips an evaluation (or probe) forward takes at once.
-pub(crate) const EVAL_CHUNK: usize = 64;
+/// Clips an evaluation (or probe) forward takes at once: 64 of a stand-in's small questions;
+/// 4 of a Qwen2 model's, whose questions are hundreds (audio) to thousands (video) of tokens
+/// and whose attention scores alone are then gigabytes a clip (`xkd plan` counts them).
+pub(crate) fn eval_chunk(qwen: bool) -> usize {
+    if qwen {
+        4
+    } else {
+        64
+    }
+}
 
 /// What one rank holds across tasks: config, dataset, feature caches and its collective.
 pub struct Rank {
@@ -226,10 +234,12 @@ impl Rank {
                 self.build_model(modality, Some(path), seed)?.1
             })));
         }
-        let mut qwen = self.load_qwen(modality, if frozen { dtype } else { DType::F32 })?;
+        // The base in the dtype distillation trained it over (its adapters stay f32).
+        let mut qwen = self.load_qwen(modality, dtype)?;
         if net::is_adapter_dir(path) {
             let adapters = LoraAdapters::load(Path::new(path), &self.device)
                 .with_context(|| format!("loading LoRA adapters from {path}"))?;
+            adapters.switch().freeze();
             qwen.attach_lora(&adapters)?;
         }
         Ok(Net::Qwen(Box::new(qwen)))
@@ -246,7 +256,7 @@ impl Rank {
         url: &str,
     ) -> Result<Net> {
         let (params, net) = if net::is_qwen2(&self.config, modality) {
-            let mut qwen = self.load_qwen(modality, DType::F32)?;
+            let mut qwen = self.load_qwen(modality, self.frozen_dtype())?;
             let adapters = qwen.init_lora(self.config.lora.clone(), seed)?;
             let base = self.config.model(modality).dir.clone();
             (Params::Lora { adapters, base }, Net::Qwen(Box::new(qwen)))
@@ -256,6 +266,9 @@ impl Rank {
         };
         restore_params(&params, student)
             .with_context(|| format!("the student of {url} does not fit this config's model"))?;
+        if let Params::Lora { adapters, .. } = &params {
+            adapters.switch().freeze();
+        }
         tracing::info!(
             rank = self.rank,
             ?modality,
@@ -825,7 +838,8 @@ impl Rank {
             .collect();
         let inputs = self.inputs()?;
         inputs.register_net(task.modality, &net);
-        let chunks: Vec<&[Sample]> = mine.chunks(EVAL_CHUNK).collect();
+        let chunk = eval_chunk(matches!(net, Net::Qwen(_)));
+        let chunks: Vec<&[Sample]> = mine.chunks(chunk).collect();
         let mut out = Vec::with_capacity(mine.len());
         for (i, chunk) in chunks.iter().enumerate() {
             let coming = &chunks[i..(i + 1 + PREFETCH_STEPS as usize).min(chunks.len())];

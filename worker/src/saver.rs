@@ -85,11 +85,10 @@ pub fn encode(tensors: &[RawTensor]) -> Result<Bytes> {
     encode_with(tensors, None)
 }
 
-/// `tensors` as one safetensors file with `meta` in its header's `__metadata__`.
-pub fn encode_with(
-    tensors: &[RawTensor],
-    meta: Option<std::collections::HashMap<String, String>>,
-) -> Result<Bytes> {
+/// `tensors` as one safetensors file with the one entry `meta` in its header's
+/// `__metadata__`. One entry, not a map: safetensors writes a map in its `HashMap`'s order,
+/// which differs between processes, and the same tensors must always give the same bytes.
+pub fn encode_with(tensors: &[RawTensor], meta: Option<(&str, String)>) -> Result<Bytes> {
     let views = tensors
         .iter()
         .map(|t| {
@@ -98,6 +97,8 @@ pub fn encode_with(
             Ok((t.name.as_str(), view))
         })
         .collect::<Result<Vec<_>>>()?;
+    let meta =
+        meta.map(|(name, value)| std::collections::HashMap::from([(name.to_string(), value)]));
     let bytes = safetensors::serialize(views, meta).context("encoding safetensors")?;
     Ok(Bytes::from(bytes))
 }

@@ -17,7 +17,6 @@ use crate::saver::{self, RawTensor};
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use candle_core::{Device, Tensor};
-use std::collections::HashMap;
 use xkd_checkpoint::{sha256_hex, Store};
 use xkd_config::Modality;
 use xkd_models::net::{self, Net};
@@ -212,11 +211,7 @@ impl Rank {
         if let Some(caption) = stack(captions)? {
             tensors.push(RawTensor::of(CAPTION, &caption)?);
         }
-        let meta = HashMap::from([
-            ("key".to_string(), layout.key.clone()),
-            ("shard".to_string(), index.to_string()),
-        ]);
-        saver::encode_with(&tensors, Some(meta))
+        saver::encode_with(&tensors, Some((SHARD_META, shard_meta(&layout.key, index))))
     }
 }
 
@@ -256,15 +251,19 @@ fn check_meta(bytes: &[u8], layout: &TeacherCache, index: u64) -> Result<()> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| anyhow::anyhow!("not a safetensors file: {e}"))?;
     let info = meta.metadata().clone().unwrap_or_default();
-    let key = info.get("key").map(String::as_str);
-    let shard = info.get("shard").and_then(|s| s.parse::<u64>().ok());
-    if key != Some(layout.key.as_str()) || shard != Some(index) {
-        bail!(
-            "its metadata names cache {key:?} shard {shard:?}, not {} shard {index}",
-            layout.key
-        );
+    let names = info.get(SHARD_META);
+    let expected = shard_meta(&layout.key, index);
+    if names != Some(&expected) {
+        bail!("its metadata names {names:?} under `{SHARD_META}`, not {expected:?}");
     }
     Ok(())
+}
+
+/// The one `__metadata__` entry of a shard: which cache and which shard of it the file is.
+const SHARD_META: &str = "xkd.teacher_cache";
+
+fn shard_meta(key: &str, index: u64) -> String {
+    format!("cache {key} shard {index}")
 }
 
 /// One decoded shard: `[rows, letters]` answers, and `[rows, vocab]` captions when cached.

@@ -283,12 +283,19 @@ pub struct DistillConfig {
     /// Steps of questions per shard of the teacher cache (a worker holds at most two shards
     /// while it distills). Layout only: outside the recipe digest.
     pub cache_shard_steps: u64,
+    /// Clips a worker runs through the student per forward and backward pass; a step's
+    /// gradients are the sum of its micro-batches' (each loss divided by the step's rows), so
+    /// only one micro-batch's activations are alive at once. 0 = all of a worker's clips of a
+    /// step in one pass. Part of the recipe where it is not 0: sums in another order round
+    /// differently, and LoRA dropout draws its masks in another order.
+    pub micro_batch: usize,
 }
 
 impl DistillConfig {
     /// What of this section decides the numbers a run computes: everything but `teacher` and
     /// `cache_shard_steps`, which only say where the teacher's answers come from. Serialises
-    /// as the section did before those keys existed, so recipe digests keep their values.
+    /// as the section did before those keys existed (and `micro_batch` only where it is not
+    /// 0), so recipe digests keep their values.
     pub fn recipe(&self) -> impl Serialize + '_ {
         DistillRecipe {
             direction: self.direction,
@@ -305,6 +312,7 @@ impl DistillConfig {
             weight_decay: self.weight_decay,
             warmup_steps: self.warmup_steps,
             grad_clip: self.grad_clip,
+            micro_batch: self.micro_batch,
         }
     }
 
@@ -350,6 +358,14 @@ struct DistillRecipe {
     weight_decay: f64,
     warmup_steps: u64,
     grad_clip: f64,
+    /// Absent where 0 (one pass a step), so the recipes of configs from before the key keep
+    /// their digests.
+    #[serde(skip_serializing_if = "is_zero")]
+    micro_batch: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Where distillation's teacher answers come from (`distill.teacher`).

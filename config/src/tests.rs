@@ -238,6 +238,7 @@ fn bad_values() -> Vec<(String, Option<&'static str>, &'static [&'static str])> 
         ("distill.grad_clip", Some("nan")),
         ("distill.teacher", Some("\"sometimes\"")),
         ("distill.cache_shard_steps", Some("0")),
+        ("distill.micro_batch", Some("100000")),
         ("lora.r", Some("4")),
         ("checkpoint.url", None),
         ("checkpoint.every_steps", None),

@@ -349,6 +349,17 @@ impl Config {
         if dc.cache_shard_steps == 0 {
             return Err(bad("distill.cache_shard_steps", "must be at least 1"));
         }
+        let per_worker = dc.batch / self.control.workers.max(1);
+        if dc.micro_batch > per_worker {
+            return Err(bad(
+                "distill.micro_batch",
+                format!(
+                    "{} is more than a worker's {per_worker} clips a step (distill.batch / \
+                     control.workers); 0 runs them all at once",
+                    dc.micro_batch
+                ),
+            ));
+        }
         let h = &self.heuristic;
         within("heuristic.threshold", h.threshold, 0.0, 1.0, false)?;
         within("heuristic.teacher_floor", h.teacher_floor, 0.0, 1.0, false)?;

@@ -475,6 +475,7 @@ impl Driver {
                 label_free: dc.target == CeTarget::Teacher,
                 full_vocab: dc.kl_over == KlOver::Vocab,
                 caption_weight: dc.caption_weight,
+                micro_batch: dc.micro_batch,
             },
             init: Some(student.to_string()),
             save: save.to_string(),

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use xkd_config::Modality;
 
 /// Bumped whenever the encoding of any message changes.
-pub const PROTOCOL_VERSION: u16 = 8;
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// What a worker sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -390,6 +390,9 @@ pub enum Objective {
         /// Weight of the KL between teacher and student captions (the next-token
         /// distribution right after each one's modality tokens).
         caption_weight: f64,
+        /// Rows the student runs forward and backward at once (`distill.micro_batch`); the
+        /// step's gradients are their sum. 0 = all of the rank's rows of a step at once.
+        micro_batch: usize,
     },
 }
 

@@ -165,7 +165,11 @@ pub fn plan(config: &Config, options: &Options) -> Result<Plan, ConfigError> {
     let resident = teacher_resident(config);
     let host = host_parts(config, &student, &teacher, taught, replay, &lora);
 
-    let rows = (taught, replay);
+    let rows = Rows {
+        taught,
+        replay,
+        micro_batch: config.distill.micro_batch,
+    };
     let distill = distill_phase(&student, &teacher, b, rows, &lora, resident, &host);
     let no_teacher = distill_phase(&student, &teacher, b, rows, &lora, false, &host);
     let mut phases = vec![distill];
@@ -315,17 +319,33 @@ fn trainable(student: &Arch, lora: &Option<Adapters>) -> (u64, String) {
     }
 }
 
+/// A worker's rows of a distillation step, and how many the student takes at once
+/// (`distill.micro_batch`, 0 = all).
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    taught: usize,
+    replay: usize,
+    micro_batch: usize,
+}
+
 fn distill_phase(
     student: &Arch,
     teacher: &Arch,
     b: Bytes,
-    (taught, replay): (usize, usize),
+    rows: Rows,
     lora: &Option<Adapters>,
     teacher_loaded: bool,
     host: &HostParts,
 ) -> Phase {
-    let (taught, replay) = (taught as u64, replay as u64);
-    let rows = taught + replay;
+    let (taught, replay) = (rows.taught as u64, rows.replay as u64);
+    let all = taught + replay;
+    // The student's forward and backward take `micro` rows at a time; their activations and
+    // the frozen operands' gradients are freed before the next micro-batch.
+    let micro = match rows.micro_batch as u64 {
+        0 => all,
+        m => m.min(all),
+    };
+    let rows = micro;
     let dev = Memory::Device;
     let mut parts = vec![];
     if teacher_loaded {
@@ -370,13 +390,19 @@ fn distill_phase(
         ),
     };
     parts.push(part(anchor.0, anchor.1, dev));
+    // Micro-batches keep the step's running sum of gradients beside the one being computed.
+    let (copies, sum) = if micro < all {
+        (6, "running sum, ")
+    } else {
+        (5, "")
+    };
     parts.push(part(
         format!(
-            "trainable: {train_what}, {} parameters x (value, gradient, all-reduce bucket, \
-             2 AdamW moments)",
+            "trainable: {train_what}, {} parameters x (value, gradient, {sum}all-reduce \
+             bucket, 2 AdamW moments)",
             billions(n_train)
         ),
-        n_train * 5 * F32,
+        n_train * copies * F32,
         dev,
     ));
 
@@ -415,9 +441,14 @@ fn distill_phase(
         ),
         (
             format!(
-                "student forward + backward: {rows} clips x {s} tokens: activations kept {:.2} \
+                "student forward + backward: {} x {s} tokens: activations kept {:.2} \
                  GiB, gradients of frozen operands {:.2} GiB, one layer's gradients in flight \
                  {:.2} GiB, inputs {:.2} GiB",
+                if micro == all {
+                    format!("{all} clips")
+                } else {
+                    format!("{micro} of the step's {all} clips at a time (distill.micro_batch)")
+                },
                 gib(graph),
                 gib(frozen_grads),
                 gib(layer),

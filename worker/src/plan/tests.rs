@@ -129,6 +129,33 @@ fn a_cached_teacher_is_planned_in_its_own_stage() {
     assert_eq!(weights(caching), weights(&online.phases[0]));
 }
 
+/// The paper config's 4 clips a GPU (2 taught, 2 replay) go through the student one at a
+/// time: its distillation step fits 80 GiB, which all four at once do not; only the student's
+/// step shrinks, by its activations and frozen-operand gradients, less the running sum.
+#[test]
+fn the_paper_pair_fits_80_gib_with_one_clip_at_a_time() {
+    let p = paper_pair(&[]);
+    assert_eq!((p.taught_rows, p.replay_rows), (2, 2));
+    assert_eq!(p.capacity_bytes, 80 << 30);
+    assert!(p.fits, "{} bytes in {}", p.peak_bytes, p.peak_phase);
+    let whole = paper_pair(&["distill.micro_batch=0"]);
+    assert!(!whole.fits, "{} bytes", whole.peak_bytes);
+    let step = |p: &Plan| {
+        p.phases[0]
+            .parts
+            .iter()
+            .find(|r| r.what.starts_with("largest of a step's forwards: student"))
+            .unwrap()
+            .bytes
+    };
+    assert!(
+        step(&p) * 3 < step(&whole),
+        "{} against {}",
+        step(&p),
+        step(&whole)
+    );
+}
+
 /// A model directory that is not here and has no known name is refused naming its key.
 #[test]
 fn an_unknown_absent_model_directory_names_its_key() {

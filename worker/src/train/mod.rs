@@ -578,8 +578,12 @@ impl Rank {
             let online = matches!(&anchors, Some(a) if matches!(a.teacher, Teacher::Model(_)));
             self.prefetch_steps(&inputs, task, step - first, online);
             let t0 = clock(&self.device)?;
-            let (loss, parts, times) = self.loss(task, &student, anchors.as_mut(), step - first)?;
-            let mut grads = loss.backward()?;
+            let loss::StepGrads {
+                mut grads,
+                loss,
+                parts,
+                times,
+            } = self.gradients(task, &student, anchors.as_mut(), step - first, &vars)?;
             let t1 = clock(&self.device)?;
             let ms_student = ms(t1 - t0) - times.teacher - times.loss;
             let (grad_norm, stop) = all_reduce_grads(
@@ -596,7 +600,7 @@ impl Rank {
             opt.step(&grads)?;
             self.progress.tick();
             let ms_optimizer = ms(clock(&self.device)? - t2);
-            last_loss = loss.to_scalar::<f32>()? as f64;
+            last_loss = loss;
             if !last_loss.is_finite() {
                 bail!("loss is {last_loss} at step {step}: training diverged");
             }
@@ -794,11 +798,10 @@ impl Rank {
     }
 
     /// Names to the loader the clips of this rank's steps `step..=step + PREFETCH_STEPS`
-    /// (counted from the task's first, as `loss` counts them), in the order `loss` asks for
-    /// them: the teacher's rows (where the teacher is asked: `distill`), the replay rows (the
-    /// frozen student's), the student's. The
-    /// loader's threads make them while this step computes; what the window leaves goes to
-    /// the cache of `run.feature_cache_mb`.
+    /// (counted from the task's first, as `gradients` counts them), in the order `gradients`
+    /// asks for them: the teacher's rows (where the teacher is asked: `distill`), the replay
+    /// rows (the frozen student's), the student's. The loader's threads make them while this
+    /// step computes; what the window leaves goes to the cache of `run.feature_cache_mb`.
     fn prefetch_steps(&self, inputs: &Inputs, task: &TrainTask, step: u64, distill: bool) {
         if task.plan.is_empty() {
             return;

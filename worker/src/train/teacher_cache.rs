@@ -37,7 +37,7 @@ pub struct DamagedShard {
     pub problem: String,
 }
 
-/// What distillation asks the teacher (`Rank::distill_loss` asks the same): the letters, and
+/// What distillation asks the teacher (`Rank::distill_grads` asks the same): the letters, and
 /// the captions where no model is a Qwen2 one.
 pub(super) fn teacher_ask(rank: &Rank, task: &TrainTask) -> Result<Ask> {
     let Objective::Distill { full_vocab, .. } = task.objective else {

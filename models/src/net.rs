@@ -138,7 +138,11 @@ impl Params {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        // Unique per call, not only per process: ranks that are threads of one process (the
+        // worker crate's tests) may save to the same path at once.
+        static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
         match self {
             Params::Full(varmap) => varmap
                 .save(&tmp)

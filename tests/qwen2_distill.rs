@@ -324,7 +324,8 @@ fn a_lora_run_with_dropout_whose_worker_is_killed_resumes_bit_identical() {
 /// Issue 15, item 2: the replay rows' anchor (the student before distillation) is the
 /// student's own base with its adapters switched off, not a second copy of the base weights.
 /// A run that loads the copy instead (the test hook `XKD_TEST_ANCHOR_COPY=1`, what every run
-/// did before) must end with the same adapters, bit for bit.
+/// did before) must end with the same adapters, bit for bit; both with the teacher online. With
+/// the teacher cached, the cache holds the anchors too, and the adapters are again the same.
 #[test]
 fn the_replay_anchor_is_the_students_base_with_adapters_off_and_matches_a_copy() {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qwen2-anchor");
@@ -358,6 +359,14 @@ fn the_replay_anchor_is_the_students_base_with_adapters_off_and_matches_a_copy()
                 "distill.steps=12",
             ])
             .args(["--set", "lora.dropout=0.1"])
+            .args([
+                "--set",
+                if name == "cached" {
+                    "distill.teacher=\"cached\""
+                } else {
+                    "distill.teacher=\"online\""
+                },
+            ])
             .status()
             .expect("xkd starts");
         assert!(status.success(), "xkd run ({name}) failed: {status}");
@@ -381,6 +390,11 @@ fn the_replay_anchor_is_the_students_base_with_adapters_off_and_matches_a_copy()
     let (copy, sources) = run("copy");
     assert_eq!(sources, ["a copy of the base"; 2], "copy run's anchors");
     assert_eq!(shared, copy, "the adapters differ");
+    // The teacher cache holds the anchors as the base computed them: no frozen model runs
+    // while distilling, and the adapters are the same bytes.
+    let (cached, sources) = run("cached");
+    assert_eq!(sources, ["the teacher cache"; 2], "cached run's anchors");
+    assert_eq!(shared, cached, "the cached run's adapters differ");
 }
 
 /// `distill.micro_batch = 1` runs each worker's 16 clips of a step (8 taught, 8 replay)

@@ -1,6 +1,7 @@
 //! `distill.teacher = "cached"` through the real binary and a real store: the cached run's
-//! student is the online run's bit for bit, its distillation never loads the teacher (each
-//! worker's own log says so, and no frozen teacher is built after that line), and a caching
+//! student is the online run's bit for bit, its distillation never loads the teacher nor the
+//! frozen student whose answers anchor the replay rows (each worker's own log says so, and no
+//! frozen model is built after that line: both come from the cache), and a caching
 //! stage started again keeps the whole shards and makes again the damaged one and the one
 //! whose caching was interrupted (shard without its digest object); and the cache works the
 //! same in a real S3-compatible server (s3s-fs).
@@ -58,6 +59,11 @@ fn loads_teacher(r: &Value) -> bool {
     r["message"] == "frozen model" && r["modality"] == "Visual"
 }
 
+/// The pretrained student loaded frozen: the replay rows' anchor.
+fn loads_frozen_student(r: &Value) -> bool {
+    r["message"] == "frozen model" && r["modality"] == "Audio"
+}
+
 fn cache_ready(log: &[Value]) -> (u64, u64) {
     let ready = find(log, "teacher cache ready");
     let last = ready.last().expect("the teacher cache stage ran");
@@ -77,11 +83,15 @@ fn a_cached_teacher_trains_the_online_student_and_its_shards_are_remade_when_dam
 
     let online_out = root().join("runs/online");
     let (online, _) = run(&online_out, "tc-online", &[]);
-    // The check below sees a teacher load where there is one.
+    // The checks below see a teacher load and a frozen student load where there are ones.
     for log in worker_logs(&online_out) {
         assert!(
             log.iter().any(loads_teacher),
             "online run loads the teacher"
+        );
+        assert!(
+            log.iter().any(loads_frozen_student),
+            "online run loads the frozen student"
         );
     }
 
@@ -103,6 +113,17 @@ fn a_cached_teacher_trains_the_online_student_and_its_shards_are_remade_when_dam
             !log[from..].iter().any(loads_teacher),
             "rank {rank} loaded the teacher while distilling from the cache"
         );
+        // The replay rows' anchors come from the cache too: no frozen student either.
+        assert!(
+            !log[from..].iter().any(loads_frozen_student),
+            "rank {rank} loaded the frozen student while distilling from the cache"
+        );
+        let anchor: Vec<&Value> = log[from..]
+            .iter()
+            .filter(|r| r["message"] == "replay anchor")
+            .collect();
+        assert_eq!(anchor.len(), 1, "rank {rank}: {anchor:?}");
+        assert_eq!(anchor[0]["source"], "the teacher cache", "rank {rank}");
     }
 
     // Damage shard 1 and take shard 2's digest away (a caching stage killed between the two

@@ -377,6 +377,10 @@ pub enum TeacherSource {
     /// The teacher cache stage answers every question once into the run's store; distillation
     /// reads the answers and never loads the teacher.
     Cached,
+    /// The embedded default: `cached` where either model is a Qwen2 one (whose weights decide
+    /// what fits a GPU), `online` for two stand-ins. Resolved as the config is read, so a
+    /// resolved config never holds it.
+    Auto,
 }
 
 impl TeacherSource {
@@ -384,6 +388,7 @@ impl TeacherSource {
         match self {
             TeacherSource::Online => "online",
             TeacherSource::Cached => "cached",
+            TeacherSource::Auto => "auto",
         }
     }
 }
@@ -706,12 +711,22 @@ fn parse_table(text: &str, path: &str) -> Result<toml::Table, ConfigError> {
 }
 
 fn from_table(table: toml::Table) -> Result<Config, ConfigError> {
-    let config: Config = toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| ConfigError::BadValue {
-            key: "<config>".into(),
-            message: e.to_string(),
-        })?;
+    let mut config: Config =
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::BadValue {
+                key: "<config>".into(),
+                message: e.to_string(),
+            })?;
+    if config.distill.teacher == TeacherSource::Auto {
+        let qwen2 = [&config.audio_model, &config.visual_model]
+            .iter()
+            .any(|m| m.family == ModelFamily::Qwen2);
+        config.distill.teacher = match qwen2 {
+            true => TeacherSource::Cached,
+            false => TeacherSource::Online,
+        };
+    }
     config.validate()?;
     Ok(config)
 }

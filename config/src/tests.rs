@@ -466,6 +466,22 @@ fn a_cached_teacher_needs_the_option_letters_and_leaves_the_recipe_digest_alone(
     assert_eq!(c.distill.teacher, TeacherSource::Cached);
     let online = Config::resolve(None, &[]).unwrap();
     assert_eq!(online.distill.teacher, TeacherSource::Online);
+    // `auto` (the default) caches where a model is a Qwen2 one, and never stays `auto`:
+    // configs/tiny-qwen2.toml without its own `teacher` line.
+    let tiny = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/tiny-qwen2.toml"
+    ))
+    .unwrap();
+    let tiny: String = tiny
+        .lines()
+        .filter(|l| !l.starts_with("teacher ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let qwen2 = Config::resolve_text(Some((&tiny, "tiny-qwen2.toml")), &[]).unwrap();
+    assert_eq!(qwen2.distill.teacher, TeacherSource::Cached);
+    let resolved = Config::from_toml(&qwen2.to_toml()).unwrap();
+    assert_eq!(resolved.distill.teacher, TeacherSource::Cached);
     let digest = |c: &Config| section_digest(&c.distill.recipe());
     assert_eq!(digest(&c), digest(&online));
     let shards = Config::resolve(None, &["distill.cache_shard_steps=3".into()]).unwrap();

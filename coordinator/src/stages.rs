@@ -597,9 +597,14 @@ impl Driver {
             bail!("the teacher cache needs a distillation task");
         };
         let rows_per_step = (task.batch * self.world) as u64;
+        let replay_rows_per_step = match &task.replay {
+            Some(_) => (task.replay_batch * self.world) as u64,
+            None => 0,
+        };
         let shard_steps = config.distill.cache_shard_steps;
         // Everything the answers depend on. The global batch is in it, not the world size:
-        // the same global batch on another number of workers asks the same questions.
+        // the same global batch on another number of workers asks the same questions. The
+        // pretrained student and the replay plan decide the anchors.
         let key = section_digest(&(
             TeacherCache::FORMAT,
             checkpoint::recipe_digest(config),
@@ -611,15 +616,24 @@ impl Driver {
             rows_per_step,
             task.steps,
             shard_steps,
+            (
+                &task.init,
+                task.replay.as_ref().map(|p| (&p.clips, p.seed)),
+                replay_rows_per_step,
+            ),
         ));
         let layout = TeacherCache {
             key,
             shard_steps,
             rows_per_step,
+            replay_rows_per_step,
             steps: task.steps,
         };
         let mut train = task.clone();
         train.plan.cursor = 0;
+        if let Some(replay) = &mut train.replay {
+            replay.cursor = 0;
+        }
         train.resume_from = None;
         let order = CacheTask {
             train,

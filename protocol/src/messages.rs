@@ -227,7 +227,9 @@ pub struct CacheTask {
 /// Where a run's cached teacher answers are and how they are cut. The rows of global sample
 /// `g` of the main plan (the plan's `g`-th draw, whatever the world) are row
 /// `g % (shard_steps * rows_per_step)` of shard `g / (shard_steps * rows_per_step)`, so any
-/// world size with the same global batch reads the same cache.
+/// world size with the same global batch reads the same cache. The replay rows' anchors (the
+/// frozen pre-distillation student's answers) are cut the same way by the replay plan's
+/// global index and `replay_rows_per_step`, in the same shards.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TeacherCache {
     /// Names the cache: a digest of everything its answers depend on (recipe, teacher, plan,
@@ -236,13 +238,16 @@ pub struct TeacherCache {
     pub shard_steps: u64,
     /// Global taught-class rows per step (batch per rank x world).
     pub rows_per_step: u64,
+    /// Global replay rows per step (replay batch per rank x world); 0 = no replay rows, and no
+    /// anchors in the shards.
+    pub replay_rows_per_step: u64,
     /// Steps the cache answers, from the plan's first sample.
     pub steps: u64,
 }
 
 impl TeacherCache {
-    /// Format of the shards and of the manifest; part of the key.
-    pub const FORMAT: u32 = 1;
+    /// Format of the shards and of the manifest; part of the key. 2: the replay anchors too.
+    pub const FORMAT: u32 = 2;
 
     pub fn shards(&self) -> u64 {
         self.steps.div_ceil(self.shard_steps.max(1))
@@ -250,6 +255,10 @@ impl TeacherCache {
 
     pub fn rows_per_shard(&self) -> u64 {
         self.shard_steps * self.rows_per_step
+    }
+
+    pub fn replay_rows_per_shard(&self) -> u64 {
+        self.shard_steps * self.replay_rows_per_step
     }
 
     /// The steps shard `index` answers.

@@ -174,7 +174,13 @@ pub fn plan(config: &Config, options: &Options) -> Result<Plan, ConfigError> {
     let no_teacher = distill_phase(&student, &teacher, b, rows, &lora, false, &host);
     let mut phases = vec![distill];
     if !resident {
-        phases.push(caching_phase(&teacher, b, taught, &host));
+        phases.push(caching_phase(
+            &student,
+            &teacher,
+            b,
+            (taught, replay),
+            &host,
+        ));
     }
     phases.extend(evaluation_phases(&student, &teacher, b, &lora, &host));
     if cpu {
@@ -375,8 +381,13 @@ fn distill_phase(
             dev,
         ));
     }
+    // Without the teacher loaded, its cache also holds the replay rows' anchors.
     let anchor = match (replay, student.qwen) {
         (0, _) => ("replay anchor: none (no replay rows)".to_string(), 0),
+        _ if !teacher_loaded => (
+            "replay anchor: the frozen student's answers, from the teacher cache".to_string(),
+            0,
+        ),
         (_, true) => (
             "replay anchor: the student's base with its adapters off (no copy)".to_string(),
             0,
@@ -412,7 +423,11 @@ fn distill_phase(
     } else {
         0
     };
-    let anchor_fwd = student.frozen_peak(replay, b);
+    let anchor_fwd = if teacher_loaded {
+        student.frozen_peak(replay, b)
+    } else {
+        0
+    };
     let graph = rows * student.graph_per_clip(b, lora.as_ref(), true);
     let frozen_grads = if student.qwen {
         // Every base linear's [B, in, out] gradient, and the LM head's.
@@ -436,7 +451,11 @@ fn distill_phase(
             teacher_fwd,
         ),
         (
-            format!("replay anchor forward: {replay} clips x {s} tokens, frozen"),
+            if teacher_loaded {
+                format!("replay anchor forward: {replay} clips x {s} tokens, frozen")
+            } else {
+                "replay anchor forward: none, cached".to_string()
+            },
             anchor_fwd,
         ),
         (
@@ -471,25 +490,56 @@ fn distill_phase(
     Phase::new("distillation step", parts)
 }
 
-/// The teacher cache's stage: the teacher alone, asked the batches a distillation step's
-/// taught rows would be.
-fn caching_phase(teacher: &Arch, b: Bytes, taught: usize, host: &HostParts) -> Phase {
-    let taught = taught as u64;
-    let mut parts = vec![
-        part(
-            format!("teacher weights, frozen, {}", dtype(b)),
-            teacher.params * b.w,
-            Memory::Device,
-        ),
-        part(
+/// The teacher cache's stage: the teacher, asked the batches a distillation step's taught
+/// rows would be, and where there are replay rows the frozen pretrained student too, asked
+/// the replay rows. The two forwards come one after the other.
+fn caching_phase(
+    student: &Arch,
+    teacher: &Arch,
+    b: Bytes,
+    (taught, replay): (usize, usize),
+    host: &HostParts,
+) -> Phase {
+    let (taught, replay) = (taught as u64, replay as u64);
+    let mut parts = vec![part(
+        format!("teacher weights, frozen, {}", dtype(b)),
+        teacher.params * b.w,
+        Memory::Device,
+    )];
+    if replay > 0 {
+        parts.push(part(
             format!(
-                "teacher forward: {taught} clips x {} tokens, frozen, one layer at a time",
-                teacher.tokens()
+                "the pretrained student's weights, frozen, {} (the replay rows' anchors)",
+                dtype(b)
             ),
-            teacher.frozen_peak(taught, b),
+            student.params * b.w,
             Memory::Device,
+        ));
+    }
+    let teacher_fwd = (
+        format!(
+            "teacher forward: {taught} clips x {} tokens, frozen, one layer at a time",
+            teacher.tokens()
         ),
-    ];
+        teacher.frozen_peak(taught, b),
+    );
+    let anchor_fwd = (
+        format!(
+            "student forward: {replay} replay clips x {} tokens, frozen, one layer at a time",
+            student.tokens()
+        ),
+        student.frozen_peak(replay, b),
+    );
+    let (what, bytes) = if anchor_fwd.1 > teacher_fwd.1 {
+        anchor_fwd
+    } else {
+        teacher_fwd
+    };
+    parts.push(part(
+        format!("larger forward: {what}"),
+        bytes,
+        Memory::Device,
+    ));
     parts.extend(host.common.clone());
     parts.push(host.distill_window.clone());
     Phase::new("caching the teacher's answers", parts)

@@ -127,6 +127,33 @@ fn a_cached_teacher_is_planned_in_its_own_stage() {
             .bytes
     };
     assert_eq!(weights(caching), weights(&online.phases[0]));
+    // The cache holds the replay rows' anchors too: the caching stage loads the pretrained
+    // student, and distillation runs no anchor forward.
+    let student = caching
+        .parts
+        .iter()
+        .find(|r| r.what.starts_with("the pretrained student's weights"))
+        .expect("the frozen student in the caching stage");
+    assert_eq!(student.bytes, p.models[0].parameters * 2);
+    let anchor = |p: &Plan| {
+        p.phases[0]
+            .parts
+            .iter()
+            .find(|r| r.what.starts_with("replay anchor"))
+            .unwrap()
+            .what
+            .clone()
+    };
+    assert!(
+        anchor(&p).contains("from the teacher cache"),
+        "{}",
+        anchor(&p)
+    );
+    assert!(
+        anchor(&online).contains("adapters off"),
+        "{}",
+        anchor(&online)
+    );
 }
 
 /// The paper config's 4 clips a GPU (2 taught, 2 replay) go through the student one at a

@@ -10,7 +10,6 @@
 //! weights' in its store).
 
 use super::inputs::{letter_logits, Answers, Ask};
-use super::teacher_cache::Targets;
 use super::{clock, ms, Anchors, Before, Rank, Teacher, Timings};
 use anyhow::{bail, Context as _, Result};
 use candle_core::backprop::GradStore;
@@ -140,13 +139,9 @@ impl Rank {
         // Targets: the teacher on the hard-class rows, the frozen student on the replay rows.
         let t0 = clock(&self.device)?;
         let teacher = match &mut anchors.teacher {
-            Teacher::Model(net) => {
-                let a = self.answers(net, task.modality.other(), &clips, seed, ask)?;
-                Targets {
-                    logits: a.logits,
-                    caption: a.caption,
-                }
-            }
+            Teacher::Model(net) => self
+                .answers(net, task.modality.other(), &clips, seed, ask)?
+                .into(),
             Teacher::Cached(cache) => {
                 let globals = task.plan.globals(self.rank, self.world, step, task.batch);
                 self.progress.waiting(|| cache.targets(&globals))?
@@ -156,10 +151,19 @@ impl Rank {
         let mut caption_targets = vec![teacher.caption.clone()];
         if n_replay > 0 {
             let before = match &anchors.student_before {
-                Before::Copy(net) => self.answers(net, task.modality, &replay, seed, ask)?,
+                Before::Copy(net) => self.answers(net, task.modality, &replay, seed, ask)?.into(),
                 Before::StudentBase(switch) => {
                     let _off = switch.off();
                     self.answers(student, task.modality, &replay, seed, ask)?
+                        .into()
+                }
+                Before::Cached => {
+                    let (Teacher::Cached(cache), Some(plan)) = (&mut anchors.teacher, &task.replay)
+                    else {
+                        bail!("cached anchors but no teacher cache or no replay plan");
+                    };
+                    let globals = plan.globals(self.rank, self.world, step, task.replay_batch);
+                    self.progress.waiting(|| cache.anchor_targets(&globals))?
                 }
                 Before::None => bail!("replay rows but no frozen student"),
             };

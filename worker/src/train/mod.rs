@@ -485,6 +485,9 @@ enum Before {
     /// off is what it computed before distillation, so no second copy of the base weights is
     /// loaded. `XKD_TEST_ANCHOR_COPY=1` loads the copy instead (tests compare the two).
     StudentBase(LoraSwitch),
+    /// The teacher cache holds the anchors (`distill.teacher = "cached"`): no frozen student
+    /// is built and none runs.
+    Cached,
 }
 
 /// Set by tests only: the replay anchor of a Qwen2 student is a second copy of its base.
@@ -775,8 +778,10 @@ impl Rank {
             }
         };
         let copy = std::env::var(ANCHOR_COPY_VAR).is_ok_and(|v| v == "1");
+        let cached_anchors = matches!(&teacher, Teacher::Cached(cache) if cache.has_anchors());
         let student_before = match student {
             _ if task.replay.is_none() || task.replay_batch == 0 => Before::None,
+            _ if cached_anchors => Before::Cached,
             Params::Lora { adapters, .. } if !net::is_adapter_dir(init) && !copy => {
                 Before::StudentBase(adapters.switch().clone())
             }
@@ -784,6 +789,7 @@ impl Rank {
         };
         let source = match (&student_before, student) {
             (Before::None, _) => None,
+            (Before::Cached, _) => Some("the teacher cache"),
             (Before::StudentBase(_), _) => Some("student base, adapters off"),
             (Before::Copy(_), Params::Lora { .. }) => Some("a copy of the base"),
             (Before::Copy(_), Params::Full(_)) => Some("the pretrained student"),

@@ -10,6 +10,11 @@
 //! the only thing hosts share; each is followed by a `.sha256` object so that a caching stage
 //! started again keeps every whole shard and makes again those that are missing or damaged.
 //! Distillation holds at most two shards, whatever the run's length.
+//!
+//! The replay rows' anchors (the frozen pre-distillation student's answers, the other targets
+//! of a distillation step) are pure functions of (seed, clip, epoch) too: the stage asks the
+//! frozen student every rank's replay batch the same way, keyed by the replay plan's global
+//! index, into the same shards. Distillation from the cache then runs neither frozen model.
 
 use super::inputs::Ask;
 use super::Rank;
@@ -21,11 +26,14 @@ use xkd_checkpoint::{sha256_hex, Store};
 use xkd_config::Modality;
 use xkd_models::net::{self, Net};
 use xkd_protocol::{
-    CacheTask, CachedShard, CheckpointOrder, Objective, TeacherCache, TeacherManifest, TrainTask,
+    CacheTask, CachedShard, CheckpointOrder, Objective, ShardPlan, TeacherCache, TeacherManifest,
+    TrainTask,
 };
 
 const ANSWERS: &str = "answers";
 const CAPTION: &str = "caption";
+const ANCHORS: &str = "anchors";
+const ANCHOR_CAPTION: &str = "anchor_caption";
 
 /// A shard the store holds that does not match what its manifest or its digest says. Transient
 /// on purpose: the coordinator restarts distillation, whose caching stage runs first and makes
@@ -120,14 +128,36 @@ impl Rank {
         let Objective::Distill { teacher, .. } = &train.objective else {
             bail!("the teacher cache needs a distillation task");
         };
-        let modality = train.modality.other();
-        let net = self.build_net(modality, teacher, train.seed, true)?;
+        let teacher = self.build_net(train.modality.other(), teacher, train.seed, true)?;
         self.progress.tick();
+        // The replay rows' anchor: the pretrained student, frozen, as `Before::Copy` builds it
+        // (a Qwen2 student's base with no adapters computes what its base with fresh adapters
+        // switched off does).
+        let anchor = match (&train.replay, layout.replay_rows_per_step) {
+            (Some(_), 1..) => {
+                let init = train
+                    .init
+                    .as_deref()
+                    .context("distillation needs the pretrained student as `init`")?;
+                let net = self.build_net(train.modality, init, train.seed, true)?;
+                self.progress.tick();
+                Some(net)
+            }
+            _ => None,
+        };
         let inputs = self.inputs()?;
-        inputs.register_net(modality, &net);
+        inputs.register_net(train.modality.other(), &teacher);
+        if let Some(net) = &anchor {
+            inputs.register_net(train.modality, net);
+        }
         let ask = teacher_ask(self, train)?;
+        let models = Models {
+            teacher: &teacher,
+            anchor: anchor.as_ref(),
+            ask,
+        };
         for index in missing {
-            let bytes = self.make_shard(&net, modality, train, layout, index, ask)?;
+            let bytes = self.make_shard(&models, train, layout, index)?;
             let sha256 = sha256_hex(&bytes);
             let size = bytes.len() as u64;
             self.progress.waiting(|| {
@@ -157,43 +187,79 @@ impl Rank {
     }
 
     /// Shard `index`: for each of its steps, every rank's taught-class batch of that step (as
-    /// the online run's ranks ask the teacher), rows in global sample order.
+    /// the online run's ranks ask the teacher), rows in global sample order; and where there
+    /// are replay rows, every rank's replay batch as the frozen student answers it, rows in the
+    /// replay plan's global order.
     fn make_shard(
         &mut self,
-        net: &Net,
-        modality: Modality,
+        models: &Models,
         train: &TrainTask,
         layout: &TeacherCache,
         index: u64,
-        ask: Ask,
     ) -> Result<Bytes> {
-        let inputs = self.inputs()?;
         let world = self.world;
         let batches: Vec<(u32, u64)> = layout
             .shard_steps_of(index)
             .flat_map(|s| (0..world).map(move |r| (r, s)))
             .collect();
-        let rows = batches.len() * train.batch;
+        let teacher = Part {
+            net: models.teacher,
+            modality: train.modality.other(),
+            plan: &train.plan,
+            batch: train.batch,
+            first: index * layout.rows_per_shard(),
+            names: (ANSWERS, CAPTION),
+        };
+        let mut tensors = self.answer_rows(&teacher, &batches, train.seed, models.ask)?;
+        if let (Some(net), Some(plan)) = (models.anchor, &train.replay) {
+            let anchor = Part {
+                net,
+                modality: train.modality,
+                plan,
+                batch: train.replay_batch,
+                first: index * layout.replay_rows_per_shard(),
+                names: (ANCHORS, ANCHOR_CAPTION),
+            };
+            tensors.extend(self.answer_rows(&anchor, &batches, train.seed, models.ask)?);
+        }
+        saver::encode_with(&tensors, Some((SHARD_META, shard_meta(&layout.key, index))))
+    }
+
+    /// `part`'s model's answers to each (rank, step) batch of its plan, as tensors named
+    /// `part.names` (answers, and captions where asked), rows by global index from
+    /// `part.first`.
+    fn answer_rows(
+        &mut self,
+        part: &Part,
+        batches: &[(u32, u64)],
+        seed: u64,
+        ask: Ask,
+    ) -> Result<Vec<RawTensor>> {
+        let inputs = self.inputs()?;
+        let world = self.world;
+        let rows = batches.len() * part.batch;
         let mut answers: Vec<Option<Tensor>> = vec![None; rows];
         let mut captions: Vec<Option<Tensor>> = vec![None; rows];
-        let first_g = index * layout.rows_per_shard();
         for (i, &(r, s)) in batches.iter().enumerate() {
             let coming: Vec<_> = batches[i..(i + 3).min(batches.len())]
                 .iter()
-                .map(|&(r, s)| (modality, train.plan.samples(r, world, s, train.batch)))
+                .map(|&(r, s)| (part.modality, part.plan.samples(r, world, s, part.batch)))
                 .collect();
             inputs.prefetch(&self.config, &coming);
-            let samples = train.plan.samples(r, world, s, train.batch);
-            let a = self.answers(net, modality, &samples, train.seed, ask)?;
-            for (k, g) in train
+            let samples = part.plan.samples(r, world, s, part.batch);
+            let a = self.answers(part.net, part.modality, &samples, seed, ask)?;
+            for (k, g) in part
                 .plan
-                .globals(r, world, s, train.batch)
+                .globals(r, world, s, part.batch)
                 .into_iter()
                 .enumerate()
             {
-                let row = (g - first_g) as usize;
-                answers[row] = Some(a.logits.get(k)?);
-                captions[row] = a.caption.as_ref().map(|c| c.get(k)).transpose()?;
+                let row = g
+                    .checked_sub(part.first)
+                    .filter(|&row| row < rows as u64)
+                    .with_context(|| format!("global sample {g} lies outside its shard"))?;
+                answers[row as usize] = Some(a.logits.get(k)?);
+                captions[row as usize] = a.caption.as_ref().map(|c| c.get(k)).transpose()?;
             }
             self.progress.tick();
         }
@@ -204,15 +270,36 @@ impl Rank {
                 None => None,
             })
         };
+        let (answers_name, caption_name) = part.names;
         let mut tensors = vec![RawTensor::of(
-            ANSWERS,
+            answers_name,
             &stack(answers)?.context("a shard row the batches did not fill")?,
         )?];
         if let Some(caption) = stack(captions)? {
-            tensors.push(RawTensor::of(CAPTION, &caption)?);
+            tensors.push(RawTensor::of(caption_name, &caption)?);
         }
-        saver::encode_with(&tensors, Some((SHARD_META, shard_meta(&layout.key, index))))
+        Ok(tensors)
     }
+}
+
+/// The frozen models the caching stage asks, and what it asks them.
+struct Models<'a> {
+    teacher: &'a Net,
+    /// The pretrained student, where there are replay rows.
+    anchor: Option<&'a Net>,
+    ask: Ask,
+}
+
+/// One model's share of a shard: whose answers to which plan's batches, and where they go.
+struct Part<'a> {
+    net: &'a Net,
+    modality: Modality,
+    plan: &'a ShardPlan,
+    batch: usize,
+    /// The global index of the shard's first row of this plan.
+    first: u64,
+    /// The tensors' names: answers, captions.
+    names: (&'static str, &'static str),
 }
 
 /// Shard `index` as the store holds it, when whole: its bytes, its digest object equal to
@@ -266,11 +353,25 @@ fn shard_meta(key: &str, index: u64) -> String {
     format!("cache {key} shard {index}")
 }
 
-/// One decoded shard: `[rows, letters]` answers, and `[rows, vocab]` captions when cached.
+/// One decoded shard: `[rows, letters]` answers, and `[rows, vocab]` captions when cached;
+/// the same of the replay rows' anchors where the run has replay rows.
 struct Shard {
     index: u64,
+    teacher: Rows,
+    anchors: Option<Rows>,
+}
+
+/// One model's rows of a shard.
+struct Rows {
     answers: Tensor,
     caption: Option<Tensor>,
+}
+
+/// Whose cached answers to read: the teacher's (taught rows) or the anchors (replay rows).
+#[derive(Debug, Clone, Copy)]
+enum Whose {
+    Teacher,
+    Anchor,
 }
 
 /// Distillation's teacher in cached mode: answers read from the store by global sample
@@ -283,10 +384,20 @@ pub(super) struct CachedTeacher {
     device: Device,
 }
 
-/// The teacher's targets for a batch: what `Answers` would carry from the teacher itself.
+/// The targets of a batch's rows (the teacher's, or the frozen student's): what `Answers`
+/// would carry from the model itself.
 pub(super) struct Targets {
     pub(super) logits: Tensor,
     pub(super) caption: Option<Tensor>,
+}
+
+impl From<super::inputs::Answers> for Targets {
+    fn from(a: super::inputs::Answers) -> Targets {
+        Targets {
+            logits: a.logits,
+            caption: a.caption,
+        }
+    }
 }
 
 impl CachedTeacher {
@@ -332,21 +443,46 @@ impl CachedTeacher {
         })
     }
 
-    /// The cached answers to global samples `globals`, in that order.
+    /// The teacher's cached answers to global samples `globals` of the main plan, in order.
     pub(super) fn targets(&mut self, globals: &[u64]) -> Result<Targets> {
-        let per_shard = self.manifest.layout.rows_per_shard();
+        self.rows(Whose::Teacher, globals)
+    }
+
+    /// Whether the cache holds the replay rows' anchors.
+    pub(super) fn has_anchors(&self) -> bool {
+        self.manifest.layout.replay_rows_per_step > 0
+    }
+
+    /// The frozen student's cached answers to global samples `globals` of the replay plan.
+    pub(super) fn anchor_targets(&mut self, globals: &[u64]) -> Result<Targets> {
+        self.rows(Whose::Anchor, globals)
+    }
+
+    fn rows(&mut self, whose: Whose, globals: &[u64]) -> Result<Targets> {
+        let layout = &self.manifest.layout;
+        let per_shard = match whose {
+            Whose::Teacher => layout.rows_per_shard(),
+            Whose::Anchor => layout.replay_rows_per_shard(),
+        };
+        if per_shard == 0 {
+            bail!("the teacher cache holds no {whose:?} rows");
+        }
         let mut answers = Vec::with_capacity(globals.len());
         let mut captions = Vec::with_capacity(globals.len());
         for &g in globals {
             let shard = self.shard(g / per_shard)?;
+            let rows = match whose {
+                Whose::Teacher => Some(&shard.teacher),
+                Whose::Anchor => shard.anchors.as_ref(),
+            }
+            .with_context(|| format!("teacher cache shard {} holds no anchors", shard.index))?;
             let row = (g % per_shard) as usize;
-            if row >= shard.answers.dim(0)? {
+            if row >= rows.answers.dim(0)? {
                 bail!("global sample {g} lies past the teacher cache's last step");
             }
-            answers.push(shard.answers.narrow(0, row, 1)?);
+            answers.push(rows.answers.narrow(0, row, 1)?);
             captions.push(
-                shard
-                    .caption
+                rows.caption
                     .as_ref()
                     .map(|c| c.narrow(0, row, 1))
                     .transpose()?,
@@ -392,15 +528,28 @@ impl CachedTeacher {
         let answers = tensors
             .remove(ANSWERS)
             .with_context(|| format!("{name} holds no `{ANSWERS}`"))?;
-        let caption = tensors.remove(CAPTION);
+        let teacher = Rows {
+            answers,
+            caption: tensors.remove(CAPTION),
+        };
+        let anchors = match tensors.remove(ANCHORS) {
+            Some(answers) => Some(Rows {
+                answers,
+                caption: tensors.remove(ANCHOR_CAPTION),
+            }),
+            None if layout.replay_rows_per_step > 0 => {
+                return Err(damaged(format!("it holds no `{ANCHORS}`")).into())
+            }
+            None => None,
+        };
         if self.held.len() >= 2 {
             self.held.remove(0);
         }
         tracing::debug!(shard = index, "teacher cache shard read");
         self.held.push(Shard {
             index,
-            answers,
-            caption,
+            teacher,
+            anchors,
         });
         Ok(self.held.last().expect("just pushed"))
     }

@@ -287,7 +287,8 @@ fn caption_loss(
         return Ok(None);
     };
     let rows = caption.dim(0)?;
-    let weight = caption_weight * rows as f64 / n_all as f64;
+    // rows / n_all first: one pass over all rows (1.0) weighs each row exactly `caption_weight`.
+    let weight = caption_weight * (rows as f64 / n_all as f64);
     let weights = Tensor::new(vec![weight as f32; rows], caption.device())?;
     let loss = xkd_kernels::fused_distill_loss(
         caption,

@@ -96,6 +96,19 @@ impl Rank {
                 self.world as u64 * train.batch as u64
             );
         }
+        let replay = match &train.replay {
+            Some(_) => self.world as u64 * train.replay_batch as u64,
+            None => 0,
+        };
+        if layout.replay_rows_per_step != replay {
+            bail!(
+                "the teacher cache has {} replay rows per step, but {} ranks of {} replay rows \
+                 make {replay}",
+                layout.replay_rows_per_step,
+                self.world,
+                train.replay_batch
+            );
+        }
         let (store, run_id) = open_store(&train.checkpoint)?;
         let mut out = Vec::new();
         let mut missing = Vec::new();

@@ -1,5 +1,14 @@
 use super::*;
 
+/// The part of `phase` whose description starts with `prefix`.
+fn part_of<'a>(phase: &'a Phase, prefix: &str) -> &'a Part {
+    phase
+        .parts
+        .iter()
+        .find(|r| r.what.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no part `{prefix}...` in {}", phase.name))
+}
+
 fn config(sets: &[&str]) -> Config {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     Config::resolve(None, &sets).unwrap()
@@ -30,13 +39,10 @@ fn rows_follow_the_batch_split() {
 fn a_stand_in_anchor_is_a_copy_only_with_replay_rows() {
     let anchor = |sets: &[&str]| {
         let p = plan(&config(sets), &Options::default()).unwrap();
-        let distill = &p.phases[0];
-        let row = distill
-            .parts
-            .iter()
-            .find(|r| r.what.starts_with("replay anchor"))
-            .unwrap();
-        (p.models[0].parameters, row.bytes)
+        (
+            p.models[0].parameters,
+            part_of(&p.phases[0], "replay anchor").bytes,
+        )
     };
     let (params, bytes) = anchor(&[]);
     assert_eq!(bytes, params * 4);
@@ -81,12 +87,7 @@ fn the_paper_pair_is_planned_from_the_known_architectures() {
     // 20 frames of 360 x 640, kept at 364 x 644: 10 x 26 x 46 patches, 4 to a token.
     assert_eq!(teacher.clip_tokens, 2990);
     assert_eq!(p.device, "cuda");
-    let anchor = p.phases[0]
-        .parts
-        .iter()
-        .find(|r| r.what.starts_with("replay anchor"))
-        .unwrap();
-    assert_eq!(anchor.bytes, 0);
+    assert_eq!(part_of(&p.phases[0], "replay anchor").bytes, 0);
 }
 
 /// What the cached teacher saves is the teacher's weights at least.
@@ -94,11 +95,7 @@ fn the_paper_pair_is_planned_from_the_known_architectures() {
 fn the_distillation_step_without_the_teacher_saves_its_weights() {
     let p = paper_pair(&["distill.teacher=online"]);
     assert!(p.teacher_resident);
-    let teacher = p.phases[0]
-        .parts
-        .iter()
-        .find(|r| r.what.starts_with("teacher weights"))
-        .unwrap();
+    let teacher = part_of(&p.phases[0], "teacher weights");
     assert!(p.phases[0].device_bytes - p.distill_without_teacher_bytes >= teacher.bytes);
 }
 
@@ -119,31 +116,13 @@ fn a_cached_teacher_is_planned_in_its_own_stage() {
         .find(|ph| ph.name == "caching the teacher's answers")
         .expect("a caching phase");
     let online = paper_pair(&["distill.teacher=online"]);
-    let weights = |ph: &Phase| {
-        ph.parts
-            .iter()
-            .find(|r| r.what.starts_with("teacher weights"))
-            .unwrap()
-            .bytes
-    };
+    let weights = |ph: &Phase| part_of(ph, "teacher weights").bytes;
     assert_eq!(weights(caching), weights(&online.phases[0]));
     // The cache holds the replay rows' anchors too: the caching stage loads the pretrained
     // student, and distillation runs no anchor forward.
-    let student = caching
-        .parts
-        .iter()
-        .find(|r| r.what.starts_with("the pretrained student's weights"))
-        .expect("the frozen student in the caching stage");
+    let student = part_of(caching, "the pretrained student's weights");
     assert_eq!(student.bytes, p.models[0].parameters * 2);
-    let anchor = |p: &Plan| {
-        p.phases[0]
-            .parts
-            .iter()
-            .find(|r| r.what.starts_with("replay anchor"))
-            .unwrap()
-            .what
-            .clone()
-    };
+    let anchor = |p: &Plan| part_of(&p.phases[0], "replay anchor").what.clone();
     assert!(
         anchor(&p).contains("from the teacher cache"),
         "{}",
@@ -167,14 +146,7 @@ fn the_paper_pair_fits_80_gib_with_one_clip_at_a_time() {
     assert!(p.fits, "{} bytes in {}", p.peak_bytes, p.peak_phase);
     let whole = paper_pair(&["distill.micro_batch=0"]);
     assert!(!whole.fits, "{} bytes", whole.peak_bytes);
-    let step = |p: &Plan| {
-        p.phases[0]
-            .parts
-            .iter()
-            .find(|r| r.what.starts_with("largest of a step's forwards: student"))
-            .unwrap()
-            .bytes
-    };
+    let step = |p: &Plan| part_of(&p.phases[0], "largest of a step's forwards: student").bytes;
     assert!(
         step(&p) * 3 < step(&whole),
         "{} against {}",

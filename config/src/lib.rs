@@ -264,6 +264,11 @@ pub struct DistillConfig {
     /// Share of each batch drawn from the other classes, anchored to the student's own
     /// pre-distillation predictions so the student does not forget them.
     pub replay_fraction: f64,
+    /// Rehearsal: the replay rows are drawn from the student's own pretraining split too (its
+    /// clips of the classes not taught), not only from the distill split's. A wider pool
+    /// anchors more of what the student saw before, so fewer of its other classes' answers
+    /// drift while it learns the taught ones (issue 18's measurements, README).
+    pub replay_pretrain: bool,
     /// Weight of the caption KL: the teacher's next-token distribution right after its
     /// modality tokens (which names the class it perceives) against the student's.
     pub caption_weight: f64,
@@ -294,8 +299,8 @@ pub struct DistillConfig {
 impl DistillConfig {
     /// What of this section decides the numbers a run computes: everything but `teacher` and
     /// `cache_shard_steps`, which only say where the teacher's answers come from. Serialises
-    /// as the section did before those keys existed (and `micro_batch` only where it is not
-    /// 0), so recipe digests keep their values.
+    /// as the section did before those keys existed (`micro_batch` only where it is not 0,
+    /// `replay_pretrain` only where it is true), so recipe digests keep their values.
     pub fn recipe(&self) -> impl Serialize + '_ {
         DistillRecipe {
             direction: self.direction,
@@ -305,6 +310,7 @@ impl DistillConfig {
             target: self.target,
             kl_over: self.kl_over,
             replay_fraction: self.replay_fraction,
+            replay_pretrain: self.replay_pretrain,
             caption_weight: self.caption_weight,
             steps: self.steps,
             batch: self.batch,
@@ -351,6 +357,9 @@ struct DistillRecipe {
     target: CeTarget,
     kl_over: KlOver,
     replay_fraction: f64,
+    /// Absent where false, so the recipes of configs from before the key keep their digests.
+    #[serde(skip_serializing_if = "is_false")]
+    replay_pretrain: bool,
     caption_weight: f64,
     steps: u64,
     batch: usize,
@@ -366,6 +375,10 @@ struct DistillRecipe {
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Where distillation's teacher answers come from (`distill.teacher`).

@@ -238,6 +238,38 @@ pub(crate) fn split<'a>(data: &'a DataSummary, name: &str) -> Result<&'a xkd_pro
         .ok_or_else(|| anyhow!("the dataset has no `{name}` split"))
 }
 
+/// The clips distillation draws from: the distill split's clips of the `taught` classes (the
+/// teacher's rows) and the replay pool of the other classes (the frozen student's rows): the
+/// distill split's and, with `distill.replay_pretrain` (rehearsal), also the student's
+/// pretraining split's. A dataset without that split adds nothing to the pool.
+pub(crate) fn distill_pools(
+    data: &DataSummary,
+    taught: &[u32],
+    config: &Config,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let taught: HashSet<u32> = taught.iter().copied().collect();
+    let pool = split(data, "distill")?;
+    let (mut main, mut others) = (Vec::new(), Vec::new());
+    for (&clip, label) in pool.clips.iter().zip(&pool.labels) {
+        if taught.contains(label) {
+            main.push(clip);
+        } else {
+            others.push(clip);
+        }
+    }
+    let pretrain = format!("pretrain_{}", config.student_modality().as_str());
+    if let (true, Ok(pre)) = (config.distill.replay_pretrain, split(data, &pretrain)) {
+        others.extend(
+            pre.clips
+                .iter()
+                .zip(&pre.labels)
+                .filter(|(_, label)| !taught.contains(label))
+                .map(|(&clip, _)| clip),
+        );
+    }
+    Ok((main, others))
+}
+
 impl Driver {
     /// The decisions an earlier start of this run stored, with their URL; none for a run
     /// without a checkpoint store (`xkd hard-classes`).
@@ -445,16 +477,7 @@ impl Driver {
         student: &str,
         save: &str,
     ) -> Result<(TrainSummary, Option<String>)> {
-        let taught_set: HashSet<u32> = taught.iter().copied().collect();
-        let pool = split(data, "distill")?;
-        let (mut main, mut others) = (Vec::new(), Vec::new());
-        for (&clip, label) in pool.clips.iter().zip(&pool.labels) {
-            if taught_set.contains(label) {
-                main.push(clip);
-            } else {
-                others.push(clip);
-            }
-        }
+        let (main, others) = distill_pools(data, taught, config)?;
         if main.is_empty() {
             bail!(
                 "the distill split has no clip of the classes the teacher teaches ({}): \
@@ -680,5 +703,55 @@ impl Driver {
             "teacher cache ready"
         );
         Ok(layout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xkd_protocol::SplitClips;
+
+    fn data() -> DataSummary {
+        let split = |name: &str, clips: &[u32], labels: &[u32]| SplitClips {
+            name: name.into(),
+            clips: clips.to_vec(),
+            labels: labels.to_vec(),
+        };
+        DataSummary {
+            dir: "d".into(),
+            classes: vec!["a".into(), "b".into(), "c".into()],
+            splits: vec![
+                split("distill", &[10, 11, 12, 13], &[0, 1, 2, 0]),
+                split("pretrain_audio", &[20, 21, 22], &[0, 1, 2]),
+                split("pretrain_visual", &[30, 31], &[1, 2]),
+            ],
+        }
+    }
+
+    fn config(sets: &[&str]) -> Config {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Config::resolve(None, &sets).unwrap()
+    }
+
+    #[test]
+    fn rehearsal_adds_the_students_pretraining_clips_of_the_other_classes() {
+        // The default student hears (visual_to_audio): class 0 taught.
+        let (main, others) = distill_pools(&data(), &[0], &config(&[])).unwrap();
+        assert_eq!((main, others), (vec![10, 13], vec![11, 12]));
+        let rehearse = config(&["distill.replay_pretrain=true"]);
+        let (main, others) = distill_pools(&data(), &[0], &rehearse).unwrap();
+        assert_eq!((main, others), (vec![10, 13], vec![11, 12, 21, 22]));
+        // The visual student rehearses its own pretraining split.
+        let visual = config(&[
+            "distill.replay_pretrain=true",
+            "distill.direction=\"audio_to_visual\"",
+        ]);
+        let (_, others) = distill_pools(&data(), &[2], &visual).unwrap();
+        assert_eq!(others, vec![10, 11, 13, 30]);
+        // A dataset without the student's pretraining split rehearses nothing more.
+        let mut bare = data();
+        bare.splits.retain(|s| s.name == "distill");
+        let (_, others) = distill_pools(&bare, &[0], &rehearse).unwrap();
+        assert_eq!(others, vec![11, 12]);
     }
 }

@@ -229,6 +229,7 @@ fn bad_values() -> Vec<(String, Option<&'static str>, &'static [&'static str])> 
         ("distill.target", Some("\"truth\"")),
         ("distill.kl_over", Some("\"all\"")),
         ("distill.replay_fraction", Some("1")),
+        ("distill.replay_pretrain", None),
         ("distill.caption_weight", Some("-1")),
         ("distill.steps", None),
         ("distill.batch", Some("0")),

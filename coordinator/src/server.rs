@@ -41,6 +41,8 @@ pub const JOIN_FRAME_LIMIT: u32 = 64 << 10;
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a refused peer gets to receive its `Reject` before the connection is closed.
 const REJECT_GRACE: Duration = Duration::from_secs(1);
+/// Time each worker gets to acknowledge `Shutdown` before `Cluster::shutdown` returns anyway.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 pub struct ControlServer {
     endpoint: Endpoint,
@@ -457,14 +459,38 @@ impl Cluster {
         Ok(())
     }
 
-    /// The next message or loss from any worker; `None` once every worker is lost.
-    /// Tell every worker to stop; their departures are expected from here on.
+    /// Tells every worker to stop; their departures are expected from here on. Returns once
+    /// each worker has acknowledged the frame at the transport or has left, or after
+    /// `SHUTDOWN_GRACE`: the coordinator's process ends soon after, and a frame still in its
+    /// send buffer then would never leave it, so a worker started by someone else (`srun`, a
+    /// pod) would wait for an order that never comes.
     pub async fn shutdown(&self, reason: &str) -> anyhow::Result<()> {
         self.stopping.store(true, Ordering::Relaxed);
         let msg = CoordinatorMsg::Shutdown {
             reason: reason.to_string(),
         };
-        self.broadcast(&msg).await
+        let sent = self.broadcast(&msg).await;
+        let waits: Vec<_> = self
+            .links
+            .iter()
+            .map(|link| {
+                let link = link.clone();
+                tokio::spawn(async move { link.delivered(SHUTDOWN_GRACE).await })
+            })
+            .collect();
+        let mut undelivered = Vec::new();
+        for (rank, wait) in waits.into_iter().enumerate() {
+            if !matches!(wait.await, Ok(true)) {
+                undelivered.push(rank.to_string());
+            }
+        }
+        if !undelivered.is_empty() {
+            warn!(
+                ranks = undelivered.join(", "),
+                "not acknowledged within {SHUTDOWN_GRACE:?}: leaving without them"
+            );
+        }
+        sent
     }
 
     /// Ends this generation: every worker is told to exit for a restart, and their departures
@@ -565,6 +591,22 @@ impl Link {
             .await
             .map_err(|_| anyhow!("the worker took no frame for {limit:?}"))??;
         Ok(())
+    }
+
+    /// Ends the stream and waits, at most `limit`, until the worker has acknowledged all of
+    /// it or its connection is gone; false when `limit` passed first.
+    async fn delivered(&self, limit: Duration) -> bool {
+        let mut send = self.send.lock().await;
+        if send.finish().is_err() {
+            return true; // already finished or reset: nothing more can be delivered
+        }
+        let acknowledged = async {
+            tokio::select! {
+                _ = send.stopped() => {}
+                _ = self.conn.closed() => {}
+            }
+        };
+        timeout(limit, acknowledged).await.is_ok()
     }
 }
 

@@ -268,6 +268,72 @@ async fn ranks_follow_join_order_and_broadcast_reaches_all() {
     .await;
 }
 
+/// `shutdown` returns only once the worker's transport has the frame: the coordinator's
+/// process may end right after, and a frame left in its send buffer would never leave. The
+/// worker's runtime is held still (no acknowledgement can go out) while the coordinator shuts
+/// down; `shutdown` must not return before it is let go, and the worker must get the frame
+/// even though the coordinator's runtime is gone by the time it reads.
+#[test]
+fn shutdown_returns_once_the_worker_has_the_frame() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let coordinator = runtime();
+    let (server, addr, cert) = coordinator.block_on(async {
+        let server = ControlServer::bind(loopback(), TOKEN.into()).await.unwrap();
+        let (addr, cert) = (server.local_addr(), server.cert_der().to_vec());
+        (server, addr, cert)
+    });
+    let (gathered_tx, gathered) = tokio::sync::oneshot::channel::<()>();
+    let (still_tx, still) = mpsc::channel();
+    let let_go = Arc::new(AtomicBool::new(false));
+    let worker = std::thread::spawn({
+        let let_go = let_go.clone();
+        move || {
+            let rt = runtime();
+            let mut client = rt.block_on(async {
+                let client = Client::joined(addr, &cert).await;
+                gathered.await.unwrap();
+                client
+            });
+            // Outside `block_on` this runtime polls nothing: packets wait in the socket.
+            still_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let_go.store(true, Ordering::SeqCst);
+            rt.block_on(bounded(client.recv_msg()))
+        }
+    });
+    let mut server = server;
+    let cluster = coordinator.block_on(async {
+        let cluster = server.gather(1, Duration::from_secs(10), Duration::from_secs(10));
+        bounded(cluster).await.unwrap()
+    });
+    gathered_tx.send(()).unwrap();
+    still.recv().unwrap();
+    coordinator
+        .block_on(bounded(cluster.shutdown("run finished")))
+        .unwrap();
+    assert!(
+        let_go.load(Ordering::SeqCst),
+        "shutdown returned before the worker could have acknowledged the frame"
+    );
+    // What the coordinator's process does next: stop, with nothing left to drive its sockets.
+    drop(coordinator);
+    let got = worker.join().unwrap();
+    assert_eq!(
+        got,
+        CoordinatorMsg::Shutdown {
+            reason: "run finished".into()
+        }
+    );
+    drop((cluster, server));
+}
+
 #[tokio::test]
 async fn gather_times_out_naming_how_many_joined() {
     bounded(async {

@@ -42,7 +42,7 @@ pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a refused peer gets to receive its `Reject` before the connection is closed.
 const REJECT_GRACE: Duration = Duration::from_secs(1);
 /// Time each worker gets to acknowledge `Shutdown` before `Cluster::shutdown` returns anyway.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 pub struct ControlServer {
     endpoint: Endpoint,
@@ -508,6 +508,7 @@ impl Cluster {
         }
     }
 
+    /// The next message or loss from any worker; `None` once every worker is lost.
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.recv().await
     }

@@ -27,7 +27,7 @@ pub struct ControlLink {
     sender: LinkSender,
     writer: JoinHandle<()>,
     /// The endpoint drives the connection; it must live as long as the link.
-    _endpoint: Endpoint,
+    endpoint: Endpoint,
 }
 
 /// Queues messages for the coordinator; cheap to clone, never blocks.
@@ -83,7 +83,7 @@ impl ControlLink {
             conn,
             sender: LinkSender { tx },
             writer: tokio::spawn(write_queued(send, rx)),
-            _endpoint: endpoint,
+            endpoint,
         }
     }
 
@@ -101,6 +101,16 @@ impl ControlLink {
         {
             warn!("the coordinator did not acknowledge the last messages within {limit:?}");
         }
+    }
+
+    /// Closes the connection and waits (at most `limit`) until the close has gone out: what a
+    /// worker does last before its process ends. The packet that carries the close also
+    /// acknowledges what the coordinator sent last (its `Shutdown`), which the coordinator
+    /// waits for; a process that ended first would leave it waiting for its grace period.
+    pub async fn close(&self, limit: Duration) {
+        self.writer.abort();
+        self.conn.close(CLOSE_NORMAL, b"worker done");
+        let _ = tokio::time::timeout(limit, self.endpoint.wait_idle()).await;
     }
 
     /// The next order; `None` when the coordinator ended the stream or closed the connection

@@ -45,6 +45,8 @@ pub enum Exit {
 
 /// How long a worker leaving on its own waits for its last report to be acknowledged.
 const FINISH_LIMIT: Duration = Duration::from_secs(5);
+/// How long a leaving worker waits for its connection's close to go out.
+const CLOSE_LIMIT: Duration = Duration::from_secs(1);
 
 /// Join, work, and return when the coordinator says shutdown or restart, or on SIGTERM.
 ///
@@ -146,6 +148,7 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
                             Some(CoordinatorMsg::Restart { reason }) => {
                                 tracing::warn!(reason, "restart ordered during a task");
                                 heartbeat.abort();
+                                link.close(CLOSE_LIMIT).await;
                                 return Ok(Exit::Restart);
                             }
                             Some(other) => bail!("unexpected message during a task: {other:?}"),
@@ -221,6 +224,7 @@ pub async fn run(args: WorkerArgs) -> Result<Exit> {
         }
     };
     heartbeat.abort();
+    link.close(CLOSE_LIMIT).await;
     Ok(exit)
 }
 

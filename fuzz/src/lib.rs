@@ -226,17 +226,21 @@ fn join_seeds() -> Vec<Vec<u8>> {
     ]
 }
 
-/// The repository's configs, alone and followed by a few `--set` arguments.
+/// The repository's configs (the `.toml` files of `configs/`; its `arch/` folder holds model
+/// architectures, not recipes), alone and followed by a few `--set` arguments.
 fn config_seeds() -> std::io::Result<Vec<Vec<u8>>> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
     let mut files: Vec<_> = std::fs::read_dir(dir)?
         .map(|entry| entry.map(|e| e.path()))
         .collect::<Result<_, _>>()?;
+    files.retain(|path| path.extension().is_some_and(|ext| ext == "toml"));
     files.sort();
     let sets = "\0distill.alpha=0.5\0run.device=cuda:1\0distill.direction=audio_to_visual";
     let mut seeds = vec![sets.as_bytes().to_vec()];
     for file in files {
-        let text = std::fs::read(file)?;
+        let text = std::fs::read(&file).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("reading {}: {e}", file.display()))
+        })?;
         seeds.push([&text[..], sets.as_bytes()].concat());
         seeds.push(text);
     }

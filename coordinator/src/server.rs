@@ -15,6 +15,7 @@
 use anyhow::{anyhow, bail, ensure, Context};
 use prometheus_client::metrics::gauge::Gauge;
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use subtle::ConstantTimeEq;
 use tokio::io::AsyncRead;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn};
 use xkd_protocol::frame::{encode, read_frame, write_frame, FrameError, MAX_FRAME_BYTES};
@@ -366,14 +367,26 @@ async fn refuse(mut peer: Peer, reject: Reject) {
     // Whatever else the peer is sending (an oversized body, say) is not wanted.
     let _ = peer.recv.stop(CLOSE_REJECTED);
     let reply = CoordinatorMsg::Reject(reject);
+    // Closing before the peer acknowledged the frame could discard it.
     let delivered = timeout(REJECT_GRACE, async {
-        write_frame(&mut peer.send, &reply).await.ok()?;
-        peer.send.finish().ok()?;
-        // Resolves once the peer acknowledged the frame: closing earlier could discard it.
-        peer.send.stopped().await.ok()
+        if write_frame(&mut peer.send, &reply).await.is_ok() {
+            finish_acknowledged(&mut peer.send, &peer.conn).await;
+        }
     });
     let _ = delivered.await;
     peer.conn.close(CLOSE_REJECTED, b"join refused");
+}
+
+/// Ends `send` and resolves once the peer has acknowledged all of it or `conn` is gone: a
+/// frame still in the send buffer when the connection closes is lost.
+async fn finish_acknowledged(send: &mut SendStream, conn: &Connection) {
+    if send.finish().is_err() {
+        return; // already finished or reset: nothing more can be delivered
+    }
+    tokio::select! {
+        _ = send.stopped() => {}
+        _ = conn.closed() => {}
+    }
 }
 
 impl Cluster {
@@ -439,17 +452,16 @@ impl Cluster {
     /// fails naming every rank that did not take it.
     pub async fn broadcast(&self, msg: &CoordinatorMsg) -> anyhow::Result<()> {
         let frame: Arc<[u8]> = encode(msg)?.into();
-        let writes: Vec<_> = self
-            .links
-            .iter()
-            .map(|link| {
-                let (link, frame, limit) = (link.clone(), frame.clone(), self.send_timeout);
-                tokio::spawn(async move { link.write(&frame, limit).await })
+        let limit = self.send_timeout;
+        let writes = self
+            .on_every_link(|link| {
+                let frame = frame.clone();
+                async move { link.write(&frame, limit).await }
             })
-            .collect();
+            .await;
         let mut failed = Vec::new();
         for (rank, write) in writes.into_iter().enumerate() {
-            match write.await {
+            match write {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => failed.push(format!("rank {rank}: {e:#}")),
                 Err(e) => failed.push(format!("rank {rank}: {e}")),
@@ -470,17 +482,12 @@ impl Cluster {
             reason: reason.to_string(),
         };
         let sent = self.broadcast(&msg).await;
-        let waits: Vec<_> = self
-            .links
-            .iter()
-            .map(|link| {
-                let link = link.clone();
-                tokio::spawn(async move { link.delivered(SHUTDOWN_GRACE).await })
-            })
-            .collect();
+        let waits = self
+            .on_every_link(|link| async move { link.delivered(SHUTDOWN_GRACE).await })
+            .await;
         let mut undelivered = Vec::new();
         for (rank, wait) in waits.into_iter().enumerate() {
-            if !matches!(wait.await, Ok(true)) {
+            if !matches!(wait, Ok(true)) {
                 undelivered.push(rank.to_string());
             }
         }
@@ -491,6 +498,26 @@ impl Cluster {
             );
         }
         sent
+    }
+
+    /// Runs `act` on every link at once, so one stuck worker does not hold up the others;
+    /// each rank's outcome in rank order (a task that panicked as its join error).
+    async fn on_every_link<F, Fut>(&self, act: F) -> Vec<Result<Fut::Output, JoinError>>
+    where
+        F: Fn(Arc<Link>) -> Fut,
+        Fut: Future + Send + 'static,
+        Fut::Output: Send + 'static,
+    {
+        let tasks: Vec<_> = self
+            .links
+            .iter()
+            .map(|link| tokio::spawn(act(link.clone())))
+            .collect();
+        let mut outcomes = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            outcomes.push(task.await);
+        }
+        outcomes
     }
 
     /// Ends this generation: every worker is told to exit for a restart, and their departures
@@ -598,16 +625,9 @@ impl Link {
     /// it or its connection is gone; false when `limit` passed first.
     async fn delivered(&self, limit: Duration) -> bool {
         let mut send = self.send.lock().await;
-        if send.finish().is_err() {
-            return true; // already finished or reset: nothing more can be delivered
-        }
-        let acknowledged = async {
-            tokio::select! {
-                _ = send.stopped() => {}
-                _ = self.conn.closed() => {}
-            }
-        };
-        timeout(limit, acknowledged).await.is_ok()
+        timeout(limit, finish_acknowledged(&mut send, &self.conn))
+            .await
+            .is_ok()
     }
 }
 

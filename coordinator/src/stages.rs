@@ -736,7 +736,8 @@ mod tests {
     #[test]
     fn rehearsal_adds_the_students_pretraining_clips_of_the_other_classes() {
         // The default student hears (visual_to_audio): class 0 taught.
-        let (main, others) = distill_pools(&data(), &[0], &config(&[])).unwrap();
+        let plain = config(&["distill.replay_pretrain=false"]);
+        let (main, others) = distill_pools(&data(), &[0], &plain).unwrap();
         assert_eq!((main, others), (vec![10, 13], vec![11, 12]));
         let rehearse = config(&["distill.replay_pretrain=true"]);
         let (main, others) = distill_pools(&data(), &[0], &rehearse).unwrap();

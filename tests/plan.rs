@@ -195,6 +195,7 @@ teacher_floor = 0.0
 alpha = 1.0
 caption_weight = 0.0
 replay_fraction = 0.5
+replay_target = "student"
 # The teacher in the distilling worker, as the README's table was measured: the distillation
 # step is then every run's peak. (`auto` would cache it: the cached step, 747 MiB planned at
 # 4 + 4 rows one at a time, measured 888-949 MiB here; see README.)

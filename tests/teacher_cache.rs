@@ -4,7 +4,9 @@
 //! frozen model is built after that line: both come from the cache), and a caching
 //! stage started again keeps the whole shards and makes again the damaged one and the one
 //! whose caching was interrupted (shard without its digest object); and the cache works the
-//! same in a real S3-compatible server (s3s-fs).
+//! same in a real S3-compatible server (s3s-fs). Replay rows trained to their labels (the
+//! default `distill.replay_target`) need no anchors: the cache holds none, no frozen student is
+//! built in either mode, and the two modes again train the same student.
 //!
 //! One test function on purpose: the runs share a cache of pretrained stand-ins, one after
 //! another on a 2-core machine.
@@ -16,6 +18,9 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 const STEPS: u64 = 8;
+/// The replay rows anchored to the frozen student, whose answers the cache then holds too.
+const ANCHORED: &str = "distill.replay_target=\"student\"";
+const CACHED: &str = "distill.teacher=\"cached\"";
 const SHARD_STEPS: u64 = 3;
 
 fn root() -> PathBuf {
@@ -76,13 +81,11 @@ fn cache_ready(log: &[Value]) -> (u64, u64) {
 #[test]
 fn a_cached_teacher_trains_the_online_student_and_its_shards_are_remade_when_damaged() {
     let _ = std::fs::remove_dir_all(root().join("runs"));
-    let cached_sets = [
-        "distill.teacher=\"cached\"",
-        &format!("distill.cache_shard_steps={SHARD_STEPS}"),
-    ];
+    let shard_steps = format!("distill.cache_shard_steps={SHARD_STEPS}");
+    let cached_sets = [ANCHORED, CACHED, &shard_steps];
 
     let online_out = root().join("runs/online");
-    let (online, _) = run(&online_out, "tc-online", &[]);
+    let (online, _) = run(&online_out, "tc-online", &[ANCHORED]);
     // The checks below see a teacher load and a frozen student load where there are ones.
     for log in worker_logs(&online_out) {
         assert!(
@@ -187,4 +190,35 @@ fn a_cached_teacher_trains_the_online_student_and_its_shards_are_remade_when_dam
         .unwrap()
         .to_string();
     assert!(manifest.starts_with(&url), "{manifest} is not in {url}");
+
+    // Replay rows trained to their labels: no frozen student in either mode, and the same
+    // student from both.
+    let labels_out = root().join("runs/labels-online");
+    let (labels_online, _) = run(&labels_out, "tc-labels-online", &[]);
+    let labels_cached_out = root().join("runs/labels-cached");
+    let (labels_cached, _) = run(
+        &labels_cached_out,
+        "tc-labels-cached",
+        &[CACHED, &shard_steps],
+    );
+    assert_eq!(
+        labels_cached["student_digest"], labels_online["student_digest"],
+        "with labelled replay rows, the cached run's student differs from the online run's"
+    );
+    assert_ne!(labels_online["student_digest"], online["student_digest"]);
+    for out in [&labels_out, &labels_cached_out] {
+        for (rank, log) in worker_logs(out).iter().enumerate() {
+            assert!(
+                !log.iter().any(loads_frozen_student),
+                "rank {rank} of {} loaded a frozen student for labelled replay rows",
+                out.display()
+            );
+            let anchor: Vec<&Value> = log
+                .iter()
+                .filter(|r| r["message"] == "replay anchor")
+                .collect();
+            assert_eq!(anchor.len(), 1, "rank {rank}: {anchor:?}");
+            assert_eq!(anchor[0]["source"], "the clips' labels", "rank {rank}");
+        }
+    }
 }

@@ -261,11 +261,19 @@ pub struct DistillConfig {
     pub target: CeTarget,
     /// `options` (KL over the ten answer letters) or `vocab` (over the whole vocabulary).
     pub kl_over: KlOver,
-    /// Share of each batch drawn from the other classes, anchored to the student's own
-    /// pre-distillation predictions so the student does not forget them.
+    /// Share of each batch drawn from the classes the student knows (neither taught nor hard),
+    /// so it does not forget them while it learns the taught ones (`replay_target` says what
+    /// those rows are trained to).
     pub replay_fraction: f64,
+    /// What the replay rows are trained to: `student` (the KL to the pretrained student's own
+    /// answers and captions, frozen) or `label` (cross-entropy on each clip's true letter and,
+    /// for a stand-in, its caption's class name: pretraining's own loss). `label` holds the
+    /// answers, not the whole distribution, so the student can still move its features to
+    /// learn the taught classes (issue 18's measurements, README); it needs labels, so not
+    /// with `target = "teacher"`.
+    pub replay_target: ReplayTarget,
     /// Rehearsal: the replay rows are drawn from the student's own pretraining split too (its
-    /// clips of the classes not taught), not only from the distill split's. A wider pool
+    /// clips of the replayed classes), not only from the distill split's. A wider pool
     /// anchors more of what the student saw before, so fewer of its other classes' answers
     /// drift while it learns the taught ones (issue 18's measurements, README).
     pub replay_pretrain: bool,
@@ -300,7 +308,8 @@ impl DistillConfig {
     /// What of this section decides the numbers a run computes: everything but `teacher` and
     /// `cache_shard_steps`, which only say where the teacher's answers come from. Serialises
     /// as the section did before those keys existed (`micro_batch` only where it is not 0,
-    /// `replay_pretrain` only where it is true), so recipe digests keep their values.
+    /// `replay_pretrain` only where it is true, `replay_target` only where it is `label`), so
+    /// recipe digests keep their values.
     pub fn recipe(&self) -> impl Serialize + '_ {
         DistillRecipe {
             direction: self.direction,
@@ -310,6 +319,7 @@ impl DistillConfig {
             target: self.target,
             kl_over: self.kl_over,
             replay_fraction: self.replay_fraction,
+            replay_target: self.replay_target,
             replay_pretrain: self.replay_pretrain,
             caption_weight: self.caption_weight,
             steps: self.steps,
@@ -357,6 +367,10 @@ struct DistillRecipe {
     target: CeTarget,
     kl_over: KlOver,
     replay_fraction: f64,
+    /// Absent where `student`, so the recipes of configs from before the key keep their
+    /// digests.
+    #[serde(skip_serializing_if = "is_student")]
+    replay_target: ReplayTarget,
     /// Absent where false, so the recipes of configs from before the key keep their digests.
     #[serde(skip_serializing_if = "is_false")]
     replay_pretrain: bool,
@@ -371,6 +385,10 @@ struct DistillRecipe {
     /// their digests.
     #[serde(skip_serializing_if = "is_zero")]
     micro_batch: usize,
+}
+
+fn is_student(t: &ReplayTarget) -> bool {
+    *t == ReplayTarget::Student
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -442,6 +460,16 @@ pub enum CeTarget {
     Label,
     /// The teacher's argmax (label-free distillation).
     Teacher,
+}
+
+/// What distillation trains the replay rows (the classes not taught) to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayTarget {
+    /// The pretrained student's own answers (and captions), frozen: a KL anchor.
+    Student,
+    /// The clip's true letter (and class name): cross-entropy, as in pretraining.
+    Label,
 }
 
 /// What the distillation KL runs over.

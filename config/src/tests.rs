@@ -229,6 +229,7 @@ fn bad_values() -> Vec<(String, Option<&'static str>, &'static [&'static str])> 
         ("distill.target", Some("\"truth\"")),
         ("distill.kl_over", Some("\"all\"")),
         ("distill.replay_fraction", Some("1")),
+        ("distill.replay_target", Some("\"teacher\"")),
         ("distill.replay_pretrain", None),
         ("distill.caption_weight", Some("-1")),
         ("distill.steps", None),
@@ -501,5 +502,38 @@ fn a_cached_teacher_needs_the_option_letters_and_leaves_the_recipe_digest_alone(
     assert!(
         e.contains("distill.teacher") && e.contains("options"),
         "{e}"
+    );
+}
+
+/// Replay rows trained to their labels need labels: label-free distillation refuses them by
+/// the key's name. Anchored replay rows (`student`) keep the recipe digests of configs from
+/// before the key; `label` is a recipe of its own.
+#[test]
+fn replay_rows_trained_to_labels_need_labels_and_the_anchor_keeps_old_digests() {
+    let c = Config::resolve(None, &[]).unwrap();
+    assert_eq!(c.distill.replay_target, ReplayTarget::Label);
+    let e = Config::resolve(None, &["distill.target=\"teacher\"".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("distill.replay_target"), "{e}");
+    let free = Config::resolve(
+        None,
+        &[
+            "distill.target=\"teacher\"".into(),
+            "distill.replay_target=\"student\"".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(free.distill.replay_target, ReplayTarget::Student);
+    let recipe = |c: &Config| toml::to_string(&c.distill.recipe()).unwrap();
+    assert!(
+        !recipe(&free).contains("replay_target"),
+        "{}",
+        recipe(&free)
+    );
+    assert!(
+        recipe(&c).contains("replay_target = \"label\""),
+        "{}",
+        recipe(&c)
     );
 }

@@ -3,7 +3,8 @@
 
 use crate::DataSource;
 use crate::{
-    Config, ConfigError, DeviceChoice, KlOver, Modality, ModelConfig, ModelFamily, TeacherSource,
+    CeTarget, Config, ConfigError, DeviceChoice, KlOver, Modality, ModelConfig, ModelFamily,
+    ReplayTarget, TeacherSource,
 };
 
 fn bad(key: &str, message: impl Into<String>) -> ConfigError {
@@ -336,6 +337,13 @@ impl Config {
             return Err(bad(
                 "distill.replay_fraction",
                 format!("must lie in [0, 1), got {}", dc.replay_fraction),
+            ));
+        }
+        if dc.replay_target == ReplayTarget::Label && dc.target == CeTarget::Teacher {
+            return Err(bad(
+                "distill.replay_target",
+                "`label` trains the replay rows on their labels, but distill.target = \"teacher\" \
+                 distils without labels: use `student` there",
             ));
         }
         non_negative("distill.caption_weight", dc.caption_weight)?;

@@ -91,18 +91,12 @@ impl RunDecisions {
 
     /// The taught classes as labels of `classes` (the dataset's class names).
     pub fn taught_labels(&self, classes: &[String]) -> Result<Vec<u32>> {
-        self.taught
-            .iter()
-            .map(|name| {
-                classes
-                    .iter()
-                    .position(|c| c == name)
-                    .map(|l| l as u32)
-                    .ok_or_else(|| {
-                        anyhow!("the stored taught class {name:?} is not in the dataset")
-                    })
-            })
-            .collect()
+        labels(&self.taught, classes, "taught")
+    }
+
+    /// The heuristic's hard classes as labels of `classes`.
+    pub fn hard_labels(&self, classes: &[String]) -> Result<Vec<u32>> {
+        labels(&self.decision.hard_names(), classes, "hard")
     }
 }
 
@@ -139,6 +133,20 @@ pub async fn store(checkpoints: &Checkpoints, decisions: &RunDecisions) -> Resul
         .await
         .context("storing the run's decisions")?;
     Ok(url)
+}
+
+/// `names` as labels of `classes`; a name the dataset lacks is an error naming it and `what`.
+fn labels(names: &[String], classes: &[String], what: &str) -> Result<Vec<u32>> {
+    names
+        .iter()
+        .map(|name| {
+            classes
+                .iter()
+                .position(|c| c == name)
+                .map(|l| l as u32)
+                .ok_or_else(|| anyhow!("the stored {what} class {name:?} is not in the dataset"))
+        })
+        .collect()
 }
 
 #[cfg(test)]

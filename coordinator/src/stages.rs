@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Instant;
 use xkd_config::{
     section_digest, CeTarget, Config, DataSource, DistillClasses, KlOver, Modality, ModelFamily,
-    TeacherSource,
+    ReplayTarget, TeacherSource,
 };
 use xkd_protocol::{
     CacheTask, CheckpointOrder, ClipOutcome, DataSummary, EvalTask, Objective, ShardPlan, TaskKind,
@@ -53,6 +53,7 @@ pub(crate) async fn stages(
         }
     };
     let taught = decided.taught_labels(&data.classes)?;
+    let hard = decided.hard_labels(&data.classes)?;
 
     d.stage = "distill".into();
     let checkpoints = d
@@ -61,7 +62,7 @@ pub(crate) async fn stages(
         .context("no checkpoint store was opened for this run")?;
     let upload = checkpoints.lock().await.student_url();
     let (summary, final_checkpoint) = d
-        .distill(config, &data, &taught, &teacher, &student, &upload)
+        .distill(config, &data, (&taught, &hard), &teacher, &student, &upload)
         .await?;
     // Rank 0 uploaded the student (a stand-in whole, a Qwen2 student as its LoRA adapters in
     // PEFT's format); its copy in the output directory comes from the store.
@@ -239,21 +240,25 @@ pub(crate) fn split<'a>(data: &'a DataSummary, name: &str) -> Result<&'a xkd_pro
 }
 
 /// The clips distillation draws from: the distill split's clips of the `taught` classes (the
-/// teacher's rows) and the replay pool of the other classes (the frozen student's rows): the
-/// distill split's and, with `distill.replay_pretrain` (rehearsal), also the student's
-/// pretraining split's. A dataset without that split adds nothing to the pool.
+/// teacher's rows) and the replay pool (the replay rows): the distill split's clips of the
+/// classes the student knows, neither taught nor `hard`, and, with `distill.replay_pretrain`
+/// (rehearsal), also the student's pretraining split's. A dataset without that split adds
+/// nothing to the pool. The hard classes stay out of it where a control (`distill.classes`)
+/// leaves some untaught: replayed, their labels would teach them outright, or an anchor would
+/// hold them at the student's chance answers, and either would blur what the teacher did.
 pub(crate) fn distill_pools(
     data: &DataSummary,
-    taught: &[u32],
+    (taught, hard): (&[u32], &[u32]),
     config: &Config,
 ) -> Result<(Vec<u32>, Vec<u32>)> {
     let taught: HashSet<u32> = taught.iter().copied().collect();
+    let known = |label: &u32| !taught.contains(label) && !hard.contains(label);
     let pool = split(data, "distill")?;
     let (mut main, mut others) = (Vec::new(), Vec::new());
     for (&clip, label) in pool.clips.iter().zip(&pool.labels) {
         if taught.contains(label) {
             main.push(clip);
-        } else {
+        } else if known(label) {
             others.push(clip);
         }
     }
@@ -263,7 +268,7 @@ pub(crate) fn distill_pools(
             pre.clips
                 .iter()
                 .zip(&pre.labels)
-                .filter(|(_, label)| !taught.contains(label))
+                .filter(|(_, label)| known(label))
                 .map(|(&clip, _)| clip),
         );
     }
@@ -472,12 +477,12 @@ impl Driver {
         &mut self,
         config: &Config,
         data: &DataSummary,
-        taught: &[u32],
+        (taught, hard): (&[u32], &[u32]),
         teacher: &str,
         student: &str,
         save: &str,
     ) -> Result<(TrainSummary, Option<String>)> {
-        let (main, others) = distill_pools(data, taught, config)?;
+        let (main, others) = distill_pools(data, (taught, hard), config)?;
         if main.is_empty() {
             bail!(
                 "the distill split has no clip of the classes the teacher teaches ({}): \
@@ -498,6 +503,7 @@ impl Driver {
                 label_free: dc.target == CeTarget::Teacher,
                 full_vocab: dc.kl_over == KlOver::Vocab,
                 caption_weight: dc.caption_weight,
+                replay_labels: dc.replay_target == ReplayTarget::Label,
                 micro_batch: dc.micro_batch,
             },
             init: Some(student.to_string()),
@@ -620,10 +626,7 @@ impl Driver {
             bail!("the teacher cache needs a distillation task");
         };
         let rows_per_step = (task.batch * self.world) as u64;
-        let replay_rows_per_step = match &task.replay {
-            Some(_) => (task.replay_batch * self.world) as u64,
-            None => 0,
-        };
+        let replay_rows_per_step = task.anchored_replay_rows(self.world);
         let shard_steps = config.distill.cache_shard_steps;
         // Everything the answers depend on. The global batch is in it, not the world size:
         // the same global batch on another number of workers asks the same questions. The
@@ -737,22 +740,25 @@ mod tests {
     fn rehearsal_adds_the_students_pretraining_clips_of_the_other_classes() {
         // The default student hears (visual_to_audio): class 0 taught.
         let plain = config(&["distill.replay_pretrain=false"]);
-        let (main, others) = distill_pools(&data(), &[0], &plain).unwrap();
+        let (main, others) = distill_pools(&data(), (&[0], &[0]), &plain).unwrap();
         assert_eq!((main, others), (vec![10, 13], vec![11, 12]));
         let rehearse = config(&["distill.replay_pretrain=true"]);
-        let (main, others) = distill_pools(&data(), &[0], &rehearse).unwrap();
+        let (main, others) = distill_pools(&data(), (&[0], &[0]), &rehearse).unwrap();
         assert_eq!((main, others), (vec![10, 13], vec![11, 12, 21, 22]));
         // The visual student rehearses its own pretraining split.
         let visual = config(&[
             "distill.replay_pretrain=true",
             "distill.direction=\"audio_to_visual\"",
         ]);
-        let (_, others) = distill_pools(&data(), &[2], &visual).unwrap();
+        let (_, others) = distill_pools(&data(), (&[2], &[2]), &visual).unwrap();
         assert_eq!(others, vec![10, 11, 13, 30]);
         // A dataset without the student's pretraining split rehearses nothing more.
         let mut bare = data();
         bare.splits.retain(|s| s.name == "distill");
-        let (_, others) = distill_pools(&bare, &[0], &rehearse).unwrap();
+        let (_, others) = distill_pools(&bare, (&[0], &[0]), &rehearse).unwrap();
         assert_eq!(others, vec![11, 12]);
+        // A control teaching class 1 while class 0 is the hard one replays neither.
+        let (main, others) = distill_pools(&data(), (&[1], &[0]), &rehearse).unwrap();
+        assert_eq!((main, others), (vec![11], vec![12, 22]));
     }
 }

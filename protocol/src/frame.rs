@@ -349,6 +349,7 @@ mod tests {
                 label_free: true,
                 full_vocab: false,
                 caption_weight: 1.0,
+                replay_labels: true,
                 micro_batch: 2,
             })),
             CoordinatorMsg::Task(Task {

@@ -238,8 +238,8 @@ pub struct TeacherCache {
     pub shard_steps: u64,
     /// Global taught-class rows per step (batch per rank x world).
     pub rows_per_step: u64,
-    /// Global replay rows per step (replay batch per rank x world); 0 = no replay rows, and no
-    /// anchors in the shards.
+    /// Global anchored replay rows per step (`TrainTask::anchored_replay_rows`); 0 = no
+    /// replay rows or rows trained to their labels, and no anchors in the shards.
     pub replay_rows_per_step: u64,
     /// Steps the cache answers, from the plan's first sample.
     pub steps: u64,
@@ -345,6 +345,20 @@ pub struct TrainTask {
     pub teacher_cache: Option<TeacherCache>,
 }
 
+impl TrainTask {
+    /// Replay rows per step, over `world` ranks, whose targets are the frozen pretrained
+    /// student's answers (the anchors a teacher cache holds): all of them, unless there are
+    /// none or the objective trains them to their labels.
+    pub fn anchored_replay_rows(&self, world: usize) -> u64 {
+        match (&self.replay, &self.objective) {
+            (Some(_), Objective::Distill { replay_labels, .. }) if !replay_labels => {
+                (self.replay_batch * world) as u64
+            }
+            _ => 0,
+        }
+    }
+}
+
 /// Checkpoints rank 0 saves while it trains: the tensors only; the coordinator commits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckpointOrder {
@@ -399,6 +413,10 @@ pub enum Objective {
         /// Weight of the KL between teacher and student captions (the next-token
         /// distribution right after each one's modality tokens).
         caption_weight: f64,
+        /// The replay rows are trained to their own labels (cross-entropy on the true letter
+        /// and, with captions, the class name) instead of the frozen pretrained student's
+        /// answers (`distill.replay_target`); no frozen student is run for them.
+        replay_labels: bool,
         /// Rows the student runs forward and backward at once (`distill.micro_batch`); the
         /// step's gradients are their sum. 0 = all of the rank's rows of a step at once.
         micro_batch: usize,

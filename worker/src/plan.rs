@@ -13,7 +13,7 @@
 //! process's host memory; on a CPU everything is host memory, one total.
 
 use serde::Serialize;
-use xkd_config::{Config, ConfigError, DataSource, DeviceChoice, TeacherSource};
+use xkd_config::{Config, ConfigError, DataSource, DeviceChoice, ReplayTarget, TeacherSource};
 use xkd_models::qwen::config::TextConfig;
 
 mod arch;
@@ -157,6 +157,9 @@ pub fn plan(config: &Config, options: &Options) -> Result<Plan, ConfigError> {
     let teacher = model_arch(config, student_modality.other(), options)?;
     let workers = config.control.workers;
     let (taught, replay) = config.distill.rows_per_rank(workers);
+    // Replay rows trained to their labels have no frozen student's answers to compute.
+    let labels = config.distill.replay_target == ReplayTarget::Label;
+    let anchored = if labels { 0 } else { replay };
     let lora = (student.qwen && config.lora.r > 0).then(|| Adapters {
         r: config.lora.r as u64,
         dropout: config.lora.dropout > 0.0,
@@ -168,6 +171,7 @@ pub fn plan(config: &Config, options: &Options) -> Result<Plan, ConfigError> {
     let rows = Rows {
         taught,
         replay,
+        anchored,
         micro_batch: config.distill.micro_batch,
     };
     let distill = distill_phase(&student, &teacher, b, rows, &lora, resident, &host);
@@ -178,7 +182,7 @@ pub fn plan(config: &Config, options: &Options) -> Result<Plan, ConfigError> {
             &student,
             &teacher,
             b,
-            (taught, replay),
+            (taught, anchored),
             &host,
         ));
     }
@@ -325,12 +329,14 @@ fn trainable(student: &Arch, lora: &Option<Adapters>) -> (u64, String) {
     }
 }
 
-/// A worker's rows of a distillation step, and how many the student takes at once
-/// (`distill.micro_batch`, 0 = all).
+/// A worker's rows of a distillation step, how many of the replay rows the frozen student
+/// answers (none where they are trained to their labels), and how many the student takes at
+/// once (`distill.micro_batch`, 0 = all).
 #[derive(Debug, Clone, Copy)]
 struct Rows {
     taught: usize,
     replay: usize,
+    anchored: usize,
     micro_batch: usize,
 }
 
@@ -343,7 +349,7 @@ fn distill_phase(
     teacher_loaded: bool,
     host: &HostParts,
 ) -> Phase {
-    let (taught, replay) = (rows.taught as u64, rows.replay as u64);
+    let (taught, replay, anchored) = (rows.taught as u64, rows.replay as u64, rows.anchored);
     let all = taught + replay;
     // The student's forward and backward take `micro` rows at a time; their activations and
     // the frozen operands' gradients are freed before the next micro-batch.
@@ -384,6 +390,10 @@ fn distill_phase(
     // Without the teacher loaded, its cache also holds the replay rows' anchors.
     let anchor = match (replay, student.qwen) {
         (0, _) => ("replay anchor: none (no replay rows)".to_string(), 0),
+        _ if anchored == 0 => (
+            "replay anchor: none (the replay rows are trained to their labels)".to_string(),
+            0,
+        ),
         _ if !teacher_loaded => (
             "replay anchor: the frozen student's answers, from the teacher cache".to_string(),
             0,
@@ -423,8 +433,9 @@ fn distill_phase(
     } else {
         0
     };
+    let anchored = anchored as u64;
     let anchor_fwd = if teacher_loaded {
-        student.frozen_peak(replay, b)
+        student.frozen_peak(anchored, b)
     } else {
         0
     };
@@ -451,8 +462,10 @@ fn distill_phase(
             teacher_fwd,
         ),
         (
-            if teacher_loaded {
-                format!("replay anchor forward: {replay} clips x {s} tokens, frozen")
+            if anchored == 0 {
+                "replay anchor forward: none".to_string()
+            } else if teacher_loaded {
+                format!("replay anchor forward: {anchored} clips x {s} tokens, frozen")
             } else {
                 "replay anchor forward: none, cached".to_string()
             },
@@ -491,8 +504,8 @@ fn distill_phase(
 }
 
 /// The teacher cache's stage: the teacher, asked the batches a distillation step's taught
-/// rows would be, and where there are replay rows the frozen pretrained student too, asked
-/// the replay rows. The two forwards come one after the other.
+/// rows would be, and where there are anchored replay rows the frozen pretrained student too,
+/// asked those. The two forwards come one after the other.
 fn caching_phase(
     student: &Arch,
     teacher: &Arch,

@@ -33,10 +33,11 @@ fn rows_follow_the_batch_split() {
     assert_eq!((p.taught_rows, p.replay_rows), (4, 0));
 }
 
-/// A stand-in student with replay rows keeps a frozen copy of itself; without replay rows,
+/// A stand-in student whose replay rows are anchored to its own answers keeps a frozen copy
+/// of itself; without replay rows, or with replay rows trained to their labels (the default),
 /// none; a Qwen2 student's anchor is its own base (checked on the 7B pair below).
 #[test]
-fn a_stand_in_anchor_is_a_copy_only_with_replay_rows() {
+fn a_stand_in_anchor_is_a_copy_only_with_anchored_replay_rows() {
     let anchor = |sets: &[&str]| {
         let p = plan(&config(sets), &Options::default()).unwrap();
         (
@@ -44,9 +45,17 @@ fn a_stand_in_anchor_is_a_copy_only_with_replay_rows() {
             part_of(&p.phases[0], "replay anchor").bytes,
         )
     };
-    let (params, bytes) = anchor(&[]);
+    let (params, bytes) = anchor(&["distill.replay_target=\"student\""]);
     assert_eq!(bytes, params * 4);
-    assert_eq!(anchor(&["distill.replay_fraction=0.0"]).1, 0);
+    assert_eq!(anchor(&[]).1, 0);
+    assert_eq!(
+        anchor(&[
+            "distill.replay_target=\"student\"",
+            "distill.replay_fraction=0.0"
+        ])
+        .1,
+        0
+    );
 }
 
 fn paper_pair(sets: &[&str]) -> Plan {

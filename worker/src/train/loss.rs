@@ -122,6 +122,7 @@ impl Rank {
             label_free,
             full_vocab,
             caption_weight,
+            replay_labels,
             micro_batch,
             ..
         } = task.objective
@@ -149,7 +150,10 @@ impl Rank {
         };
         let mut targets = vec![teacher.logits.clone()];
         let mut caption_targets = vec![teacher.caption.clone()];
-        if n_replay > 0 {
+        // Rows trained to their labels have no model's targets: each micro-batch gives them
+        // its own (detached) answers as the KL operand, which alpha 0 weighs at nothing.
+        let replay_labels = replay_labels && n_replay > 0;
+        if n_replay > 0 && !replay_labels {
             let before = match &anchors.student_before {
                 Before::Copy(net) => self.answers(net, task.modality, &replay, seed, ask)?.into(),
                 Before::StudentBase(switch) => {
@@ -165,7 +169,7 @@ impl Rank {
                     let globals = plan.globals(self.rank, self.world, step, task.replay_batch);
                     self.progress.waiting(|| cache.anchor_targets(&globals))?
                 }
-                Before::None => bail!("replay rows but no frozen student"),
+                Before::None | Before::Labels => bail!("replay rows but no frozen student"),
             };
             targets.push(before.logits);
             caption_targets.push(before.caption);
@@ -201,11 +205,13 @@ impl Rank {
             let s = self.answers(student, task.modality, &all[first..first + rows], seed, ask)?;
             let t_loss = clock(&self.device)?;
             // CE target: the true letter, or the teacher's choice in label-free mode; a token
-            // id where the answer spans the whole vocabulary.
-            let answers: Vec<u32> = match &teacher_choice {
+            // id where the answer spans the whole vocabulary. The replay rows' true letters
+            // follow (read only where they are trained to their labels).
+            let mut answers: Vec<u32> = match &teacher_choice {
                 Some(choice) => choice[first..first + main].to_vec(),
                 None => s.answer_idx[..main].to_vec(),
             };
+            answers.extend_from_slice(&s.answer_idx[main..rows]);
             let answers: Vec<u32> = if full_vocab {
                 let vocab = self.vocab_of(student)?;
                 answers.iter().map(|&a| vocab.letter(a as usize)).collect()
@@ -215,20 +221,40 @@ impl Rank {
             let answers = Tensor::new(answers.as_slice(), &self.device)?;
             let mut loss = answer_loss(
                 &s.logits,
-                &answer_targets.narrow(0, first, rows)?,
+                &micro_targets(&answer_targets, &s.logits, first, main, rows, replay_labels)?,
                 &answers,
                 (main, rows - main),
                 n_all,
                 temperature,
                 alpha,
+                replay_labels,
             )?;
-            let caption_targets = caption_targets
-                .as_ref()
-                .map(|t| t.narrow(0, first, rows))
-                .transpose()?;
-            if let Some(caption) =
-                caption_loss(&s, caption_targets, caption_weight, n_all, temperature)?
-            {
+            let caption_targets = match (&caption_targets, &s.caption) {
+                (Some(t), Some(own)) => {
+                    Some(micro_targets(t, own, first, main, rows, replay_labels)?)
+                }
+                _ => None,
+            };
+            // The replay rows' class names, where they are trained to their labels.
+            let names = match (replay_labels, &s.caption, student) {
+                (true, Some(_), Net::StandIn(model)) => {
+                    let names: Vec<u32> = s.labels[main..rows]
+                        .iter()
+                        .map(|(label, _)| model.vocab.class_token(*label))
+                        .collect();
+                    Some(Tensor::new(names.as_slice(), &self.device)?)
+                }
+                _ => None,
+            };
+            let replay_names = names.as_ref().map(|n| (main, n));
+            if let Some(caption) = caption_loss(
+                &s,
+                caption_targets,
+                caption_weight,
+                n_all,
+                temperature,
+                replay_names,
+            )? {
                 loss = LossParts {
                     total: (&loss.total + &caption.total)?,
                     kl: (&loss.kl + &caption.kl)?,
@@ -274,71 +300,86 @@ fn add_grads(sum: &mut GradStore, mut part: GradStore, vars: &[(String, Var)]) -
     Ok(())
 }
 
-/// The captions' KL over a micro-batch's rows, each row weighted `caption_weight` and divided
-/// by the step's `n_all` rows, where the student and every target came with a caption.
+/// A micro-batch's KL operands, rows `first..first + rows` of the step: `targets`' rows, or,
+/// where the replay rows are trained to their labels (`targets` then holds the `main` rows'
+/// only), the main rows' targets followed by the replay rows' own detached outputs `own`, so
+/// their KL is exactly 0 and the cross-entropy alone trains them.
+fn micro_targets(
+    targets: &Tensor,
+    own: &Tensor,
+    first: usize,
+    main: usize,
+    rows: usize,
+    replay_labels: bool,
+) -> Result<Tensor> {
+    if !replay_labels {
+        return Ok(targets.narrow(0, first, rows)?);
+    }
+    let own = own.narrow(0, main, rows - main)?.detach();
+    if main == 0 {
+        return Ok(own);
+    }
+    Ok(Tensor::cat(&[&targets.narrow(0, first, main)?, &own], 0)?)
+}
+
+/// The captions' loss over a micro-batch's rows, each row weighted `caption_weight` and divided
+/// by the step's `n_all` rows, where the student and every target came with a caption: the KL
+/// to `targets`, except for the rows from `replay_names`' first on, which are trained to the
+/// class names it holds (cross-entropy).
 fn caption_loss(
     student: &Answers,
     targets: Option<Tensor>,
     caption_weight: f64,
     n_all: usize,
     temperature: f64,
+    replay_names: Option<(usize, &Tensor)>,
 ) -> Result<Option<LossParts>> {
     let (Some(caption), Some(targets)) = (&student.caption, targets) else {
         return Ok(None);
     };
     let rows = caption.dim(0)?;
-    // rows / n_all first: one pass over all rows (1.0) weighs each row exactly `caption_weight`.
-    let weight = caption_weight * (rows as f64 / n_all as f64);
-    let weights = Tensor::new(vec![weight as f32; rows], caption.device())?;
-    let loss = xkd_kernels::fused_distill_loss(
+    let (main, names) = match replay_names {
+        Some((main, names)) => (main, Some(names)),
+        None => (rows, None),
+    };
+    let parts = [(0, main, 1.0, None), (main, rows - main, 0.0, names)];
+    sum_parts(
+        parts.into_iter().map(|(start, len, alpha, names)| {
+            // len / n_all first: one pass over all rows (1.0) weighs each row exactly
+            // `caption_weight`.
+            let weight = caption_weight * (len as f64 / n_all as f64);
+            Ok((start, len, alpha, names.cloned(), weight as f32))
+        }),
         caption,
         &targets,
-        &FusedLoss {
-            temperature,
-            alpha: 1.0,
-            shared_vocab: None,
-            targets: None,
-            weights: Some(weights),
-        },
-    )?;
-    Ok(Some(loss))
+        temperature,
+    )
+    .map(Some)
 }
 
-/// The answer's loss over a micro-batch of a distillation step: its first `n_main` rows (the
-/// hard classes) against the teacher with `alpha` and the CE `targets`, the `n_replay` rows
-/// after them against the frozen pre-distillation student, pure KL. The fused loss takes one
-/// alpha per call, so these are two calls (either may have no rows); row weights of
-/// n_part / n_all make both divide by the step's `n_all` rows, as one call over all the step's
-/// rows would, so the micro-batches' losses add up to the step's.
-pub(super) fn answer_loss(
-    s_answer: &Tensor,
-    answer_targets: &Tensor,
-    targets: &Tensor,
-    (n_main, n_replay): (usize, usize),
-    n_all: usize,
+/// The fused loss of each part `(start, len, alpha, CE targets, row weight)` of a micro-batch's
+/// rows of `student` against `teacher`, summed; parts without rows are skipped.
+fn sum_parts(
+    parts: impl Iterator<Item = Result<(usize, usize, f64, Option<Tensor>, f32)>>,
+    student: &Tensor,
+    teacher: &Tensor,
     temperature: f64,
-    alpha: f64,
 ) -> Result<LossParts> {
-    let device = s_answer.device();
-    let part = |x: &Tensor, start: usize, len: usize| x.narrow(0, start, len);
     let mut sum: Option<LossParts> = None;
-    for (start, len, alpha, targets) in [
-        (0, n_main, alpha, Some(targets)),
-        (n_main, n_replay, 1.0, None),
-    ] {
+    for part in parts {
+        let (start, len, alpha, targets, weight) = part?;
         if len == 0 {
             continue;
         }
-        let weight = len as f32 / n_all as f32;
         let loss = xkd_kernels::fused_distill_loss(
-            &part(s_answer, start, len)?,
-            &part(answer_targets, start, len)?,
+            &student.narrow(0, start, len)?,
+            &teacher.narrow(0, start, len)?,
             &FusedLoss {
                 temperature,
                 alpha,
                 shared_vocab: None,
-                targets: targets.map(|t| part(t, 0, len)).transpose()?,
-                weights: Some(Tensor::new(vec![weight; len], device)?),
+                targets,
+                weights: Some(Tensor::new(vec![weight; len], student.device())?),
             },
         )?;
         sum = Some(match sum {
@@ -351,4 +392,38 @@ pub(super) fn answer_loss(
         });
     }
     sum.context("a micro-batch without rows")
+}
+
+/// The answer's loss over a micro-batch of a distillation step: its first `n_main` rows (the
+/// hard classes) against the teacher with `alpha` and the CE `targets`, the `n_replay` rows
+/// after them either against the frozen pre-distillation student, pure KL, or, with
+/// `replay_labels`, against their own letters in `targets`, pure cross-entropy. The fused loss
+/// takes one alpha per call, so these are two calls (either may have no rows); row weights of
+/// n_part / n_all make both divide by the step's `n_all` rows, as one call over all the step's
+/// rows would, so the micro-batches' losses add up to the step's.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn answer_loss(
+    s_answer: &Tensor,
+    answer_targets: &Tensor,
+    targets: &Tensor,
+    (n_main, n_replay): (usize, usize),
+    n_all: usize,
+    temperature: f64,
+    alpha: f64,
+    replay_labels: bool,
+) -> Result<LossParts> {
+    let replay_alpha = if replay_labels { 0.0 } else { 1.0 };
+    let parts = [
+        (0, n_main, alpha, true),
+        (n_main, n_replay, replay_alpha, replay_labels),
+    ];
+    let parts = parts.into_iter().map(|(start, len, alpha, ce)| {
+        let targets = if ce && len > 0 {
+            Some(targets.narrow(0, start, len)?)
+        } else {
+            None
+        };
+        Ok((start, len, alpha, targets, len as f32 / n_all as f32))
+    });
+    sum_parts(parts, s_answer, answer_targets, temperature)
 }

@@ -478,6 +478,9 @@ enum Teacher {
 enum Before {
     /// No replay rows.
     None,
+    /// The replay rows are trained to their own labels (`distill.replay_target = "label"`):
+    /// no frozen student is built and none runs.
+    Labels,
     /// A model of its own: a stand-in student (trained whole, so its pretrained weights are a
     /// copy), or a Qwen2 student that started from saved adapters.
     Copy(Net),
@@ -779,8 +782,16 @@ impl Rank {
         };
         let copy = std::env::var(ANCHOR_COPY_VAR).is_ok_and(|v| v == "1");
         let cached_anchors = matches!(&teacher, Teacher::Cached(cache) if cache.has_anchors());
+        let replay_labels = matches!(
+            task.objective,
+            Objective::Distill {
+                replay_labels: true,
+                ..
+            }
+        );
         let student_before = match student {
             _ if task.replay.is_none() || task.replay_batch == 0 => Before::None,
+            _ if replay_labels => Before::Labels,
             _ if cached_anchors => Before::Cached,
             Params::Lora { adapters, .. } if !net::is_adapter_dir(init) && !copy => {
                 Before::StudentBase(adapters.switch().clone())
@@ -789,6 +800,7 @@ impl Rank {
         };
         let source = match (&student_before, student) {
             (Before::None, _) => None,
+            (Before::Labels, _) => Some("the clips' labels"),
             (Before::Cached, _) => Some("the teacher cache"),
             (Before::StudentBase(_), _) => Some("student base, adapters off"),
             (Before::Copy(_), Params::Lora { .. }) => Some("a copy of the base"),

@@ -96,17 +96,13 @@ impl Rank {
                 self.world as u64 * train.batch as u64
             );
         }
-        let replay = match &train.replay {
-            Some(_) => self.world as u64 * train.replay_batch as u64,
-            None => 0,
-        };
+        let replay = train.anchored_replay_rows(self.world as usize);
         if layout.replay_rows_per_step != replay {
             bail!(
-                "the teacher cache has {} replay rows per step, but {} ranks of {} replay rows \
-                 make {replay}",
+                "the teacher cache has {} anchored replay rows per step, but this task's {} ranks \
+                 anchor {replay}",
                 layout.replay_rows_per_step,
                 self.world,
-                train.replay_batch
             );
         }
         let (store, run_id) = open_store(&train.checkpoint)?;
